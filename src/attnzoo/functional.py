@@ -1,0 +1,90 @@
+"""``attnzoo.attention``: every functional mechanism behind one call."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import registry
+from .errors import check_key_padding_mask, check_qkv, check_scale
+
+BACKENDS = ("auto", "reference", "fast")
+
+
+def pattern_of(nq: int, nk: int, causal: bool) -> str:
+    """The CAB pattern of a functional call: ``self`` when Nq == Nk, ``cross`` otherwise.
+
+    A causal call with Nq < Nk (KV-cache decoding, chunked prefill) is therefore ``causal_cross``: with
+    bottom-right alignment the two are the same computation.
+    """
+    return ("causal_" if causal else "noncausal_") + ("self" if nq == nk else "cross")
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mechanism: str = "softmax",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    **options: Any,
+) -> torch.Tensor:
+    """Attention of ``mechanism`` on SDPA-layout tensors.
+
+    Args:
+        q: (B, Hq, Nq, D) queries; k: (B, Hk, Nk, D) keys; v: (B, Hk, Nk, Dv) values; Hq % Hk == 0
+            (grouped-query attention: query head h reads key/value head h // (Hq // Hk)).
+        mechanism: a registered name or alias (``attnzoo list``); must be functional (no own parameters;
+            mechanisms with parameters are built with :func:`attnzoo.build`).
+        causal: bottom-right aligned causal mask, query i sees key j iff j <= i + (Nk - Nq).
+        key_padding_mask: bool (B, Nk), True = attend. Rows with no visible key return zeros.
+        scale: score scale, default 1 / sqrt(D).
+        backend: ``"auto"`` (the fast form where it supports the input, else the reference),
+            ``"reference"`` or ``"fast"`` (error if the fast form is missing or does not apply).
+        **options: the mechanism's options (``attnzoo info NAME`` lists them with their ranges).
+
+    Returns:
+        (B, Hq, Nq, Dv) in q's dtype.
+    """
+    mech = registry.get(mechanism)
+    if not mech.functional:
+        raise TypeError(
+            f"mechanism: {mech.name!r} has its own parameters (kind {mech.kind!r}) and is not a function of "
+            f"q, k, v; build it with attnzoo.build({mech.name!r}, dim, heads, ...)"
+        )
+    B, Hq, Hk, Nq, Nk, D, Dv = check_qkv(q, k, v)
+    _check_bool("causal", causal)
+    check_key_padding_mask(key_padding_mask, B, Nk)
+    check_scale(scale)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    mech.check_pattern(pattern_of(Nq, Nk, causal))
+    opts = mech.resolve_options(options)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    fn = select_form(mech, backend, q, k, v, causal, key_padding_mask, opts)
+    return fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **opts)
+
+
+def select_form(mech: registry.Mechanism, backend: str, q, k, v, causal, key_padding_mask, opts):
+    """The function ``backend`` resolves to for these inputs (see :func:`attention`)."""
+    if backend == "reference":
+        return mech.reference
+    reason = "it has no fast form" if mech.fast is None else None
+    if reason is None and mech.fast_supports is not None:
+        reason = mech.fast_supports(q, k, v, causal, key_padding_mask, opts)
+    if reason is None:
+        return mech.fast
+    if backend == "fast":
+        raise ValueError(f"backend: 'fast' is not available for mechanism {mech.name!r} here: {reason}")
+    return mech.reference

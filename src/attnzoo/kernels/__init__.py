@@ -1,0 +1,1 @@
+"""Shared compute paths: SDPA with attnzoo's conventions, log-sum-exp merging, blocked local attention."""

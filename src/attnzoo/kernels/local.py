@@ -1,0 +1,195 @@
+"""Blocked local (sliding-window) attention that never builds the N x N score matrix.
+
+Queries are cut into blocks of ``block`` rows. A query block attends to the key blocks that can hold
+any key within the window: ``nback`` blocks behind it, itself and (non-causal) ``nfwd`` blocks ahead.
+Per block that is a (block x L) score tile with L = (nback + 1 + nfwd) * block, masked by the band
+``0 <= p - j < window`` (causal) or ``|p - j| < window``. Memory is O(N * L) for the tiles of one
+group of blocks at a time and O(N * D) overall; time is O(N * L * D).
+
+The backward pass is written by hand, FlashAttention style: the forward saves only q, k, v, the output
+and the row log-sum-exp; the backward recomputes each tile's probabilities. Overlapping key windows are
+folded back by adding each window slice into the key block it came from.
+
+Positions: query i sits at key position ``i + offset`` (bottom-right alignment, offset = Nk - Nq).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Score tiles of one group of blocks hold at most this many elements (bounds temporary memory).
+_TILE_ELEMENTS = 1 << 23
+
+
+def _pick_block(window: int, causal: bool) -> int:
+    """Query block size: about half the window (fewer wasted scores than one full window per block,
+    still large matmuls), at least 16."""
+    return max(16, min(128, 1 << max(4, math.ceil(math.log2(max(window, 2))) - 1)))
+
+
+def _to_blocks(x: torch.Tensor, nb: int, block: int, front: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, nb, block, D), zero-padded with ``front`` rows before and the rest after."""
+    B, H, N, D = x.shape
+    back = nb * block - N - front
+    x = F.pad(x, (0, 0, front, back))  # (B, H, nb*block, D)
+    return x.view(B, H, nb, block, D)
+
+
+def _windows(xb: torch.Tensor, nback: int, nfwd: int) -> torch.Tensor:
+    """(B, H, nb, block, D) -> (B, H, nb, (nback+1+nfwd)*block, D): each block with its neighbours.
+
+    An overlapping strided view of the zero-padded sequence (no copy)."""
+    B, H, nb, block, D = xb.shape
+    L = (nback + 1 + nfwd) * block
+    padded = F.pad(xb.reshape(B, H, nb * block, D), (0, 0, nback * block, nfwd * block))  # (B, H, *, D)
+    return padded.unfold(2, L, block).transpose(-1, -2)  # (B, H, nb, L, D)
+
+
+def _fold_windows(dw: torch.Tensor, nback: int, nfwd: int, block: int) -> torch.Tensor:
+    """Adjoint of :func:`_windows`: (B, H, nb, L, D) -> (B, H, nb, block, D)."""
+    B, H, nb, L, D = dw.shape
+    out = dw.new_zeros(B, H, nb + nback + nfwd, block, D)
+    for i in range(nback + 1 + nfwd):
+        out[:, :, i : i + nb] += dw[:, :, :, i * block : (i + 1) * block]
+    return out[:, :, nback : nback + nb]
+
+
+class _Plan:
+    """Block geometry and masks shared by forward and backward."""
+
+    def __init__(self, nq: int, nk: int, window: int, causal: bool, offset: int, block: int,
+                 key_padding_mask: torch.Tensor | None, device: torch.device) -> None:
+        self.block = block
+        # Work in key positions: query i is at position i + offset. Pad queries in front so that query
+        # block b covers positions [b*block, (b+1)*block), the same grid as the key blocks.
+        self.q_front = offset if offset > 0 else 0
+        self.k_front = -offset if offset < 0 else 0
+        total = max(nq + self.q_front, nk + self.k_front)
+        self.nb = nb = -(-total // block)
+        self.nback = -(-(window - 1) // block)
+        self.nfwd = 0 if causal else self.nback
+        self.L = L = (self.nback + 1 + self.nfwd) * block
+        t = torch.arange(block, device=device).view(block, 1)
+        u = torch.arange(L, device=device).view(1, L)
+        d = self.nback * block + t - u  # (block, L): query position minus key position
+        band = (d >= 0) & (d < window) if causal else (d > -window) & (d < window)  # (block, L)
+        # Keys that exist (not padding) and are not masked, in window layout: (B|1, nb, L).
+        valid = torch.zeros(1, nb * block, dtype=torch.bool, device=device)
+        valid[:, self.k_front : self.k_front + nk] = True
+        if key_padding_mask is not None:
+            valid = valid.repeat(key_padding_mask.shape[0], 1)
+            valid[:, self.k_front : self.k_front + nk] = key_padding_mask
+        vw = F.pad(valid.to(torch.uint8), (self.nback * block, self.nfwd * block)).unfold(1, L, block).bool()
+        # masked[b, blk, t, u] is True where the score must be dropped: (B|1, 1, nb, 1, block, L)
+        self.masked = ~(band.view(1, 1, block, L) & vw.view(vw.shape[0], nb, 1, L))
+        self.masked = self.masked.view(vw.shape[0], 1, nb, 1, block, L)
+
+
+def _tile_groups(nb: int, rows: int) -> list[tuple[int, int]]:
+    step = max(1, _TILE_ELEMENTS // max(rows, 1))
+    return [(s, min(nb, s + step)) for s in range(0, nb, step)]
+
+
+def _query_blocks(x: torch.Tensor, plan: _Plan, kv_heads: int) -> torch.Tensor:
+    """(B, Hq, N, D) -> (B, Hk, nb, G*block, D): the G query heads sharing a key head stacked as rows."""
+    B, Hq, N, D = x.shape
+    G = Hq // kv_heads
+    xb = _to_blocks(x, plan.nb, plan.block, plan.q_front)  # (B, Hq, nb, block, D)
+    xb = xb.view(B, kv_heads, G, plan.nb, plan.block, D).transpose(2, 3)  # (B, Hk, nb, G, block, D)
+    return xb.reshape(B, kv_heads, plan.nb, G * plan.block, D)
+
+
+def _unblock_queries(xb: torch.Tensor, plan: _Plan, hq: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_query_blocks`: (B, Hk, nb, G*block, D) -> (B, Hq, N, D)."""
+    B, Hk, nb, _, D = xb.shape
+    G = hq // Hk
+    x = xb.view(B, Hk, nb, G, plan.block, D).transpose(2, 3).reshape(B, hq, nb * plan.block, D)
+    return x[:, :, plan.q_front : plan.q_front + n]
+
+
+def _scores(qs, kw, masked, s, e, G, block):
+    """Masked scaled scores of blocks s:e, (B, Hk, g, G*block, L), -inf where masked."""
+    sc = torch.matmul(qs[:, :, s:e], kw[:, :, s:e].transpose(-1, -2))  # (B, Hk, g, G*block, L)
+    B, Hk, g, _, L = sc.shape
+    sc.view(B, Hk, g, G, block, L).masked_fill_(masked[:, :, s:e], float("-inf"))
+    return sc
+
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window, causal, offset, scale, key_padding_mask, block):
+        B, Hq, Nq, D = q.shape
+        Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        G = Hq // Hk
+        acc = torch.promote_types(q.dtype, torch.float32)
+        plan = _Plan(Nq, Nk, window, causal, offset, block, key_padding_mask, q.device)
+        nb = plan.nb
+        qs = _query_blocks(q.to(acc) * scale, plan, Hk)  # (B, Hk, nb, G*block, D), scale folded in
+        kw = _windows(_to_blocks(k.to(acc), nb, block, plan.k_front), plan.nback, plan.nfwd)  # (B, Hk, nb, L, D)
+        vw = _windows(_to_blocks(v.to(acc), nb, block, plan.k_front), plan.nback, plan.nfwd)  # (B, Hk, nb, L, Dv)
+        out = torch.empty(B, Hk, nb, G * block, Dv, dtype=acc, device=q.device)  # (B, Hk, nb, G*block, Dv)
+        lse = torch.empty(B, Hk, nb, G * block, 1, dtype=acc, device=q.device)  # (B, Hk, nb, G*block, 1)
+        for s, e in _tile_groups(nb, B * Hq * block * plan.L):
+            sc = _scores(qs, kw, plan.masked, s, e, G, block)  # (B, Hk, g, G*block, L)
+            m = sc.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no key: exp(-inf) = 0
+            p = sc.sub_(m).exp_()  # (B, Hk, g, G*block, L), unnormalised
+            denom = p.sum(dim=-1, keepdim=True)  # (B, Hk, g, G*block, 1)
+            torch.matmul(p, vw[:, :, s:e], out=out[:, :, s:e])
+            out[:, :, s:e].div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
+            lse[:, :, s:e] = m + torch.log(denom)
+        result = _unblock_queries(out, plan, Hq, Nq).to(q.dtype)  # (B, Hq, Nq, Dv)
+        ctx.save_for_backward(q, k, v, result, lse, key_padding_mask)
+        ctx.args = (window, causal, offset, scale, block)
+        ctx.has_mask = key_padding_mask is not None
+        return result
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        if not ctx.has_mask:
+            key_padding_mask = None
+        window, causal, offset, scale, block = ctx.args
+        B, Hq, Nq, D = q.shape
+        Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        G = Hq // Hk
+        acc = torch.promote_types(q.dtype, torch.float32)
+        plan = _Plan(Nq, Nk, window, causal, offset, block, key_padding_mask, q.device)
+        nb = plan.nb
+        qs = _query_blocks(q.to(acc) * scale, plan, Hk)  # (B, Hk, nb, G*block, D)
+        dob = _query_blocks(dout.to(acc), plan, Hk)  # (B, Hk, nb, G*block, Dv)
+        delta = _query_blocks((dout.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True), plan, Hk)  # (..., 1)
+        kw = _windows(_to_blocks(k.to(acc), nb, block, plan.k_front), plan.nback, plan.nfwd)  # (B, Hk, nb, L, D)
+        vw = _windows(_to_blocks(v.to(acc), nb, block, plan.k_front), plan.nback, plan.nfwd)  # (B, Hk, nb, L, Dv)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        dq = torch.empty_like(qs)  # (B, Hk, nb, G*block, D)
+        dkw = torch.empty(kw.shape, dtype=acc, device=q.device)  # (B, Hk, nb, L, D)
+        dvw = torch.empty(vw.shape, dtype=acc, device=q.device)  # (B, Hk, nb, L, Dv)
+        for s, e in _tile_groups(nb, B * Hq * block * plan.L):
+            p = _scores(qs, kw, plan.masked, s, e, G, block).sub_(lse[:, :, s:e]).exp_()  # (B, Hk, g, G*block, L)
+            torch.matmul(p.transpose(-1, -2), dob[:, :, s:e], out=dvw[:, :, s:e])
+            dp = torch.matmul(dob[:, :, s:e], vw[:, :, s:e].transpose(-1, -2))  # (B, Hk, g, G*block, L)
+            ds = dp.sub_(delta[:, :, s:e]).mul_(p)  # dL/d(scaled scores)
+            torch.matmul(ds, kw[:, :, s:e], out=dq[:, :, s:e])
+            torch.matmul(ds.transpose(-1, -2), qs[:, :, s:e], out=dkw[:, :, s:e])
+        dq = _unblock_queries(dq, plan, Hq, Nq) * scale  # (B, Hq, Nq, D)
+        c = plan.k_front
+        dk = _fold_windows(dkw, plan.nback, plan.nfwd, block).reshape(B, Hk, nb * block, D)[:, :, c : c + Nk]
+        dv = _fold_windows(dvw, plan.nback, plan.nfwd, block).reshape(B, Hk, nb * block, Dv)[:, :, c : c + Nk]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, causal: bool, scale: float,
+    key_padding_mask: torch.Tensor | None = None, block: int | None = None,
+) -> torch.Tensor:
+    """Sliding-window attention, q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) -> (B, Hq, Nq, Dv).
+
+    Query i (at key position i + Nk - Nq) sees keys with ``0 <= p - j < window`` if causal, else
+    ``|p - j| < window``. Inputs are validated by the caller (``attnzoo.attention``).
+    """
+    block = _pick_block(window, causal) if block is None else block
+    return _LocalAttention.apply(q, k, v, window, causal, k.shape[2] - q.shape[2], scale, key_padding_mask, block)

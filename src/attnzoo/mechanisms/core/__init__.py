@@ -1,0 +1,1 @@
+"""Exact softmax attention (the baseline every other mechanism is measured against)."""

@@ -1,0 +1,59 @@
+"""Exact scaled dot-product (softmax) attention, with multi-query and grouped-query heads.
+
+Paper: "Attention Is All You Need", Vaswani et al., arXiv 1706.03762; grouped-query attention from
+"GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints", Ainslie et al.,
+arXiv 2305.13245. Official code: https://github.com/tensorflow/tensor2tensor
+Computes softmax(q k^T / sqrt(d)) v per head; Hk < Hq key/value heads are shared by groups of
+Hq / Hk query heads (Hk = 1 is multi-query attention). The dense baseline of every benchmark.
+"""
+
+from __future__ import annotations
+
+from ...kernels.sdpa import sdpa
+from ...reference import softmax_attention
+from ...registry import PATTERNS, Mechanism, register
+from ...state import KVCache
+
+
+def softmax_reference(q, k, v, *, causal, key_padding_mask, scale):
+    """Explicit matmul + softmax (:func:`attnzoo.reference.softmax_attention`)."""
+    return softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+
+
+def softmax_fast(q, k, v, *, causal, key_padding_mask, scale):
+    """PyTorch's fused SDPA (FlashAttention-style CPU kernel), zeros on rows with no visible key."""
+    return sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+
+
+def init_kv_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device):
+    return KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+
+
+def softmax_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None):
+    """Append the T new keys/values, attend the T new queries to the whole cache (bottom-right causal).
+
+    q (B, Hq, T, D), k (B, Hk, T, D), v (B, Hk, T, Dv) -> (B, Hq, T, Dv).
+    """
+    keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
+    return softmax_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale)
+
+
+SOFTMAX = register(Mechanism(
+    name="softmax",
+    aliases=("sdpa", "mha", "gqa", "mqa", "dense"),
+    family="core",
+    catalog="",
+    title="Attention Is All You Need",
+    arxiv="1706.03762",
+    code="https://github.com/tensorflow/tensor2tensor",
+    summary="Exact softmax attention softmax(QK^T/sqrt(d))V; GQA/MQA through fewer key/value heads.",
+    patterns=PATTERNS,
+    exact=True,
+    state="kv",
+    complexity="time O(Nq Nk d), memory O(Nq + Nk) fused (O(Nq Nk) reference)",
+    reference=softmax_reference,
+    fast=softmax_fast,
+    step=softmax_step,
+    init_state=init_kv_cache,
+    permutation_equivariant=True,
+))

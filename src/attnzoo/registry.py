@@ -1,0 +1,290 @@
+"""The registry: one `Mechanism` record per attention mechanism.
+
+The record is the single source of truth about a mechanism's capabilities. The README table,
+``attnzoo list``, the conformance tests' parametrization and the benchmark all read it.
+
+A mechanism file registers itself at import time with :func:`register`; every module under
+``attnzoo.mechanisms`` is imported when the registry is first read, so adding a mechanism means adding
+one file and nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OptionError, UnknownMechanismError, UnsupportedPatternError, suggest
+
+PATTERNS: tuple[str, ...] = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
+"""The four patterns of the Comprehensive Attention Benchmark (CAB, arXiv 2210.07661).
+
+``causal`` is aligned bottom-right everywhere in attnzoo: query ``i`` of ``Nq`` sees key ``j`` of ``Nk``
+iff ``j <= i + (Nk - Nq)``. For self attention (Nq == Nk) that is the usual lower triangle; for
+Nq < Nk it is KV-cache decoding and chunked prefill.
+"""
+
+FAMILIES: tuple[str, ...] = (
+    "core", "dense", "heads", "linear", "memory", "local", "sparse", "cross", "vision", "reduce", "analysis",
+)
+KINDS: tuple[str, ...] = ("sequence", "grid", "channel", "pooling", "fusion")
+"""What a mechanism consumes: ``sequence`` = SDPA-layout q/k/v (or (B, N, C) tokens for its module);
+``grid`` = token grids (B, H, W, C) channels-last; ``channel`` = CNN maps (B, C, H, W);
+``pooling`` = (B, N, C) -> (B, M, C) with learned queries; ``fusion`` = two token streams."""
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Option:
+    """One mechanism option: its default, type and valid range, checked by :meth:`validate`."""
+
+    name: str
+    default: Any
+    type: type | tuple[type, ...] = int
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    allow_none: bool = False
+    doc: str = ""
+
+    def validate(self, value: Any, mechanism: str) -> Any:
+        where = f"{self.name} (option of mechanism {mechanism!r})"
+        if value is None:
+            if self.allow_none or self.default is None:
+                return None
+            raise OptionError(f"{where}: expected {self.describe()}, got None")
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        # bool is an int subclass: never let True pass as a window size, or 1 as a flag.
+        if isinstance(value, bool) and bool not in types:
+            raise OptionError(f"{where}: expected {self.describe()}, got {value!r}")
+        if not isinstance(value, types):
+            if float in types and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            else:
+                raise OptionError(f"{where}: expected {self.describe()}, got {value!r} ({type(value).__name__})")
+        if self.choices is not None and value not in self.choices:
+            raise OptionError(f"{where}: expected one of {list(self.choices)}, got {value!r}")
+        if self.low is not None and value < self.low:
+            raise OptionError(f"{where}: expected {self.describe()}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise OptionError(f"{where}: expected {self.describe()}, got {value!r}")
+        return value
+
+    def describe(self) -> str:
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        s = " or ".join(t.__name__ for t in types)
+        if self.choices is not None:
+            s += f" in {list(self.choices)}"
+        if self.low is not None and self.high is not None:
+            s += f" in [{self.low}, {self.high}]"
+        elif self.low is not None:
+            s += f" >= {self.low}"
+        elif self.high is not None:
+            s += f" <= {self.high}"
+        if self.allow_none:
+            s += " or None"
+        return s
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """Capabilities and entry points of one attention mechanism.
+
+    Functional entry points (``kind == "sequence"``), all on SDPA-layout tensors
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv):
+
+    - ``reference(q, k, v, *, causal, key_padding_mask, scale, **options) -> (B, Hq, Nq, Dv)``:
+      readable, correct in float64, trainable.
+    - ``fast(...)``: same signature, the efficient algorithm of the paper; must agree with reference.
+    - ``fast_supports(q, k, v, causal, key_padding_mask, options) -> str | None``: None when ``fast``
+      handles these inputs, else the reason it does not (``backend="auto"`` then uses reference).
+    - ``init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, **options)`` -> a decode state
+      and ``step(q, k, v, state, *, scale, key_padding_mask=None, **options) -> out``: causal decoding;
+      q/k/v hold the T >= 1 new tokens, the state is updated in place.
+
+    ``test_options``/``test_sizes`` are the options and sizes (fields of ``attnzoo.testing.Sizes``) the
+    conformance suite uses, chosen so that the mechanism's structure is exercised at tiny sizes (a window
+    smaller than the sequence, more than one block). ``supports_key_padding=False`` declares that a
+    key-padding mask raises instead of being honoured (it is never silently dropped).
+
+    Mechanisms with their own parameters give ``module``: a class or factory
+    ``module(dim, heads, *, kv_heads=None, causal=False, **options) -> nn.Module`` whose forward is
+    ``forward(x, context=None, *, key_padding_mask=None, state=None)`` (sequence kind) or
+    ``forward(x)`` (grid/channel kinds).
+    """
+
+    name: str
+    family: str
+    title: str
+    arxiv: str
+    code: str
+    summary: str
+    patterns: tuple[str, ...]
+    exact: bool
+    complexity: str
+    kind: str = "sequence"
+    catalog: str = ""
+    aliases: tuple[str, ...] = ()
+    state: str | None = None
+    reference: Callable[..., Any] | None = None
+    fast: Callable[..., Any] | None = None
+    fast_supports: Callable[..., str | None] | None = None
+    step: Callable[..., Any] | None = None
+    init_state: Callable[..., Any] | None = None
+    module: Callable[..., Any] | None = None
+    options: tuple[Option, ...] = ()
+    permutation_equivariant: bool = False
+    supports_key_padding: bool = True
+    test_options: Mapping[str, Any] = field(default_factory=dict)
+    test_sizes: Mapping[str, int] = field(default_factory=dict)
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.patterns if p not in PATTERNS]
+        if bad:
+            raise ValueError(f"patterns of {self.name!r}: unknown {bad}; expected a subset of {list(PATTERNS)}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family of {self.name!r}: expected one of {list(FAMILIES)}, got {self.family!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind of {self.name!r}: expected one of {list(KINDS)}, got {self.kind!r}")
+        if self.reference is None and self.module is None:
+            raise ValueError(f"{self.name!r}: a mechanism needs a reference function or a module")
+        if (self.step is None) != (self.init_state is None):
+            raise ValueError(f"{self.name!r}: step and init_state come together")
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name!r}: duplicate option names {names}")
+
+    @property
+    def functional(self) -> bool:
+        """True when ``attnzoo.attention(q, k, v, mechanism=name)`` applies (no own parameters)."""
+        return self.kind == "sequence" and self.reference is not None
+
+    @property
+    def decodable(self) -> bool:
+        return self.step is not None or (self.state is not None and self.module is not None)
+
+    def supports(self, pattern: str) -> bool:
+        return pattern in self.patterns
+
+    def check_pattern(self, pattern: str) -> None:
+        if pattern not in self.patterns:
+            raise UnsupportedPatternError(
+                f"mechanism {self.name!r} does not support pattern {pattern!r}; "
+                f"it supports {list(self.patterns)}"
+            )
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``given`` against the declared options and fill in defaults."""
+        known = {o.name: o for o in self.options}
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            hint = suggest(unknown[0], known)
+            expected = sorted(known) if known else "none"
+            raise OptionError(
+                f"{unknown[0]}: unknown option of mechanism {self.name!r} (options: {expected}).{hint}"
+            )
+        out = {}
+        for name, opt in known.items():
+            out[name] = opt.validate(given[name], self.name) if name in given else opt.default
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "family": self.family,
+            "kind": self.kind,
+            "catalog": self.catalog,
+            "title": self.title,
+            "arxiv": self.arxiv,
+            "code": self.code,
+            "summary": self.summary,
+            "patterns": list(self.patterns),
+            "exact": self.exact,
+            "state": self.state,
+            "complexity": self.complexity,
+            "forms": self.forms(),
+            "options": [
+                {"name": o.name, "default": o.default, "valid": o.describe(), "doc": o.doc} for o in self.options
+            ],
+            "notes": self.notes,
+        }
+
+    def forms(self) -> list[str]:
+        forms = []
+        if self.reference is not None:
+            forms.append("reference")
+        if self.fast is not None:
+            forms.append("fast")
+        if self.step is not None:
+            forms.append("step")
+        if self.module is not None:
+            forms.append("module")
+        return forms
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+_ALIASES: dict[str, str] = {}
+_LOADED = False
+
+
+def register(mech: Mechanism) -> Mechanism:
+    """Add ``mech`` to the registry; names and aliases must be unique."""
+    for key in (mech.name, *mech.aliases):
+        if key in _REGISTRY or key in _ALIASES:
+            raise ValueError(f"mechanism name {key!r} is already registered")
+    _REGISTRY[mech.name] = mech
+    for alias in mech.aliases:
+        _ALIASES[alias] = mech.name
+    return mech
+
+
+def unregister(name: str) -> None:
+    """Remove a mechanism (tests register throw-away mechanisms and remove them)."""
+    mech = _REGISTRY.pop(name)
+    for alias in mech.aliases:
+        _ALIASES.pop(alias, None)
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    package = importlib.import_module(f"{__package__}.mechanisms")
+    for info in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + "."):
+        importlib.import_module(info.name)
+
+
+def get(name: str) -> Mechanism:
+    """The record of mechanism ``name`` (or an alias); unknown names get a close-match suggestion."""
+    if not isinstance(name, str):
+        raise TypeError(f"mechanism: expected a mechanism name (str), got {type(name).__name__}")
+    _load_all()
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        raise UnknownMechanismError(
+            f"mechanism: unknown name {name!r}.{suggest(name, [*_REGISTRY, *_ALIASES])} "
+            f"See `attnzoo list` for the {len(_REGISTRY)} registered mechanisms."
+        )
+    return _REGISTRY[key]
+
+
+def mechanisms(family: str | None = None, kind: str | None = None) -> list[Mechanism]:
+    """All registered mechanisms, sorted by family then name."""
+    _load_all()
+    out = sorted(_REGISTRY.values(), key=lambda m: (FAMILIES.index(m.family), m.name))
+    if family is not None:
+        out = [m for m in out if m.family == family]
+    if kind is not None:
+        out = [m for m in out if m.kind == kind]
+    return out
+
+
+def names() -> list[str]:
+    return [m.name for m in mechanisms()]
+

@@ -1,0 +1,11 @@
+"""Decode states: what a mechanism keeps between decoding steps.
+
+Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens seen so far),
+``reorder(index)`` for beam search, ``crop(length)`` to roll back to the first ``length`` tokens
+(speculative decoding, retries) and ``nbytes()``. States are updated in place by a mechanism's ``step``.
+"""
+
+from .base import DecodeState
+from .kv import KVCache, SlidingWindowCache
+
+__all__ = ["DecodeState", "KVCache", "SlidingWindowCache"]

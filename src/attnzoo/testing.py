@@ -1,0 +1,520 @@
+"""The conformance suite: behavioural checks every registered mechanism must pass.
+
+Each check takes a :class:`~attnzoo.registry.Mechanism` record (and a pattern where it applies) and
+raises ``AssertionError`` with a message saying what broke. ``tests/conformance`` runs them over the
+whole registry; you can run them on a mechanism of your own with :func:`run_all`.
+
+Checks (DESIGN.md, "Tests"): output shape and dtype; causality (perturbing keys/values after position t
+leaves outputs at <= t unchanged); query-prefix invariance for causal patterns; key padding (changing
+masked keys changes nothing); batch independence; permutation equivariance where claimed; finite
+gradients for every input and parameter; bfloat16 close to float32; unsupported patterns raise;
+``step`` decoding == causal forward; ``fast`` == ``reference``; gradcheck in float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .functional import attention, pattern_of
+from .layers import build
+from .registry import PATTERNS, Mechanism
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+"""Relative-error tolerances ||a - b|| / ||b|| (DESIGN.md)."""
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm().item()
+    num = (a - b).norm().item()
+    if denom == 0:
+        return num
+    return num / denom
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str, tol: float | None = None) -> None:
+    tol = TOL[dtype] if tol is None else tol
+    assert a.shape == b.shape, f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}"
+    err = rel_err(a, b)
+    assert math.isfinite(err) and err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Sizes:
+    batch: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 8
+    value_dim: int = 6
+    n: int = 7  # self-attention length
+    nq: int = 5  # cross: query length
+    nk: int = 9  # cross: key length
+    dim: int = 16  # model width for module mechanisms
+    height: int = 6
+    width: int = 6
+
+    @classmethod
+    def of(cls, mech: Mechanism) -> Sizes:
+        return cls(**dict(mech.test_sizes))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def lengths(mech: Mechanism, pattern: str) -> tuple[int, int]:
+    s = Sizes.of(mech)
+    return (s.n, s.n) if pattern.endswith("self") else (s.nq, s.nk)
+
+
+def qkv(mech: Mechanism, pattern: str, dtype=torch.float64, seed: int = 0, requires_grad: bool = False):
+    """Random q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) for a functional mechanism."""
+    s = Sizes.of(mech)
+    nq, nk = lengths(mech, pattern)
+    g = _gen(seed)
+    q = torch.randn(s.batch, s.heads, nq, s.head_dim, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(s.batch, s.kv_heads, nk, s.head_dim, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(s.batch, s.kv_heads, nk, s.value_dim, generator=g, dtype=torch.float64).to(dtype)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def padding_mask(batch: int, n: int, seed: int = 1) -> torch.Tensor:
+    """A key-padding mask with some keys masked in every row, never all (first key always kept)."""
+    g = _gen(seed)
+    m = torch.rand(batch, n, generator=g) > 0.35
+    m[:, 0] = True
+    m[0, -1] = False
+    return m
+
+
+def run_functional(mech: Mechanism, pattern: str, q, k, v, *, backend: str = "auto",
+                   key_padding_mask=None, **overrides) -> torch.Tensor:
+    opts = {**mech.test_options, **overrides}
+    return attention(q, k, v, mechanism=mech.name, causal=pattern.startswith("causal"), backend=backend,
+                     key_padding_mask=key_padding_mask, **opts)
+
+
+def make_module(mech: Mechanism, pattern: str, dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
+    s = Sizes.of(mech)
+    torch.manual_seed(seed)
+    if mech.kind == "sequence":
+        m = build(mech.name, s.dim, s.heads, kv_heads=s.kv_heads if mech.module is None else None,
+                  causal=pattern.startswith("causal"), **mech.test_options)
+    else:
+        m = build(mech.name, s.dim, s.heads, **mech.test_options)
+    _randomize(m, seed)
+    return m.to(dtype)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Give zero-initialised parameters (gates, biases, LoRA-style deltas) random values, so checks
+    exercise every path instead of a degenerate one."""
+    g = _gen(seed + 1000)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point() and p.numel() and bool((p == 0).all()):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+
+
+def module_inputs(mech: Mechanism, pattern: str, dtype=torch.float64, seed: int = 0):
+    """(x, context) for a module mechanism: tokens (B, N, dim), grids (B, H, W, dim), maps (B, dim, H, W)."""
+    s = Sizes.of(mech)
+    g = _gen(seed)
+    if mech.kind == "grid":
+        return torch.randn(s.batch, s.height, s.width, s.dim, generator=g, dtype=torch.float64).to(dtype), None
+    if mech.kind == "channel":
+        return torch.randn(s.batch, s.dim, s.height, s.width, generator=g, dtype=torch.float64).to(dtype), None
+    nq, nk = lengths(mech, pattern)
+    x = torch.randn(s.batch, nq, s.dim, generator=g, dtype=torch.float64).to(dtype)
+    ctx = None
+    if pattern.endswith("cross"):
+        ctx = torch.randn(s.batch, nk, s.dim, generator=g, dtype=torch.float64).to(dtype)
+    return x, ctx
+
+
+def run_module(module, mech: Mechanism, x, ctx=None, key_padding_mask=None):
+    if mech.kind != "sequence":
+        return module(x)
+    kw = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+    return module(x, ctx, **kw) if ctx is not None else module(x, **kw)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------------
+def check_shape_dtype(mech: Mechanism, pattern: str) -> None:
+    for dtype in (torch.float32, torch.float64):
+        if mech.functional:
+            q, k, v = qkv(mech, pattern, dtype)
+            out = run_functional(mech, pattern, q, k, v)
+            want = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+        else:
+            m = make_module(mech, pattern, dtype)
+            x, ctx = module_inputs(mech, pattern, dtype)
+            out = _first(run_module(m, mech, x, ctx))
+            want = tuple(x.shape) if mech.kind != "pooling" else None
+        if want is not None:
+            assert tuple(out.shape) == want, f"{mech.name} {pattern}: output shape {tuple(out.shape)}, expected {want}"
+        assert out.dtype == dtype, f"{mech.name} {pattern}: output dtype {out.dtype}, expected {dtype}"
+        assert torch.isfinite(out).all(), f"{mech.name} {pattern}: non-finite output on finite input"
+
+
+def check_causality(mech: Mechanism, pattern: str) -> None:
+    """Perturbing keys/values after key position t leaves every query at position <= t unchanged."""
+    assert pattern.startswith("causal")
+    nq, nk = lengths(mech, pattern)
+    off = nk - nq
+    for t in sorted({max(off, 0), (nk - 1) // 2 + max(off, 0) // 2, nk - 2}):
+        if not 0 <= t < nk - 1:
+            continue
+        if mech.functional:
+            q, k, v = qkv(mech, pattern)
+            base = run_functional(mech, pattern, q, k, v)
+            k2, v2 = k.clone(), v.clone()
+            k2[:, :, t + 1 :] += 3 * torch.randn_like(k2[:, :, t + 1 :])
+            v2[:, :, t + 1 :] += 3 * torch.randn_like(v2[:, :, t + 1 :])
+            pert = run_functional(mech, pattern, q, k2, v2)
+            rows = t - off + 1  # queries whose position i + off <= t
+            if rows <= 0:
+                continue
+            a, b = base[:, :, :rows], pert[:, :, :rows]
+        else:
+            m = make_module(mech, pattern)
+            x, ctx = module_inputs(mech, pattern)
+            base = _first(run_module(m, mech, x, ctx))
+            if ctx is None:
+                x2 = x.clone()
+                x2[:, t + 1 :] += 3 * torch.randn_like(x2[:, t + 1 :])
+                pert = _first(run_module(m, mech, x2, None))
+            else:
+                c2 = ctx.clone()
+                c2[:, t + 1 :] += 3 * torch.randn_like(c2[:, t + 1 :])
+                pert = _first(run_module(m, mech, x, c2))
+            rows = t - off + 1
+            if rows <= 0:
+                continue
+            a, b = base[:, :rows], pert[:, :rows]
+        err = (a - b).abs().max().item()
+        assert err < 1e-10, (f"{mech.name} {pattern}: outputs at positions <= {t} changed by {err:.2e} "
+                             f"when keys after {t} changed (future leak)")
+
+
+def check_prefix_invariance(mech: Mechanism, pattern: str) -> None:
+    """Causal: the first m queries' outputs equal a run on only the first m queries (and their keys)."""
+    assert pattern.startswith("causal")
+    nq, nk = lengths(mech, pattern)
+    off = nk - nq
+    m_ = max(1, nq // 2 + 1)
+    if mech.functional:
+        q, k, v = qkv(mech, pattern)
+        full = run_functional(mech, pattern, q, k, v)
+        part = run_functional(mech, pattern, q[:, :, :m_], k[:, :, : m_ + off], v[:, :, : m_ + off])
+        a = full[:, :, :m_]
+    else:
+        mod = make_module(mech, pattern)
+        x, ctx = module_inputs(mech, pattern)
+        full = _first(run_module(mod, mech, x, ctx))
+        part = _first(run_module(mod, mech, x[:, :m_], None if ctx is None else ctx[:, : m_ + off]))
+        a = full[:, :m_]
+    assert_close(part, a, torch.float64, f"{mech.name} {pattern}: first {m_} queries, truncated vs full run")
+
+
+def check_key_padding(mech: Mechanism, pattern: str) -> None:
+    """Changing masked keys/values changes nothing (outputs of unmasked query rows for self modules)."""
+    s = Sizes.of(mech)
+    nq, nk = lengths(mech, pattern)
+    mask = padding_mask(s.batch, nk)
+    if mech.functional:
+        q, k, v = qkv(mech, pattern)
+        if not mech.supports_key_padding:
+            with _raises(mech, pattern, "a key_padding_mask it does not support"):
+                run_functional(mech, pattern, q, k, v, key_padding_mask=mask)
+            return
+        base = run_functional(mech, pattern, q, k, v, key_padding_mask=mask)
+        noise_k = 5 * torch.randn(k.shape, dtype=k.dtype)
+        noise_v = 5 * torch.randn(v.shape, dtype=v.dtype)
+        sel = (~mask).view(s.batch, 1, nk, 1)
+        k2 = torch.where(sel, k + noise_k, k)
+        v2 = torch.where(sel, v + noise_v, v)
+        pert = run_functional(mech, pattern, q, k2, v2, key_padding_mask=mask)
+        err = (base - pert).abs().max().item()
+        unmasked = run_functional(mech, pattern, q, k2, v2)
+        assert err < 1e-10, (f"{mech.name} {pattern}: changing masked keys changed the output by {err:.2e} "
+                             "(mask ignored)")
+        assert (unmasked - pert).abs().max().item() > 1e-6, (
+            f"{mech.name} {pattern}: the perturbation of masked keys changes nothing even without the mask; "
+            "the check cannot see a dropped mask")
+        return
+    if mech.kind != "sequence":
+        return
+    mod = make_module(mech, pattern)
+    x, ctx = module_inputs(mech, pattern)
+    if not mech.supports_key_padding:
+        with _raises(mech, pattern, "a key_padding_mask it does not support"):
+            run_module(mod, mech, x, ctx, key_padding_mask=mask)
+        return
+    base = _first(run_module(mod, mech, x, ctx, key_padding_mask=mask))
+    sel = (~mask).view(s.batch, nk, 1)
+    if ctx is None:
+        x2 = torch.where(sel, x + 5 * torch.randn_like(x), x)
+        pert = _first(run_module(mod, mech, x2, None, key_padding_mask=mask))
+        keep = mask.view(s.batch, nk, 1)  # outputs at padded query rows may change; the others may not
+        err = ((base - pert) * keep).abs().max().item()
+    else:
+        c2 = torch.where(sel, ctx + 5 * torch.randn_like(ctx), ctx)
+        pert = _first(run_module(mod, mech, x, c2, key_padding_mask=mask))
+        err = (base - pert).abs().max().item()
+    assert err < 1e-10, (f"{mech.name} {pattern}: changing masked tokens changed unmasked outputs by {err:.2e} "
+                         "(mask ignored)")
+
+
+def check_batch_independence(mech: Mechanism, pattern: str) -> None:
+    """Each batch row's output equals running that row alone."""
+    if mech.functional:
+        q, k, v = qkv(mech, pattern)
+        full = run_functional(mech, pattern, q, k, v)
+        for b in range(q.shape[0]):
+            one = run_functional(mech, pattern, q[b : b + 1], k[b : b + 1], v[b : b + 1])
+            assert_close(one, full[b : b + 1], torch.float64, f"{mech.name} {pattern}: batch row {b} alone vs in batch")
+        return
+    mod = make_module(mech, pattern)
+    mod.eval()
+    x, ctx = module_inputs(mech, pattern)
+    full = _first(run_module(mod, mech, x, ctx))
+    for b in range(x.shape[0]):
+        one = _first(run_module(mod, mech, x[b : b + 1], None if ctx is None else ctx[b : b + 1]))
+        assert_close(one, full[b : b + 1], torch.float64, f"{mech.name} {pattern}: batch row {b} alone vs in batch")
+
+
+def check_permutation(mech: Mechanism, pattern: str) -> None:
+    """Non-causal, when claimed: permuting keys with their values changes nothing; permuting queries
+    permutes outputs."""
+    assert pattern.startswith("noncausal") and mech.permutation_equivariant
+    g = _gen(7)
+    if mech.functional:
+        q, k, v = qkv(mech, pattern)
+        base = run_functional(mech, pattern, q, k, v)
+        pk = torch.randperm(k.shape[2], generator=g)
+        pq = torch.randperm(q.shape[2], generator=g)
+        out = run_functional(mech, pattern, q[:, :, pq], k[:, :, pk], v[:, :, pk])
+        assert_close(out, base[:, :, pq], torch.float64, f"{mech.name} {pattern}: permuted inputs")
+        return
+    mod = make_module(mech, pattern)
+    x, ctx = module_inputs(mech, pattern)
+    base = _first(run_module(mod, mech, x, ctx))
+    px = torch.randperm(x.shape[1], generator=g)
+    if ctx is None:
+        out = _first(run_module(mod, mech, x[:, px], None))
+    else:
+        pc = torch.randperm(ctx.shape[1], generator=g)
+        out = _first(run_module(mod, mech, x[:, px], ctx[:, pc]))
+    assert_close(out, base[:, px], torch.float64, f"{mech.name} {pattern}: permuted tokens")
+
+
+def check_gradients(mech: Mechanism, pattern: str) -> None:
+    """Finite, non-zero-everywhere gradients for every input and parameter (float32)."""
+    if mech.functional:
+        q, k, v = qkv(mech, pattern, torch.float32, requires_grad=True)
+        out = run_functional(mech, pattern, q, k, v)
+        out.square().sum().backward()
+        named = {"q": q, "k": k, "v": v}
+    else:
+        mod = make_module(mech, pattern, torch.float32)
+        x, ctx = module_inputs(mech, pattern, torch.float32)
+        x.requires_grad_(True)
+        if ctx is not None:
+            ctx.requires_grad_(True)
+        out = _first(run_module(mod, mech, x, ctx))
+        loss = out.square().sum()
+        aux = getattr(mod, "aux_loss", None)
+        if isinstance(aux, torch.Tensor):
+            loss = loss + aux
+        loss.backward()
+        named = {"x": x, **({"context": ctx} if ctx is not None else {})}
+        named.update({f"parameter {n}": p for n, p in mod.named_parameters() if p.requires_grad})
+    for name, t in named.items():
+        if t.grad is None:
+            raise AssertionError(f"{mech.name} {pattern}: no gradient reached {name}")
+        assert torch.isfinite(t.grad).all(), f"{mech.name} {pattern}: non-finite gradient for {name}"
+
+
+def check_bfloat16(mech: Mechanism, pattern: str) -> None:
+    """bfloat16 output close to float32 output on the same (bf16-representable) inputs."""
+    if mech.functional:
+        q, k, v = (t.to(torch.bfloat16) for t in qkv(mech, pattern, torch.float64))
+        lo = run_functional(mech, pattern, q, k, v)
+        hi = run_functional(mech, pattern, q.float(), k.float(), v.float())
+    else:
+        mod = make_module(mech, pattern, torch.float32)
+        mod.eval()
+        x, ctx = module_inputs(mech, pattern, torch.float32)
+        x = x.to(torch.bfloat16).float()
+        ctx = None if ctx is None else ctx.to(torch.bfloat16).float()
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        hi = _first(run_module(mod, mech, x, ctx))
+        mod = mod.to(torch.bfloat16)
+        lo = _first(run_module(mod, mech, x.to(torch.bfloat16), None if ctx is None else ctx.to(torch.bfloat16)))
+    assert lo.dtype == torch.bfloat16, f"{mech.name} {pattern}: bfloat16 inputs gave {lo.dtype} output"
+    assert_close(lo.float(), hi, torch.bfloat16, f"{mech.name} {pattern}: bfloat16 vs float32")
+
+
+@contextlib.contextmanager
+def _raises(mech: Mechanism, pattern: str, what: str):
+    try:
+        yield
+    except (ValueError, TypeError, NotImplementedError):
+        return
+    raise AssertionError(f"{mech.name}: {what} ({pattern}) did not raise")
+
+
+def check_unsupported_patterns(mech: Mechanism) -> None:
+    """Every pattern the record does not declare raises a clear error."""
+    for pattern in PATTERNS:
+        if mech.supports(pattern) or mech.kind != "sequence":
+            continue
+        if mech.functional:
+            q, k, v = qkv(mech, pattern)
+            assert pattern_of(q.shape[2], k.shape[2], pattern.startswith("causal")) == pattern
+            with _raises(mech, pattern, "an undeclared pattern"):
+                run_functional(mech, pattern, q, k, v)
+        else:
+            with _raises(mech, pattern, "an undeclared pattern"):
+                mod = make_module(mech, pattern)
+                x, ctx = module_inputs(mech, pattern)
+                if pattern.endswith("cross") and ctx is None:
+                    raise AssertionError("no context")
+                run_module(mod, mech, x, ctx)
+
+
+def check_fast_matches_reference(mech: Mechanism, pattern: str) -> None:
+    """``fast`` == ``reference``: outputs in float64 and float32, gradients in float64."""
+    assert mech.fast is not None
+    for dtype in (torch.float64, torch.float32):
+        q, k, v = qkv(mech, pattern, dtype, requires_grad=dtype == torch.float64)
+        s = Sizes.of(mech)
+        for mask in (None, padding_mask(s.batch, k.shape[2]) if mech.supports_key_padding else None):
+            ref = run_functional(mech, pattern, q, k, v, backend="reference", key_padding_mask=mask)
+            fast = run_functional(mech, pattern, q, k, v, backend="fast", key_padding_mask=mask)
+            what = f"{mech.name} {pattern}: fast vs reference ({dtype}, mask={mask is not None})"
+            assert_close(fast, ref, dtype, what)
+            if dtype == torch.float64:
+                g = torch.randn_like(ref)
+                gr = torch.autograd.grad(ref, (q, k, v), g)
+                gf = torch.autograd.grad(fast, (q, k, v), g)
+                for name, a, b in zip("qkv", gf, gr):
+                    assert_close(a, b, dtype, f"{mech.name} {pattern}: fast vs reference gradient of {name}")
+
+
+def check_decode(mech: Mechanism) -> None:
+    """Prefill then token-by-token decoding equals the causal forward over the whole sequence."""
+    pattern = "causal_self"
+    if mech.functional and mech.step is not None:
+        q, k, v = qkv(mech, pattern)
+        full = run_functional(mech, pattern, q, k, v)
+        s = Sizes.of(mech)
+        state = mech.init_state(batch=s.batch, kv_heads=s.kv_heads, head_dim=s.head_dim, value_dim=s.value_dim,
+                                dtype=q.dtype, device=q.device, **mech.resolve_options(dict(mech.test_options)))
+        opts = mech.resolve_options(dict(mech.test_options))
+        scale = 1.0 / math.sqrt(s.head_dim)
+        n = q.shape[2]
+        prefill = max(1, n // 2)
+        outs = [mech.step(q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], state, scale=scale, **opts)]
+        for t in range(prefill, n):
+            sl = slice(t, t + 1)
+            outs.append(mech.step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, scale=scale, **opts))
+        got = torch.cat(outs, dim=2)
+        assert_close(got, full, torch.float64, f"{mech.name}: step decoding (prefill {prefill}) vs causal forward")
+        assert state.seq_len == n, f"{mech.name}: state.seq_len {state.seq_len} after {n} tokens"
+        return
+    mod = make_module(mech, pattern)
+    mod.eval()
+    x, _ = module_inputs(mech, pattern)
+    full = _first(run_module(mod, mech, x))
+    state = mod.init_state(x.shape[0])
+    n = x.shape[1]
+    prefill = max(1, n // 2)
+    out, state = mod(x[:, :prefill], state=state)
+    outs = [out]
+    for t in range(prefill, n):
+        out, state = mod(x[:, t : t + 1], state=state)
+        outs.append(out)
+    got = torch.cat(outs, dim=1)
+    assert_close(got, full, torch.float64, f"{mech.name}: step decoding (prefill {prefill}) vs causal forward")
+
+
+def check_gradcheck(mech: Mechanism, pattern: str) -> None:
+    """torch.autograd.gradcheck of the reference (and fast form) in float64 on tiny sizes."""
+    if mech.functional:
+        q, k, v = qkv(mech, pattern, torch.float64, requires_grad=True)
+        q, k, v = (t[:1].detach().requires_grad_(True) for t in (q, k, v))
+        backends = ["reference"] + (["fast"] if mech.fast is not None else [])
+        for backend in backends:
+            fn = lambda q, k, v, backend=backend: run_functional(mech, pattern, q, k, v, backend=backend)
+            assert torch.autograd.gradcheck(fn, (q, k, v), raise_exception=False, fast_mode=True), (
+                f"{mech.name} {pattern}: gradcheck failed ({backend})")
+        return
+    mod = make_module(mech, pattern)
+    x, ctx = module_inputs(mech, pattern)
+    x = x[:1].detach().requires_grad_(True)
+    ctx = None if ctx is None else ctx[:1].detach().requires_grad_(True)
+    inputs = (x,) if ctx is None else (x, ctx)
+    fn = lambda *a: _first(run_module(mod, mech, *a))
+    assert torch.autograd.gradcheck(fn, inputs, raise_exception=False, fast_mode=True), (
+        f"{mech.name} {pattern}: gradcheck failed (module)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Which checks apply to a record
+# --------------------------------------------------------------------------------------------------------
+PatternCheck = Callable[[Mechanism, str], None]
+MechCheck = Callable[[Mechanism], None]
+
+
+def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
+    """(check name, pattern or None, check function) for every check that applies to ``mech``."""
+    out: list[tuple[str, str | None, Callable[..., None]]] = []
+    patterns = mech.patterns if mech.kind == "sequence" else ("noncausal_self",)
+    for p in patterns:
+        out += [("shape_dtype", p, check_shape_dtype), ("batch_independence", p, check_batch_independence),
+                ("gradients", p, check_gradients), ("bfloat16", p, check_bfloat16),
+                ("gradcheck", p, check_gradcheck)]
+        if mech.kind == "sequence":
+            out.append(("key_padding", p, check_key_padding))
+        if p.startswith("causal"):
+            out += [("causality", p, check_causality), ("prefix_invariance", p, check_prefix_invariance)]
+        elif mech.permutation_equivariant:
+            out.append(("permutation", p, check_permutation))
+        if mech.fast is not None and mech.functional:
+            out.append(("fast_vs_reference", p, check_fast_matches_reference))
+    if mech.kind == "sequence":
+        out.append(("unsupported_patterns", None, check_unsupported_patterns))
+    if mech.decodable and "causal_self" in mech.patterns:
+        out.append(("decode", None, check_decode))
+    return out
+
+
+def run_all(mech: Mechanism) -> dict[str, str]:
+    """Run every applicable check; returns {case id: failure message} (empty when all pass)."""
+    failures = {}
+    for name, pattern, fn in cases(mech):
+        cid = f"{name}[{pattern}]" if pattern else name
+        try:
+            fn(mech, pattern) if pattern is not None else fn(mech)
+        except AssertionError as e:
+            failures[cid] = str(e)
+    return failures
+
