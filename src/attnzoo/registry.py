@@ -110,6 +110,10 @@ class Mechanism:
     smaller than the sequence, more than one block). ``supports_key_padding=False`` declares that a
     key-padding mask raises instead of being honoured (it is never silently dropped).
 
+    A module mechanism with a fast form sets ``fast`` (to the fast function, any signature) and gives its
+    module a ``backend`` attribute ("auto", "reference" or "fast") read at forward time, so the
+    conformance suite can compare the two forms.
+
     Mechanisms with their own parameters give ``module``: a class or factory
     ``module(dim, heads, *, kv_heads=None, causal=False, **options) -> nn.Module`` whose forward is
     ``forward(x, context=None, *, key_padding_mask=None, state=None)`` (sequence kind) or

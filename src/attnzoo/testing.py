@@ -419,6 +419,28 @@ def check_fast_matches_reference(mech: Mechanism, pattern: str) -> None:
                     assert_close(a, b, dtype, f"{mech.name} {pattern}: fast vs reference gradient of {name}")
 
 
+def check_module_fast_matches_reference(mech: Mechanism, pattern: str) -> None:
+    """Modules with a fast form: ``module.backend = "fast"`` == ``"reference"`` (outputs, input and
+    parameter gradients, float64)."""
+    mod = make_module(mech, pattern)
+    assert hasattr(mod, "backend"), f"{mech.name}: a module with a fast form must have a `backend` attribute"
+    x, ctx = module_inputs(mech, pattern)
+    results = {}
+    for backend in ("reference", "fast"):
+        mod.backend = backend
+        mod.zero_grad()
+        xi = x.detach().clone().requires_grad_(True)
+        out = _first(run_module(mod, mech, xi, ctx))
+        out.backward(torch.ones_like(out) + torch.linspace(0, 1, out.numel(), dtype=out.dtype).view_as(out))
+        grads = [xi.grad] + [p.grad for p in mod.parameters() if p.grad is not None]
+        results[backend] = (out.detach(), [g.clone() for g in grads])
+    (ro, rg), (fo, fg) = results["reference"], results["fast"]
+    assert_close(fo, ro, torch.float64, f"{mech.name} {pattern}: module fast vs reference output")
+    assert len(rg) == len(fg), f"{mech.name} {pattern}: fast and reference reach different parameters"
+    for i, (a, b) in enumerate(zip(fg, rg)):
+        assert_close(a, b, torch.float64, f"{mech.name} {pattern}: module fast vs reference gradient #{i}")
+
+
 def check_decode(mech: Mechanism) -> None:
     """Prefill then token-by-token decoding equals the causal forward over the whole sequence."""
     pattern = "causal_self"
@@ -500,6 +522,8 @@ def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
             out.append(("permutation", p, check_permutation))
         if mech.fast is not None and mech.functional:
             out.append(("fast_vs_reference", p, check_fast_matches_reference))
+        elif mech.fast is not None:
+            out.append(("fast_vs_reference", p, check_module_fast_matches_reference))
     if mech.kind == "sequence":
         out.append(("unsupported_patterns", None, check_unsupported_patterns))
     if mech.decodable and "causal_self" in mech.patterns:

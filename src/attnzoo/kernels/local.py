@@ -11,6 +11,10 @@ and the row log-sum-exp; the backward recomputes each tile's probabilities. Over
 folded back by adding each window slice into the key block it came from.
 
 Positions: query i sits at key position ``i + offset`` (bottom-right alignment, offset = Nk - Nq).
+
+Attention sinks (StreamingLLM, arXiv 2309.17453): with ``sinks = S`` the first S keys are visible to every
+query as well (causally: to queries at positions >= j). Each tile then scores S + L keys: the sink keys
+are prepended to every window and left out of the window part, so no key is counted twice.
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ class _Plan:
     """Block geometry and masks shared by forward and backward."""
 
     def __init__(self, nq: int, nk: int, window: int, causal: bool, offset: int, block: int,
-                 key_padding_mask: torch.Tensor | None, device: torch.device) -> None:
+                 key_padding_mask: torch.Tensor | None, device: torch.device, sinks: int = 0) -> None:
         self.block = block
+        self.sinks = sinks = min(sinks, nk)
         # Work in key positions: query i is at position i + offset. Pad queries in front so that query
         # block b covers positions [b*block, (b+1)*block), the same grid as the key blocks.
         self.q_front = offset if offset > 0 else 0
@@ -82,10 +87,20 @@ class _Plan:
         if key_padding_mask is not None:
             valid = valid.repeat(key_padding_mask.shape[0], 1)
             valid[:, self.k_front : self.k_front + nk] = key_padding_mask
+        sink_valid = valid[:, self.k_front : self.k_front + sinks]  # (B|1, S)
+        valid = valid.clone()
+        valid[:, self.k_front : self.k_front + sinks] = False  # sinks are scored in their own part
         vw = F.pad(valid.to(torch.uint8), (self.nback * block, self.nfwd * block)).unfold(1, L, block).bool()
-        # masked[b, blk, t, u] is True where the score must be dropped: (B|1, 1, nb, 1, block, L)
-        self.masked = ~(band.view(1, 1, block, L) & vw.view(vw.shape[0], nb, 1, L))
-        self.masked = self.masked.view(vw.shape[0], 1, nb, 1, block, L)
+        # masked[b, blk, t, u] is True where the score must be dropped: (B|1, 1, nb, 1, block, S + L)
+        masked = ~(band.view(1, 1, block, L) & vw.view(vw.shape[0], nb, 1, L))  # (B|1, nb, block, L)
+        if sinks:
+            qpos = torch.arange(nb * block, device=device).view(nb, block, 1)  # grid position of each query
+            kpos = torch.arange(sinks, device=device).view(1, 1, sinks) + self.k_front
+            seen = (kpos <= qpos) if causal else torch.ones(nb, block, sinks, dtype=torch.bool, device=device)
+            sink_masked = ~(seen.unsqueeze(0) & sink_valid.view(-1, 1, 1, sinks))  # (B|1, nb, block, S)
+            rows = max(masked.shape[0], sink_masked.shape[0])
+            masked = torch.cat([sink_masked.expand(rows, -1, -1, -1), masked.expand(rows, -1, -1, -1)], dim=-1)
+        self.masked = masked.view(masked.shape[0], 1, nb, 1, block, sinks + L)
 
 
 def _tile_groups(nb: int, rows: int) -> list[tuple[int, int]]:
@@ -110,9 +125,17 @@ def _unblock_queries(xb: torch.Tensor, plan: _Plan, hq: int, n: int) -> torch.Te
     return x[:, :, plan.q_front : plan.q_front + n]
 
 
-def _scores(qs, kw, masked, s, e, G, block):
-    """Masked scaled scores of blocks s:e, (B, Hk, g, G*block, L), -inf where masked."""
-    sc = torch.matmul(qs[:, :, s:e], kw[:, :, s:e].transpose(-1, -2))  # (B, Hk, g, G*block, L)
+def _tile_keys(xw: torch.Tensor, x_sink: torch.Tensor | None, s: int, e: int) -> torch.Tensor:
+    """Keys (or values) scored by blocks s:e: (B, Hk, g, S + L, D), sinks first."""
+    if x_sink is None:
+        return xw[:, :, s:e]
+    B, Hk, S, D = x_sink.shape
+    return torch.cat([x_sink.unsqueeze(2).expand(B, Hk, e - s, S, D), xw[:, :, s:e]], dim=3)
+
+
+def _scores(qs, kx, masked, s, e, G, block):
+    """Masked scaled scores of blocks s:e, (B, Hk, g, G*block, S + L), -inf where masked."""
+    sc = torch.matmul(qs[:, :, s:e], kx.transpose(-1, -2))  # (B, Hk, g, G*block, S + L)
     B, Hk, g, _, L = sc.shape
     sc.view(B, Hk, g, G, block, L).masked_fill_(masked[:, :, s:e], float("-inf"))
     return sc
@@ -120,30 +143,32 @@ def _scores(qs, kw, masked, s, e, G, block):
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, window, causal, offset, scale, key_padding_mask, block):
+    def forward(ctx, q, k, v, window, causal, offset, scale, key_padding_mask, block, sinks):
         B, Hq, Nq, D = q.shape
         Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         G = Hq // Hk
         acc = torch.promote_types(q.dtype, torch.float32)
-        plan = _Plan(Nq, Nk, window, causal, offset, block, key_padding_mask, q.device)
-        nb = plan.nb
+        plan = _Plan(Nq, Nk, window, causal, offset, block, key_padding_mask, q.device, sinks)
+        nb, S = plan.nb, plan.sinks
         qs = _query_blocks(q.to(acc) * scale, plan, Hk)  # (B, Hk, nb, G*block, D), scale folded in
         kw = _windows(_to_blocks(k.to(acc), nb, block, plan.k_front), plan.nback, plan.nfwd)  # (B, Hk, nb, L, D)
         vw = _windows(_to_blocks(v.to(acc), nb, block, plan.k_front), plan.nback, plan.nfwd)  # (B, Hk, nb, L, Dv)
+        ks = k[:, :, :S].to(acc) if S else None  # (B, Hk, S, D)
+        vs = v[:, :, :S].to(acc) if S else None  # (B, Hk, S, Dv)
         out = torch.empty(B, Hk, nb, G * block, Dv, dtype=acc, device=q.device)  # (B, Hk, nb, G*block, Dv)
         lse = torch.empty(B, Hk, nb, G * block, 1, dtype=acc, device=q.device)  # (B, Hk, nb, G*block, 1)
-        for s, e in _tile_groups(nb, B * Hq * block * plan.L):
-            sc = _scores(qs, kw, plan.masked, s, e, G, block)  # (B, Hk, g, G*block, L)
+        for s, e in _tile_groups(nb, B * Hq * block * (S + plan.L)):
+            sc = _scores(qs, _tile_keys(kw, ks, s, e), plan.masked, s, e, G, block)  # (B, Hk, g, G*block, S+L)
             m = sc.amax(dim=-1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no key: exp(-inf) = 0
-            p = sc.sub_(m).exp_()  # (B, Hk, g, G*block, L), unnormalised
+            p = sc.sub_(m).exp_()  # (B, Hk, g, G*block, S+L), unnormalised
             denom = p.sum(dim=-1, keepdim=True)  # (B, Hk, g, G*block, 1)
-            torch.matmul(p, vw[:, :, s:e], out=out[:, :, s:e])
+            torch.matmul(p, _tile_keys(vw, vs, s, e), out=out[:, :, s:e])
             out[:, :, s:e].div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
             lse[:, :, s:e] = m + torch.log(denom)
         result = _unblock_queries(out, plan, Hq, Nq).to(q.dtype)  # (B, Hq, Nq, Dv)
         ctx.save_for_backward(q, k, v, result, lse, key_padding_mask)
-        ctx.args = (window, causal, offset, scale, block)
+        ctx.args = (window, causal, offset, scale, block, sinks)
         ctx.has_mask = key_padding_mask is not None
         return result
 
@@ -152,44 +177,59 @@ class _LocalAttention(torch.autograd.Function):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         if not ctx.has_mask:
             key_padding_mask = None
-        window, causal, offset, scale, block = ctx.args
+        window, causal, offset, scale, block, sinks = ctx.args
         B, Hq, Nq, D = q.shape
         Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         G = Hq // Hk
         acc = torch.promote_types(q.dtype, torch.float32)
-        plan = _Plan(Nq, Nk, window, causal, offset, block, key_padding_mask, q.device)
-        nb = plan.nb
+        plan = _Plan(Nq, Nk, window, causal, offset, block, key_padding_mask, q.device, sinks)
+        nb, S = plan.nb, plan.sinks
         qs = _query_blocks(q.to(acc) * scale, plan, Hk)  # (B, Hk, nb, G*block, D)
         dob = _query_blocks(dout.to(acc), plan, Hk)  # (B, Hk, nb, G*block, Dv)
         delta = _query_blocks((dout.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True), plan, Hk)  # (..., 1)
         kw = _windows(_to_blocks(k.to(acc), nb, block, plan.k_front), plan.nback, plan.nfwd)  # (B, Hk, nb, L, D)
         vw = _windows(_to_blocks(v.to(acc), nb, block, plan.k_front), plan.nback, plan.nfwd)  # (B, Hk, nb, L, Dv)
+        ks = k[:, :, :S].to(acc) if S else None  # (B, Hk, S, D)
+        vs = v[:, :, :S].to(acc) if S else None  # (B, Hk, S, Dv)
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         dq = torch.empty_like(qs)  # (B, Hk, nb, G*block, D)
         dkw = torch.empty(kw.shape, dtype=acc, device=q.device)  # (B, Hk, nb, L, D)
         dvw = torch.empty(vw.shape, dtype=acc, device=q.device)  # (B, Hk, nb, L, Dv)
-        for s, e in _tile_groups(nb, B * Hq * block * plan.L):
-            p = _scores(qs, kw, plan.masked, s, e, G, block).sub_(lse[:, :, s:e]).exp_()  # (B, Hk, g, G*block, L)
-            torch.matmul(p.transpose(-1, -2), dob[:, :, s:e], out=dvw[:, :, s:e])
-            dp = torch.matmul(dob[:, :, s:e], vw[:, :, s:e].transpose(-1, -2))  # (B, Hk, g, G*block, L)
+        dks = torch.zeros(B, Hk, S, D, dtype=acc, device=q.device)  # (B, Hk, S, D)
+        dvs = torch.zeros(B, Hk, S, Dv, dtype=acc, device=q.device)  # (B, Hk, S, Dv)
+        for s, e in _tile_groups(nb, B * Hq * block * (S + plan.L)):
+            kx, vx = _tile_keys(kw, ks, s, e), _tile_keys(vw, vs, s, e)  # (B, Hk, g, S+L, D|Dv)
+            p = _scores(qs, kx, plan.masked, s, e, G, block).sub_(lse[:, :, s:e]).exp_()  # (B, Hk, g, G*block, S+L)
+            dvx = torch.matmul(p.transpose(-1, -2), dob[:, :, s:e])  # (B, Hk, g, S+L, Dv)
+            dp = torch.matmul(dob[:, :, s:e], vx.transpose(-1, -2))  # (B, Hk, g, G*block, S+L)
             ds = dp.sub_(delta[:, :, s:e]).mul_(p)  # dL/d(scaled scores)
-            torch.matmul(ds, kw[:, :, s:e], out=dq[:, :, s:e])
-            torch.matmul(ds.transpose(-1, -2), qs[:, :, s:e], out=dkw[:, :, s:e])
+            torch.matmul(ds, kx, out=dq[:, :, s:e])
+            dkx = torch.matmul(ds.transpose(-1, -2), qs[:, :, s:e])  # (B, Hk, g, S+L, D)
+            dkw[:, :, s:e], dvw[:, :, s:e] = dkx[:, :, :, S:], dvx[:, :, :, S:]
+            if S:
+                dks += dkx[:, :, :, :S].sum(dim=2)
+                dvs += dvx[:, :, :, :S].sum(dim=2)
         dq = _unblock_queries(dq, plan, Hq, Nq) * scale  # (B, Hq, Nq, D)
         c = plan.k_front
         dk = _fold_windows(dkw, plan.nback, plan.nfwd, block).reshape(B, Hk, nb * block, D)[:, :, c : c + Nk]
         dv = _fold_windows(dvw, plan.nback, plan.nfwd, block).reshape(B, Hk, nb * block, Dv)[:, :, c : c + Nk]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        if S:
+            dk, dv = dk.clone(), dv.clone()
+            dk[:, :, :S] += dks
+            dv[:, :, :S] += dvs
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def local_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, causal: bool, scale: float,
-    key_padding_mask: torch.Tensor | None = None, block: int | None = None,
+    key_padding_mask: torch.Tensor | None = None, sinks: int = 0, block: int | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention, q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) -> (B, Hq, Nq, Dv).
 
-    Query i (at key position i + Nk - Nq) sees keys with ``0 <= p - j < window`` if causal, else
-    ``|p - j| < window``. Inputs are validated by the caller (``attnzoo.attention``).
+    Query i (at key position p = i + Nk - Nq) sees keys with ``0 <= p - j < window`` if causal, else
+    ``|p - j| < window``, plus the first ``sinks`` keys (causally: those with j <= p). Inputs are validated
+    by the caller (``attnzoo.attention``).
     """
     block = _pick_block(window, causal) if block is None else block
-    return _LocalAttention.apply(q, k, v, window, causal, k.shape[2] - q.shape[2], scale, key_padding_mask, block)
+    offset = k.shape[2] - q.shape[2]
+    return _LocalAttention.apply(q, k, v, window, causal, offset, scale, key_padding_mask, block, sinks)

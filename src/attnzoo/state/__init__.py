@@ -6,6 +6,6 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 """
 
 from .base import DecodeState
-from .kv import KVCache, SlidingWindowCache
+from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 
-__all__ = ["DecodeState", "KVCache", "SlidingWindowCache"]
+__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache"]

@@ -156,3 +156,52 @@ class SlidingWindowCache(KVCache):
             )
         self.length -= drop
         self.seq_len = length
+
+
+class SinkWindowCache(SlidingWindowCache):
+    """The first ``sinks`` keys/values (attention sinks) plus the last ``window - 1 + extra``.
+
+    StreamingLLM's cache (arXiv 2309.17453): memory bounded by ``sinks + window``. The stored keys are
+    [sinks | recent]; the recent part is contiguous in position, so a query's window in cache order is
+    its window in sequence order, and the sinks are scored separately.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
+                 window: int, sinks: int, extra: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sinks: expected an int >= 0, got {sinks!r}")
+        super().__init__(batch, kv_heads, head_dim, value_dim, window=window, extra=extra, dtype=dtype,
+                         device=device)
+        self.sinks = sinks
+
+    @property
+    def start(self) -> int:
+        """Absolute position of the oldest stored non-sink token."""
+        return self.seq_len - (self.length - min(self.sinks, self.seq_len))
+
+    def evict(self) -> None:
+        keep = self.window - 1 + self.extra
+        S = min(self.sinks, self.length)
+        if self.length <= S + keep:
+            return
+        idx = torch.cat([torch.arange(S), torch.arange(self.length - keep, self.length)]).to(self._k.device)
+        self._k = self._k.index_select(2, idx)
+        self._v = self._v.index_select(2, idx)
+        if self._mask is not None:
+            self._mask = self._mask.index_select(1, idx)
+        self.length = S + keep
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        drop = self.seq_len - length
+        recent = self.length - min(self.sinks, self.seq_len)
+        needed = min(self.window - 1, max(0, length - self.sinks))
+        if recent - drop < needed:
+            raise ValueError(
+                f"length: cannot crop this SinkWindowCache to {length} tokens: its recent part holds positions "
+                f"{self.start}..{self.seq_len - 1} and the next query would need {needed} of them; "
+                f"build it with extra >= {drop} to allow rolling back {drop} tokens"
+            )
+        self.length -= drop
+        self.seq_len = length

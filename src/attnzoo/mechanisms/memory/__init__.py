@@ -1,0 +1,1 @@
+"""Long-context and memory mechanisms: sinks, landmarks, neural memory, context selection."""
