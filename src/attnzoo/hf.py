@@ -24,6 +24,7 @@ swapped in as modules with :func:`swap_attention`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,13 @@ def _make_attention_function(mechanism: str, options: dict[str, Any]):
             raise HFIntegrationError(
                 f"dropout: attnzoo mechanisms do not apply attention dropout, got dropout={dropout} in training; "
                 "set the model's attention_dropout to 0")
+        decode = getattr(module, "_attnzoo_decode", None)
+        if decode is not None:  # inside SwappedAttention: q/k/v are the new tokens; the state holds the past
+            state, kpm = decode
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = mech.step(query, key, value, state, scale=scale, key_padding_mask=kpm,
+                            **mech.resolve_options(options))
+            return out.transpose(1, 2).contiguous(), None
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))  # the model's own window
         if attention_mask is None:
@@ -210,3 +218,152 @@ def register(mechanism: str, **options: Any) -> str:
 def register_all() -> list[str]:
     """Register every functional mechanism with its default options; returns their names."""
     return [register(m.name) for m in registry.mechanisms() if m.functional]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Module swapping: attnzoo decode states inside generate(), and mechanisms with their own parameters
+# ----------------------------------------------------------------------------------------------------------
+@functools.cache
+def _cache_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class AttnzooCacheLayer(DynamicLayer):
+        """A transformers cache layer that holds an attnzoo decode state instead of the full keys/values.
+
+        ``update`` returns only the new keys/values (the mechanism's ``step`` appends them to its state);
+        lengths, mask sizes, beam reorders, batch selection and crops are answered by / applied to the
+        state, so ``generate`` (greedy, sampling, beam search) works unchanged."""
+
+        is_sliding = False
+
+        def __init__(self, state) -> None:
+            super().__init__()
+            self.state = state
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states, value_states) -> None:  # nothing to allocate
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return key_states, value_states
+
+        def get_seq_length(self) -> int:
+            return self.state.seq_len
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.state.seq_len + query_length, 0
+
+        def reorder_cache(self, beam_idx) -> None:
+            self.state.reorder(beam_idx)
+
+        def batch_select_indices(self, indices) -> None:
+            self.state.reorder(indices)
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self.state.reorder(torch.arange(_batch_of(self.state)).repeat_interleave(repeats))
+
+        def crop(self, tokens_to_remove: int) -> None:
+            # transformers passes a negative count of tokens to drop (positive = legacy absolute length)
+            length = self.state.seq_len + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
+            self.state.crop(length)
+
+        def reset(self) -> None:
+            raise HFIntegrationError("this cache holds attnzoo decode states; start a new cache instead of reset()")
+
+    return AttnzooCacheLayer
+
+
+def _batch_of(state) -> int:
+    return int(state.batch) if hasattr(state, "batch") else int(state.tensors()[0].shape[0])
+
+
+def _new_token_padding(mask, t: int) -> torch.Tensor | None:
+    if not isinstance(mask, HFMask) or mask.padding is None:
+        return None
+    end = mask.kv_offset + mask.kv_length
+    kpm = mask.padding[:, end - t : end].to(torch.bool)  # (B, T)
+    return None if bool(kpm.all()) else kpm
+
+
+class SwappedAttention(torch.nn.Module):
+    """Wraps a model's attention module so that decoding runs the attnzoo mechanism's own decode state
+    (bounded or recurrent) instead of the model's full key/value cache. Training and prefill-free calls
+    go through the model's projections, positional encoding and the attnzoo attention function."""
+
+    def __init__(self, original: torch.nn.Module, mechanism: str, options: dict[str, Any]) -> None:
+        super().__init__()
+        self.original = original
+        self.mech = registry.get(mechanism)
+        self.options = self.mech.resolve_options(options)
+        self.layer_idx = getattr(original, "layer_idx", None)
+        cfg = original.config
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(original, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def forward(self, hidden_states, *args, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is None:
+            return self.original(hidden_states, *args, attention_mask=attention_mask, **kwargs)
+        layer_cls = _cache_layer_class()
+        layers = past_key_values.layers
+        while len(layers) <= self.layer_idx:
+            layers.append(layer_cls.__base__())
+        layer = layers[self.layer_idx]
+        if not isinstance(layer, layer_cls):
+            if layer.get_seq_length() > 0:
+                raise HFIntegrationError(
+                    f"past_key_values: layer {self.layer_idx} already holds keys from another attention implementation")
+            p = next(self.original.parameters())
+            state = self.mech.init_state(batch=hidden_states.shape[0], kv_heads=self.kv_heads, head_dim=self.head_dim,
+                                         value_dim=self.head_dim, dtype=hidden_states.dtype, device=p.device,
+                                         **self.options)
+            layer = layers[self.layer_idx] = layer_cls(state)
+        self.original._attnzoo_decode = (layer.state, _new_token_padding(attention_mask, hidden_states.shape[1]))
+        try:
+            return self.original(hidden_states, *args, attention_mask=attention_mask,
+                                 past_key_values=past_key_values, **kwargs)
+        finally:
+            self.original._attnzoo_decode = None
+
+
+def _attention_modules(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute, module) of every self-attention module of a decoder (has ``layer_idx`` and
+    ``q_proj``)."""
+    found = []
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if hasattr(child, "layer_idx") and hasattr(child, "q_proj") and not isinstance(child, SwappedAttention):
+                found.append((parent, attr, child))
+    return found
+
+
+def swap_attention(model, mechanism: str, **options: Any):
+    """Run ``mechanism`` in every self-attention layer of a transformers decoder, with its own decode state.
+
+    Functional mechanisms with a decode step (``sliding_window``, ``sink_window``, linear attention, ...)
+    keep the model's pretrained projections and positional encoding; during ``generate`` their state (a
+    bounded window cache, a recurrent state) replaces the model's full KV cache: each layer of the model's
+    cache object becomes an ``AttnzooCacheLayer`` holding the state, which answers lengths and mask sizes
+    and takes beam reorders and crops. Mechanisms without a causal decode form raise.
+    Returns the implementation name set on the model.
+    """
+    _require_transformers()
+    mech = registry.get(mechanism)
+    if not getattr(model.config, "is_decoder", True) and not getattr(model.config, "is_causal", True):
+        raise HFIntegrationError("model: swap_attention targets causal decoders")
+    if "causal_self" not in mech.patterns:
+        raise HFIntegrationError(
+            f"mechanism {mech.name!r} has no causal form (patterns {list(mech.patterns)}); a decoder needs causal_self")
+    if not mech.functional or mech.step is None:
+        raise HFIntegrationError(
+            f"mechanism {mech.name!r} cannot be swapped into a pretrained decoder: "
+            + ("it has its own parameters (train it with attnzoo.build instead)" if not mech.functional
+               else "it has no decode step"))
+    layers = _attention_modules(model)
+    if not layers:
+        raise HFIntegrationError(
+            f"model: found no attention modules with q_proj and layer_idx in {type(model).__name__}")
+    name = register(mech.name, **options)
+    for parent, attr, module in layers:
+        setattr(parent, attr, SwappedAttention(module, mech.name, options))
+    model.set_attn_implementation(name)
+    return name

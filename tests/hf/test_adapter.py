@@ -144,3 +144,44 @@ def test_window_mechanism_matches_model_with_own_window():
     assert (got - ref).abs().max().item() < 1e-10
     ref_model.set_attn_implementation(azhf.register("softmax"))
     assert (ref_model(x).logits - ref).abs().max().item() < 1e-10  # exact: applies the model's dense mask
+
+
+def _decodable():
+    return [m for m in attnzoo.list_mechanisms() if m.functional and m.step is not None and "causal_self" in m.patterns]
+
+
+@pytest.mark.parametrize("mech", _decodable(), ids=lambda m: m.name)
+def test_swap_attention_generate_matches_full_recompute(mech):
+    """generate() with the mechanism's own decode state == greedy decoding by full causal forwards."""
+    model = llama("sdpa")
+    azhf.swap_attention(model, mech.name, **_options(mech))
+    x = ids(2, 9)
+    out = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    seq = x
+    for _ in range(6):  # no cache: every step a full causal forward through the same attention function
+        nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_swap_attention_state_is_bounded_and_beam_search_works():
+    model = llama("sdpa")
+    azhf.swap_attention(model, "sink_window", window=4, sinks=1)
+    x = ids(1, 30)
+    cache = transformers.DynamicCache()
+    model(x, past_key_values=cache, use_cache=True)
+    states = [layer.state for layer in cache.layers]
+    assert len(states) == 2 and all(s.length <= 1 + 3 for s in states)  # sinks + window - 1, not 30
+    assert cache.get_seq_length() == 30
+    out = model.generate(ids(1, 5), max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9)
+
+
+def test_swap_attention_errors():
+    model = llama("sdpa")
+    noncausal = [m for m in attnzoo.list_mechanisms() if m.functional and "causal_self" not in m.patterns]
+    if noncausal:
+        with pytest.raises(azhf.HFIntegrationError, match="no causal form"):
+            azhf.swap_attention(model, noncausal[0].name)
+    with pytest.raises(azhf.HFIntegrationError, match="no attention modules"):
+        azhf.swap_attention(bert("sdpa"), "softmax")
