@@ -6,6 +6,7 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 """
 
 from .base import DecodeState
+from .dense import PositionState, TokenHistoryCache  # noqa: F401 (re-exported)
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 
 __all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache"]
