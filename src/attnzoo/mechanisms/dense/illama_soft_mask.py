@@ -123,8 +123,8 @@ def _official_fast(q, k, v, *, key_padding_mask, scale, rate):
     vp = F.pad(v, (0, S - Dv)).contiguous()  # column Dv stays zero
     full_mask = tri_mask = vis_tri = None
     if key_padding_mask is not None:
-        neg = torch.zeros((), dtype=q.dtype).masked_fill(torch.tensor(True), float("-inf"))
-        zero = torch.zeros((), dtype=q.dtype)
+        neg = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
         full_mask = torch.where(key_padding_mask.view(B, 1, 1, N), zero, neg).expand(B, 1, N, N).contiguous()
         tri = dense_mask(B, 1, N, N, causal=True, key_padding_mask=key_padding_mask, device=q.device)
         tri_mask = torch.where(tri, zero, neg).contiguous()  # (B, 1, N, N)
@@ -219,7 +219,8 @@ ILLAMA_SOFT_MASK = register(Mechanism(
     patterns=("noncausal_self", "causal_self", "causal_cross"),
     exact=False,
     state="kv",
-    complexity="time O(N^2 d), memory O(N) fused (two passes); decode state O(N)",
+    complexity="time O(N^2 d), memory O(N) fused (two passes; O(N^2) additive mask with key padding); "
+               "decode state O(N)",
     reference=illama_soft_mask_reference,
     fast=illama_soft_mask_fast,
     fast_supports=illama_fast_supports,
