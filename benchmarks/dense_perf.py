@@ -7,8 +7,9 @@ Every module mechanism is compared with attnzoo's ``softmax`` layer (same dim/he
 PyTorch's fused SDPA); the functional ``illama_soft_mask`` with ``attnzoo.attention(mechanism="softmax")``
 on the same q/k/v; SpectFormer's grid mixer on a sqrt(n) x sqrt(n) grid with the softmax layer over the
 same n tokens. Numbers are medians (attnzoo.bench.measure.median_time) and only meaningful as ratios to
-the baseline of the same run. Reference forms that build an (N, N, d) tensor (complexformer, rcmha) are
-skipped at large n unless --reference-all.
+the baseline, which is measured alternately with each case (--rounds times; the median ratio is kept)
+because the machine may be shared. Reference forms that build an (N, N, d) tensor (complexformer, rcmha)
+or sum every grid shift (spectformer) are skipped unless --reference-all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -74,33 +76,34 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--min-run-time", type=float, default=0.5)
-    ap.add_argument("--reference-all", action="store_true", help="also time the O(N^2 d)-memory references")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="baseline/case alternations; the median ratio is kept")
+    ap.add_argument("--min-run-time", type=float, default=0.3)
+    ap.add_argument("--reference-all", action="store_true",
+                    help="also time the references that build (N, N, d) tensors or loop over every grid shift")
     ap.add_argument("--no-backward", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     n, dim, heads = args.n, args.dim, args.heads
     side = int(math.isqrt(n))
     modes = [("fwd", False)] + ([] if args.no_backward else [("fwd+bwd", True)])
-    rows = []
+    results = []
 
-    def measure(label, make):
-        times = {}
+    def paired(label, make_case, make_base):
+        """Alternate baseline and case ``rounds`` times (a shared machine drifts); median ratio."""
         for mode, train in modes:
-            t = median_time(make(train), min_run_time=args.min_run_time)
-            rows.append((label, mode, t))
-            times[mode] = t
-            print(f"{label:58s} {mode:8s} {t * 1e3:9.2f} ms", flush=True)
-        return times
+            case, base = make_case(train), make_base(train)
+            tc, tb = [], []
+            for _ in range(args.rounds):
+                tb.append(median_time(base, min_run_time=args.min_run_time))
+                tc.append(median_time(case, min_run_time=args.min_run_time))
+            ratio = statistics.median(c / b for c, b in zip(tc, tb))
+            results.append((label, mode, statistics.median(tc), statistics.median(tb), ratio))
+            print(f"{label:58s} {mode:8s} {statistics.median(tc) * 1e3:9.2f} ms  "
+                  f"(SDPA {statistics.median(tb) * 1e3:8.2f} ms)  x{ratio:6.2f}", flush=True)
 
-    base = {}
-    for causal in (False, True):
-        label = f"BASELINE softmax layer (SDPA) {'causal' if causal else 'noncausal'}"
-        times = measure(label, lambda tr, c=causal: module_case("softmax", dim, heads, n, c, None, {}, tr))
-        base.update({(causal, mode): t for mode, t in times.items()})
-    fbase = measure("BASELINE softmax functional noncausal",
-                    lambda tr: functional_case("softmax", n, heads, dim // heads, False, "auto", {}, tr))
-
-    ratios = []
+    layer_base = {c: (lambda tr, c=c: module_case("softmax", dim, heads, n, c, None, {}, tr)) for c in (False, True)}
+    func_base = lambda tr: functional_case("softmax", n, heads, dim // heads, False, "auto", {}, tr)
     modules = [
         ("selective_attention", True, {"token_temperature": True, "value_temperature": True}),
         ("complexformer", True, {}),
@@ -115,26 +118,26 @@ def main() -> None:
         backends = ["fast"] + (["reference"] if args.reference_all or name not in HEAVY_REFERENCE else [])
         for backend in backends:
             label = f"{name} {' '.join(f'{k}={v}' for k, v in opts.items())} [{backend}]"
-            times = measure(label, lambda tr, nm=name, c=causal, o=opts, b=backend:
-                            module_case(nm, dim, heads, n, c, b, o, tr))
-            ratios += [(label, mode, t / base[(causal, mode)]) for mode, t in times.items()]
+            paired(label, lambda tr, nm=name, c=causal, o=opts, b=backend: module_case(nm, dim, heads, n, c, b, o, tr),
+                   layer_base[causal])
         if name in HEAVY_REFERENCE and not args.reference_all:
             print(f"{name} [reference] skipped: builds an (N, N, d)-sized tensor (use --reference-all)")
     for form in ("official", "mixture"):
         for backend in ("fast", "reference"):
-            label = f"illama_soft_mask rate=0.5 form={form} [{backend}]"
-            times = measure(label, lambda tr, f=form, b=backend: functional_case(
-                "illama_soft_mask", n, heads, dim // heads, False, b, {"rate": 0.5, "form": f}, tr))
-            ratios += [(label, mode, t / fbase[mode]) for mode, t in times.items()]
-    for backend in ("fast", "reference"):
-        label = f"spectformer grid {side}x{side} [{backend}]"
-        times = measure(label, lambda tr, b=backend: grid_case(dim, side, b, tr))
-        ratios += [(label, mode, t / base[(False, mode)]) for mode, t in times.items()]
+            paired(f"illama_soft_mask rate=0.5 form={form} [{backend}]",
+                   lambda tr, f=form, b=backend: functional_case("illama_soft_mask", n, heads, dim // heads, False,
+                                                                 b, {"rate": 0.5, "form": f}, tr), func_base)
+    for backend in ["fast"] + (["reference"] if args.reference_all else []):
+        paired(f"spectformer grid {side}x{side} [{backend}]", lambda tr, b=backend: grid_case(dim, side, b, tr),
+               layer_base[False])
+    if not args.reference_all:
+        print("spectformer [reference] skipped: sums H*W shifted copies, O((HW)^2 C) (use --reference-all)")
 
-    print(f"\nRatios to dense SDPA of the same run (n={n}, dim={dim}, heads={heads}, float32, "
-          f"{torch.get_num_threads()} threads); > 1 = slower than SDPA:")
-    for lab, mode, r in ratios:
-        print(f"  {lab:58s} {mode:8s} x{r:7.2f}")
+    print(f"\nMedian ratio to dense SDPA measured alternately in the same run (n={n}, dim={dim}, heads={heads}, "
+          f"float32, {args.threads} thread(s)); > 1 = slower than SDPA. Baselines: the softmax layer for modules "
+          f"and the grid mixer, attnzoo.attention(mechanism='softmax') for illama_soft_mask.")
+    for label, mode, _, _, r in results:
+        print(f"  {label:58s} {mode:8s} x{r:6.2f}")
 
 
 if __name__ == "__main__":
