@@ -115,6 +115,8 @@ class _PostSoftmaxSoftMask(torch.autograd.Function):
 
 def _official_fast(q, k, v, *, key_padding_mask, scale, rate):
     B, Hq, N, D = q.shape
+    if k.shape[2] != N:
+        raise ValueError(f"k: the official soft mask is self attention (Nk == Nq = {N}), got Nk = {k.shape[2]}")
     Dv = v.shape[-1]
     k, v = repeat_kv(k, Hq // k.shape[1]), repeat_kv(v, Hq // v.shape[1])  # (B, Hq, N, .)
     S = max(D, Dv + 1)
