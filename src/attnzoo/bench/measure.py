@@ -384,3 +384,12 @@ def _meminfo_total() -> int | None:
     except OSError:
         return None
     return None
+
+
+def _demo_case(numel: int) -> Callable[[], Any]:
+    """A case for checking :func:`peak_memory`: one call allocates ``numel`` float32 and frees them."""
+
+    def run():
+        return float(torch.ones(numel).sum())
+
+    return run

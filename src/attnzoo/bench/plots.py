@@ -83,9 +83,14 @@ def curves(results: dict[str, Any], out_dir: str, metric: str) -> list[dict[str,
             fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes) + 2.6, 4.4), squeeze=False)
             handles: dict[str, Any] = {}
             used_bases = {r["baseline_id"] for r in prs if r["series"] in chunk}
+            n_cont = sum(1 for r in prs if r["series"] in chunk and r["contaminated"])
+            n_all = sum(1 for r in prs if r["series"] in chunk)
+            mark_bad = 0 < n_cont <= n_all / 2  # circling most points says nothing: say it in the title instead
+            scale = 1e3 if metric == "time" else 1.0
+            lengths = sorted({r["n"] for r in prs})
             for ax, mode in zip(axes[0], modes):
                 for base, style in BASELINE_STYLE.items():
-                    pts = sorted((r["n"], r[key]) for r in prs if r["impl"] == base and r["mode"] == mode
+                    pts = sorted((r["n"], r[key] * scale) for r in prs if r["impl"] == base and r["mode"] == mode
                                  and r["id"] in used_bases)
                     if pts:
                         (h,) = ax.plot(*zip(*pts), **{**style, "marker": "s", "markersize": 4})
@@ -95,23 +100,25 @@ def curves(results: dict[str, Any], out_dir: str, metric: str) -> list[dict[str,
                     if not rs:
                         continue
                     st = styles[name]
-                    (h,) = ax.plot([r["n"] for r in rs], [max(r[key], 1e-12) for r in rs], **st)
+                    (h,) = ax.plot([r["n"] for r in rs], [max(r[key], 1e-12) * scale for r in rs], **st)
                     handles[name] = h
                     bad = [r for r in rs if r["contaminated"]]
-                    if bad:
-                        ax.scatter([r["n"] for r in bad], [r[key] for r in bad], s=70, facecolors="none",
-                                   edgecolors="red", linewidths=1.2, zorder=6)
+                    if bad and mark_bad:
+                        ax.scatter([r["n"] for r in bad], [r[key] * scale for r in bad], s=55, facecolors="none",
+                                   edgecolors="red", linewidths=0.9, zorder=6)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
+                ax.set_xticks(lengths, [str(n) for n in lengths])
+                ax.minorticks_off() if len(lengths) > 1 else None
                 ax.set_xlabel("sequence length N (tokens)")
                 if metric == "time":
-                    ax.set_ylabel("time per token (s)" if mode == "decode" else "time per call (s)")
+                    ax.set_ylabel("time per token (ms)" if mode == "decode" else "time per call (ms)")
                 else:
                     ax.set_ylabel("peak memory added by one call")
                     _fmt_bytes_axis(ax)
                 ax.set_title(f"{pattern} · {MODE_LABEL[mode]}")
                 ax.grid(True, which="both", alpha=0.3)
-            if any(r["contaminated"] for r in prs if r["series"] in chunk):
+            if mark_bad:
                 from matplotlib.lines import Line2D
 
                 handles["contaminated (other processes busy)"] = Line2D(
@@ -119,8 +126,9 @@ def curves(results: dict[str, Any], out_dir: str, metric: str) -> list[dict[str,
             fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=True)
             what = "Time" if metric == "time" else "Peak memory"
             env = results["environment"]
+            busy = f"; {n_cont} of {n_all} points measured while other processes used the CPU" if n_cont else ""
             fig.suptitle(f"{what} vs sequence length, {pattern} (B={prs[0]['batch']}, H={prs[0]['heads']}, "
-                         f"d={prs[0]['head_dim']}, {prs[0]['dtype']}, {env['threads']} thread(s))", fontsize=11)
+                         f"d={prs[0]['head_dim']}, {prs[0]['dtype']}, {env['threads']} thread(s){busy})", fontsize=11)
             fig.tight_layout(rect=(0, 0, 1 - 2.4 / (5.2 * len(modes) + 2.6), 0.95))
             suffix = f"_{k + 1}" if len(series) > MAX_SERIES_PER_FIGURE else ""
             name = f"{metric}_vs_length_{pattern}{suffix}.png"
@@ -157,9 +165,8 @@ def speedup_heatmaps(results: dict[str, Any], out_dir: str) -> list[dict[str, st
             elif not text[i][j]:
                 text[i][j] = {"gate_failed": "FAIL", "error": "err", "skipped": "skip"}.get(r["status"], "")
         lim = max(1.0, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0)
-        fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 5.5, 0.36 * len(rows) + 2.0))
-        cmap = plt.get_cmap("RdBu").copy()
-        cmap.set_bad("0.88")
+        fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 7.0, 0.38 * len(rows) + 2.2))
+        cmap = plt.get_cmap("RdBu").with_extremes(bad="0.88")
         im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=TwoSlopeNorm(0.0, -lim, lim), aspect="auto")
         for i in range(len(rows)):
             for j in range(len(cols)):
@@ -170,10 +177,12 @@ def speedup_heatmaps(results: dict[str, Any], out_dir: str) -> list[dict[str, st
         ax.set_xlabel("sequence length N (tokens)")
         ax.set_ylabel("mechanism · pattern")
         cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-        ticks = [t for t in range(-int(lim), int(lim) + 1)]
-        cb.set_ticks(ticks, labels=[f"{2 ** t:g}×" for t in ticks])
-        cb.set_label("speedup over the dense baseline (log scale)")
-        ax.set_title(f"Speedup over dense attention, {MODE_LABEL[mode]} (blue = faster; * = contaminated)")
+        step = max(1, math.ceil(2 * lim / 8))
+        ticks = [t for t in range(-int(lim), int(lim) + 1) if t % step == 0]
+        cb.set_ticks(ticks, labels=[f"{2 ** t:g}×" if t >= 0 else f"1/{2 ** -t:g}×" for t in ticks])
+        cb.set_label("speedup (log scale)")
+        ax.set_title(f"Speedup over dense attention, {MODE_LABEL[mode]}\n(blue = faster than the baseline; "
+                     "* = measured while other processes used the CPU)", fontsize=10)
         fig.tight_layout()
         name = f"speedup_heatmap_{mode}.png"
         fig.savefig(os.path.join(out_dir, name), dpi=110)
