@@ -47,7 +47,8 @@ class BenchConfig:
     peers: tuple[str, ...] = ("sdpa_masked",)
     peer_modes: tuple[str, ...] = ("forward",)
     mechanism_budget: float = 6.0  # seconds of efficiency measurement per mechanism (upper bound)
-    deadline: float | None = 270.0  # seconds for the whole run; budgets shrink to fit (None = no limit)
+    deadline: float | None = 190.0  # seconds of measuring; budgets shrink to fit (None = no limit). The quick
+    # profile leaves ~1.5 minutes of the 5 for start-up and rendering plots of a ~70-mechanism registry.
     efficiency_share: float = 0.55  # share of the deadline for the efficiency stage
     efficiency: bool = True
     quality: bool = True

@@ -111,11 +111,11 @@ def serve() -> None:  # pragma: no cover - runs in the server process
         import torch
 
         torch.set_num_threads(1)  # never start an OpenMP pool before forking
-        import attnzoo
+        from attnzoo import registry
 
         for name in first.get("imports", []):
             _import_extra(name)
-        attnzoo.mechanisms()
+        registry.mechanisms()  # not attnzoo.mechanisms: loading the registry rebinds that name to the subpackage
         # What every child needs, imported once here (importing in each child costs seconds per case).
         import torch._dynamo  # noqa: F401  (torch.optim imports it lazily: seconds per child)
         import torch.fx.experimental.symbolic_shapes  # noqa: F401  (backward(grad) imports it, with sympy)

@@ -17,7 +17,7 @@ BASELINE_STYLE = {
     "softmax_module": {"color": "0.35", "linestyle": "-.", "linewidth": 2.2,
                        "label": "softmax Attention module (dense baseline)", "zorder": 5},
 }
-MAX_SERIES_PER_FIGURE = 12
+MAX_SERIES_PER_FIGURE = 16
 
 
 def _plt():
@@ -56,12 +56,12 @@ def _fmt_bytes_axis(ax) -> None:
 
 def _series_styles(names: list[str]) -> dict[str, dict[str, Any]]:
     plt = _plt()
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     markers = "osD^v<>phX*"
     out = {}
     for i, name in enumerate(names):
         peer = "[" in name
-        out[name] = {"color": cmap(i % 10), "marker": markers[i % len(markers)], "linewidth": 1.6,
+        out[name] = {"color": cmap(i % cmap.N), "marker": markers[i % len(markers)], "linewidth": 1.6,
                      "linestyle": ":" if peer else "-", "markersize": 5, "label": name}
     return out
 
