@@ -226,8 +226,15 @@ def _hygiene(results: dict[str, Any]) -> str:
             f"{len(cont)} of {len(eff)} measured cases stayed contaminated and are marked * "
             f"(other processes used {avg:.2f} cores on average during measurements)." if avg is not None else
             f"{len(cont)} of {len(eff)} measured cases stayed contaminated.")
+    noise = [r["speedup"] for r in eff if r["series"] == "softmax" and r.get("speedup")]
+    if noise:
+        lo, hi = min(noise), max(noise)
+        text += (f" Noise floor: the registered `softmax` mechanism runs the same SDPA kernel as the baseline, so its "
+                 f"ratio should be 1; this run measured {lo:.2g}× to {hi:.2g}× across {len(noise)} cases — ratios "
+                 "inside that band are indistinguishable from 1.")
     text += (" Peak memory: one call in a fresh process forked from a clean server (VmHWM after a warm-up call, "
-             "glibc mmap threshold pinned so freed tensors return to the OS).")
+             "glibc mmap threshold pinned so freed tensors return to the OS); deltas below ~0.5 MiB are within "
+             "the kernel's RSS accounting granularity.")
     if comp:
         text += f" {len(comp)} case(s) compiled with torch.compile; compile time is reported separately " \
                 "(first call minus median)."
