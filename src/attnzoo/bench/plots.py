@@ -48,8 +48,8 @@ def _fmt_bytes_axis(ax) -> None:
             return "0"
         for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
             if v >= div:
-                return f"{v / div:g} {unit}"
-        return f"{v:g} B"
+                return f"{v / div:.3g} {unit}"
+        return f"{v:.3g} B"
 
     ax.yaxis.set_major_formatter(FuncFormatter(fmt))
 
@@ -279,8 +279,8 @@ def _fmt_x_bytes(ax) -> None:
     def fmt(v, _):
         for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
             if v >= div:
-                return f"{v / div:g} {unit}"
-        return f"{v:g} B"
+                return f"{v / div:.3g} {unit}"
+        return f"{v:.3g} B"
 
     ax.xaxis.set_major_formatter(FuncFormatter(fmt))
 
