@@ -114,6 +114,11 @@ class Mechanism:
     module a ``backend`` attribute ("auto", "reference" or "fast") read at forward time, so the
     conformance suite can compare the two forms.
 
+    ``mask(nq, nk, *, causal, **options) -> predicate``, for mechanisms whose attention pattern is a static
+    mask (independent of the content): the ``(b, h, q_idx, kv_idx) -> bool`` predicate of ``attnzoo.masks``
+    (True = attend, bottom-right aligned) such that the reference equals softmax attention under it.
+    ``attnzoo bench`` uses it to run FlexAttention and masked dense SDPA beside the mechanism.
+
     Mechanisms with their own parameters give ``module``: a class or factory
     ``module(dim, heads, *, kv_heads=None, causal=False, **options) -> nn.Module`` whose forward is
     ``forward(x, context=None, *, key_padding_mask=None, state=None)`` (sequence kind) or
@@ -139,6 +144,7 @@ class Mechanism:
     step: Callable[..., Any] | None = None
     init_state: Callable[..., Any] | None = None
     module: Callable[..., Any] | None = None
+    mask: Callable[..., Any] | None = None
     options: tuple[Option, ...] = ()
     permutation_equivariant: bool = False
     supports_key_padding: bool = True

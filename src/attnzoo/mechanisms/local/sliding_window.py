@@ -17,9 +17,14 @@ from ...registry import Mechanism, Option, register
 from ...state import SlidingWindowCache
 
 
+def sliding_window_predicate(nq: int, nk: int, *, causal: bool, window: int):
+    """The window as a mask predicate (b, h, q_idx, kv_idx) -> bool, bottom-right aligned."""
+    return sliding_window(window, causal=causal, offset=nk - nq)
+
+
 def sliding_window_mask(nq: int, nk: int, window: int, causal: bool, device=None):
     """Dense (1, 1, Nq, Nk) bool mask of the window, bottom-right aligned (query i at i + Nk - Nq)."""
-    return materialize(sliding_window(window, causal=causal, offset=nk - nq), 1, 1, nq, nk, device=device)
+    return materialize(sliding_window_predicate(nq, nk, causal=causal, window=window), 1, 1, nq, nk, device=device)
 
 
 def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, window):
@@ -66,6 +71,7 @@ SLIDING_WINDOW = register(Mechanism(
     fast=sliding_window_fast,
     step=sliding_window_step,
     init_state=init_window_cache,
+    mask=sliding_window_predicate,
     options=(Option("window", 256, int, low=1, doc="keys per causal window (including the query's own)"),),
     permutation_equivariant=False,
     test_options={"window": 3},

@@ -19,13 +19,21 @@ from ...registry import Mechanism, Option, register
 from ...state import SinkWindowCache
 
 
-def sink_window_mask(nq: int, nk: int, window: int, sinks: int, causal: bool, device=None):
-    """(1, 1, Nq, Nk) bool: the window (bottom-right aligned) or one of the first ``sinks`` keys."""
+def sink_window_predicate(nq: int, nk: int, *, causal: bool, window: int, sinks: int):
+    """Mask predicate (b, h, q_idx, kv_idx) -> bool: the window (bottom-right aligned) or a sink key."""
     offset = nk - nq
-    sink = lambda b, h, q_idx, kv_idx: kv_idx < sinks
+
+    def sink(b, h, q_idx, kv_idx):
+        return kv_idx < sinks
+
     if causal:
         sink = and_masks(sink, causal_mask(offset))
-    pred = or_masks(sliding_window(window, causal=causal, offset=offset), sink)
+    return or_masks(sliding_window(window, causal=causal, offset=offset), sink)
+
+
+def sink_window_mask(nq: int, nk: int, window: int, sinks: int, causal: bool, device=None):
+    """(1, 1, Nq, Nk) bool: the window (bottom-right aligned) or one of the first ``sinks`` keys."""
+    pred = sink_window_predicate(nq, nk, causal=causal, window=window, sinks=sinks)
     return materialize(pred, 1, 1, nq, nk, device=device)
 
 
@@ -72,6 +80,7 @@ SINK_WINDOW = register(Mechanism(
     fast=sink_window_fast,
     step=sink_window_step,
     init_state=init_sink_cache,
+    mask=sink_window_predicate,
     options=(
         Option("window", 2000, int, low=1, doc="recent keys per causal window (including the query's own)"),
         Option("sinks", 4, int, low=0, doc="leading tokens every query attends to"),
