@@ -71,7 +71,7 @@ def test_unknown_name_errors_with_a_suggestion(capsys):
     assert code == 1 and out == ""
     assert "unknown name 'sliding_windw'" in err and "Did you mean 'sliding_window'" in err
     code, _, err = run(capsys, "bench", "-m", "softmaks", "--no-progress", "--out", "/nonexistent/never")
-    assert code == 1 and "Did you mean 'softmax'" in err
+    assert code == 1 and "Did you mean" in err and "'softmax'" in err
 
 
 def test_bad_bench_option_is_named(capsys):

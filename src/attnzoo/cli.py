@@ -101,7 +101,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"    {o['name']} = {o['default']!r}  ({o['valid']}){'  ' + o['doc'] if o['doc'] else ''}")
     if m.notes:
         print(f"  notes: {m.notes}")
+    doc = mechanism_docstring(m)
+    if doc:
+        print("\n" + doc)
     return 0
+
+
+def mechanism_docstring(m: registry.Mechanism) -> str:
+    """The docstring of the file that defines ``m`` (paper, what it computes, choices made)."""
+    import importlib
+    import inspect
+
+    fn = m.reference or m.module
+    mod = importlib.import_module(fn.__module__) if fn is not None else None
+    return inspect.cleandoc(mod.__doc__) if mod is not None and mod.__doc__ else ""
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -230,6 +230,7 @@ def local_attention(
     ``|p - j| < window``, plus the first ``sinks`` keys (causally: those with j <= p). Inputs are validated
     by the caller (``attnzoo.attention``).
     """
-    block = _pick_block(window, causal) if block is None else block
     offset = k.shape[2] - q.shape[2]
+    window = min(window, q.shape[2] + k.shape[2])  # a wider window sees nothing more; keep the tiles small
+    block = _pick_block(window, causal) if block is None else block
     return _LocalAttention.apply(q, k, v, window, causal, offset, scale, key_padding_mask, block, sinks)

@@ -22,6 +22,11 @@ def sliding_window_predicate(nq: int, nk: int, *, causal: bool, window: int):
     return sliding_window(window, causal=causal, offset=nk - nq)
 
 
+# Below this many (query x key) pairs the fast form is a masked fused SDPA call: the dense mask is small
+# and one call beats the blocked kernel's bookkeeping (e.g. one decoding step against a window cache).
+_SMALL = 1 << 16
+
+
 def sliding_window_mask(nq: int, nk: int, window: int, causal: bool, device=None):
     """Dense (1, 1, Nq, Nk) bool mask of the window, bottom-right aligned (query i at i + Nk - Nq)."""
     return materialize(sliding_window_predicate(nq, nk, causal=causal, window=window), 1, 1, nq, nk, device=device)
@@ -38,8 +43,11 @@ def sliding_window_fast(q, k, v, *, causal, key_padding_mask, scale, window):
     """Blocked local attention (current + neighbouring key blocks), hand-written backward; a window that
     covers every key is plain (fused) softmax attention."""
     nq, nk = q.shape[2], k.shape[2]
-    if window >= nq + nk:
+    if window >= nq + nk:  # the window covers every key
         return sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if nq * nk <= _SMALL:  # decoding steps and short sequences: one fused call beats the blocked kernel
+        mask = sliding_window_mask(nq, nk, window, causal, device=q.device)  # (1, 1, Nq, Nk)
+        return sdpa(q, k, v, key_padding_mask=key_padding_mask, attn_mask=mask, scale=scale)
     return local_attention(q, k, v, window=window, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
 
 
