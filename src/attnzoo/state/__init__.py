@@ -6,6 +6,8 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 """
 
 from .base import DecodeState
+from .heads import DiffKVCache, EchoAttentionCache, RoutedKVCache, TokenBuffers
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 
-__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache"]
+__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache", "DiffKVCache", "EchoAttentionCache",
+           "RoutedKVCache", "TokenBuffers"]
