@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.mechanisms.heads._routing import gathered_attention, load_balancing_loss
+from attnzoo.mechanisms.heads._routing import gather_positions, load_balancing_loss, routed_attention
 from attnzoo.mechanisms.heads.moh import MixtureOfHeadsAttention, moh_reference
 from attnzoo.reference import softmax_attention
 from attnzoo.testing import assert_close
@@ -118,20 +118,27 @@ def test_fast_equals_reference_with_gradients_causal_cross_and_padding():
         assert_close(a, b, torch.float64, "fast vs reference parameter gradient")
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gathered_attention_equals_dense_rows(causal):
+def test_routed_attention_equals_dense_rows(causal, padded):
     g = torch.Generator().manual_seed(4)
-    N, M, D = 65, 23, 8
-    q_all = torch.randn(N, D, generator=g, dtype=torch.float64)
-    k = torch.randn(N + 3, D, generator=g, dtype=torch.float64)
-    v = torch.randn(N + 3, 5, generator=g, dtype=torch.float64)
-    kpm = torch.rand(N + 3, generator=g) > 0.2
-    pos = torch.randperm(N, generator=g)[:M].sort().values
-    dense = softmax_attention(q_all.view(1, 1, N, D), k.view(1, 1, N + 3, D), v.view(1, 1, N + 3, 5), causal=causal,
-                              key_padding_mask=kpm.view(1, -1), scale=0.3).view(N, 5)
-    got = gathered_attention(q_all[pos], k, v, pos, causal=causal, offset=3, key_padding_mask=kpm, scale=0.3,
-                             block=4)  # several causal row blocks
-    assert_close(got, dense[pos], torch.float64, "gathered rows vs dense rows")
+    B, H, Hk, N, D = 2, 4, 2, 65, 8
+    q_all = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hk, N + 3, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hk, N + 3, 5, generator=g, dtype=torch.float64)
+    kpm = torch.rand(B, N + 3, generator=g) > 0.2
+    kpm[:, 0] = True
+    kpm = kpm if padded else None
+    active = torch.rand(B, N, H, generator=g) > 0.6
+    pos, valid = gather_positions(active)
+    assert torch.equal(valid.sum(-1), active.sum(1).T.reshape(H, B).T)
+    dense = softmax_attention(q_all, k, v, causal=causal, key_padding_mask=kpm, scale=0.3)  # (B, H, N, 5)
+    q_rows = q_all.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, D))
+    got = routed_attention(q_rows, k, v, pos, valid, causal=causal, offset=3, key_padding_mask=kpm, scale=0.3,
+                           block=4)  # several causal row blocks
+    want = dense.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, 5))
+    assert_close(got * valid.unsqueeze(-1), want * valid.unsqueeze(-1), torch.float64, "routed rows vs dense rows")
+    assert torch.isfinite(got).all()
 
 
 def test_load_balancing_loss_hand_computed():
