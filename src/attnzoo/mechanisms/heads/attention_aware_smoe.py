@@ -257,7 +257,8 @@ SMOE = register(Mechanism(
         Option("pre_norm", True, bool, doc="LayerNorm before the attention and before the MoE"),
         Option("aux_loss_weight", 0.01, float, low=0.0, doc="weight of the load-balancing loss"),
     ),
-    test_options={"experts": 4, "top_k": 2},
+    test_options={"experts": 4, "top_k": 2, "expert_hidden": 8},
+    test_sizes={"n": 6},
     notes="router='standard' is a plain top-k SMoE block; an identity token graph gives standard routing; rows of "
           "the mixed gates sum to 1.",
 ))
