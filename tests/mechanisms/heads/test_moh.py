@@ -133,12 +133,22 @@ def test_routed_attention_equals_dense_rows(causal, padded):
     pos, valid = gather_positions(active)
     assert torch.equal(valid.sum(-1), active.sum(1).T.reshape(H, B).T)
     dense = softmax_attention(q_all, k, v, causal=causal, key_padding_mask=kpm, scale=0.3)  # (B, H, N, 5)
-    q_rows = q_all.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, D))
+    q_rows = q_all.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, D)).requires_grad_(True)
+    k.requires_grad_(True)
+    v.requires_grad_(True)
     got = routed_attention(q_rows, k, v, pos, valid, causal=causal, offset=3, key_padding_mask=kpm, scale=0.3,
                            block=4)  # several causal row blocks
-    want = dense.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, 5))
-    assert_close(got * valid.unsqueeze(-1), want * valid.unsqueeze(-1), torch.float64, "routed rows vs dense rows")
+    want = softmax_attention(q_rows, k, v, causal=False, key_padding_mask=kpm, scale=0.3, attn_mask=(
+        torch.arange(N + 3).view(1, 1, 1, -1) <= (pos + 3).unsqueeze(-1)) if causal else None)
+    keep = valid.unsqueeze(-1)
+    assert_close(got * keep, want * keep, torch.float64, "routed rows vs dense rows")
+    assert_close(got * keep, dense.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, 5)) * keep, torch.float64,
+                 "routed rows vs rows of the dense attention")
     assert torch.isfinite(got).all()
+    g = torch.randn_like(got) * keep
+    for a, b, name in zip(torch.autograd.grad(got, (q_rows, k, v), g), torch.autograd.grad(want, (q_rows, k, v), g),
+                          "qkv"):
+        assert_close(a, b, torch.float64, f"routed attention gradient of {name}")
 
 
 def test_load_balancing_loss_hand_computed():

@@ -78,18 +78,18 @@ _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 def _block_plan(pos: torch.Tensor, valid: torch.Tensor, offset: int, Nk: int, start: int, stop: int):
     """Key split of one block of routed causal rows: a prefix [0, P) every valid row of the block sees, and a
-    ragged tail [P, L) that needs a mask. Returns (P, L, last (B, H, c) last visible key, valid (B, H, c))."""
-    last = pos[..., start:stop] + offset  # (B, H, c)
+    ragged tail [P, L) that needs a mask. Returns (P, L, last (B, H, c)): the last key each row may see, with
+    padding rows set to see every key (never an empty row, whose backward would not be finite)."""
     ok = valid[..., start:stop]
+    last = pos[..., start:stop] + offset  # (B, H, c)
     P = int(torch.where(ok, last, torch.full_like(last, Nk)).min())  # every valid row sees keys 0..P
     L = min(Nk, int(torch.where(ok, last, torch.full_like(last, -1)).max()) + 1)
-    return min(P, L - 1), L, last, ok
+    return min(P, L - 1), L, torch.where(ok, last, torch.full_like(last, Nk))
 
 
-def _tail_mask(last: torch.Tensor, ok: torch.Tensor, P: int, L: int, like: torch.Tensor) -> torch.Tensor:
-    """(B, H, c, L - P) additive mask of the tail keys; padding rows see every key (never an empty row)."""
-    j = torch.arange(P, L, device=last.device)
-    allowed = (j <= last.unsqueeze(-1)) | ~ok.unsqueeze(-1)  # (B, H, c, L - P)
+def _tail_mask(last: torch.Tensor, P: int, L: int, like: torch.Tensor) -> torch.Tensor:
+    """(B, H, c, L - P) additive mask of the tail keys [P, L): 0 where key j <= last, -inf after."""
+    allowed = torch.arange(P, L, device=last.device) <= last.unsqueeze(-1)  # (B, H, c, L - P)
     return torch.where(allowed, like.new_zeros(()), like.new_full((), float("-inf")))
 
 
@@ -105,13 +105,14 @@ class _RoutedCausalAttention(torch.autograd.Function):
         B, H, A, D = q.shape
         Nk = k.shape[2]
         out = q.new_empty(B, H, A, v.shape[-1])
-        lses = []
+        lses, plans = [], []
         for start in range(0, A, block):
             stop = min(start + block, A)
-            P, L, last, ok = _block_plan(pos, valid, offset, Nk, start, stop)
+            P, L, last = _block_plan(pos, valid, offset, Nk, start, stop)
             qb = q[:, :, start:stop]
-            o2, l2 = _flash_fwd(qb, k[:, :, P:L], v[:, :, P:L], 0.0, False,
-                                attn_mask=_tail_mask(last, ok, P, L, q), scale=scale)
+            mask = _tail_mask(last, P, L, q)  # (B, H, c, L - P), kept for the backward
+            plans.append((start, stop, P, L, mask))
+            o2, l2 = _flash_fwd(qb, k[:, :, P:L], v[:, :, P:L], 0.0, False, attn_mask=mask, scale=scale)
             if P > 0:
                 o1, l1 = _flash_fwd(qb, k[:, :, :P], v[:, :, :P], 0.0, False, scale=scale)
                 lse = torch.logaddexp(l1, l2)  # (B, H, c)
@@ -122,23 +123,19 @@ class _RoutedCausalAttention(torch.autograd.Function):
             out[:, :, start:stop] = ob
             lses.append(lse)
         lse = torch.cat(lses, dim=2)  # (B, H, A)
-        ctx.save_for_backward(q, k, v, pos, valid, out, lse)
-        ctx.offset, ctx.scale, ctx.block = offset, scale, block
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plans, ctx.scale = plans, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, pos, valid, out, lse = ctx.saved_tensors
-        B, H, A, D = q.shape
-        Nk = k.shape[2]
+        q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dout = dout.contiguous()
-        for start in range(0, A, ctx.block):
-            stop = min(start + ctx.block, A)
-            P, L, last, ok = _block_plan(pos, valid, ctx.offset, Nk, start, stop)
+        for start, stop, P, L, mask in ctx.plans:
             qb, gb, ob, lb = (t[:, :, start:stop] for t in (q, dout, out, lse))
-            gq, gk, gv = _flash_bwd(gb, qb, k[:, :, P:L], v[:, :, P:L], ob, lb, 0.0, False,
-                                    attn_mask=_tail_mask(last, ok, P, L, q), scale=ctx.scale)
+            gq, gk, gv = _flash_bwd(gb, qb, k[:, :, P:L], v[:, :, P:L], ob, lb, 0.0, False, attn_mask=mask,
+                                    scale=ctx.scale)
             dq[:, :, start:stop] += gq
             dk[:, :, P:L] += gk
             dv[:, :, P:L] += gv
@@ -147,6 +144,7 @@ class _RoutedCausalAttention(torch.autograd.Function):
                 dq[:, :, start:stop] += gq
                 dk[:, :, :P] += gk
                 dv[:, :, :P] += gv
+        ctx.plans = None
         return dq, dk, dv, None, None, None, None, None
 
 
