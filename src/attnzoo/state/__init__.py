@@ -6,7 +6,12 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 """
 
 from .base import DecodeState
-from .dense import PositionState, TokenHistoryCache  # noqa: F401 (re-exported)
+from .dense import PositionState, TokenHistoryCache
+from .heads import DiffKVCache, EchoAttentionCache, RoutedKVCache, TokenBuffers
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 
-__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache"]
+__all__ = [
+    "DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache",
+    "PositionState", "TokenHistoryCache",
+    "DiffKVCache", "EchoAttentionCache", "RoutedKVCache", "TokenBuffers",
+]
