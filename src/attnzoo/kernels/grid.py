@@ -43,6 +43,8 @@ __all__ = [
 
 # Score tiles of one chunk hold at most this many elements (bounds the temporary memory of both passes).
 _TILE_ELEMENTS = 1 << 22
+# Keep the tile probabilities for the backward when they take at most this many bytes; recompute otherwise.
+_STORE_BYTES = 256 << 20
 
 
 def pair(name: str, value, low: int = 1) -> tuple[int, int]:
@@ -73,19 +75,49 @@ def _reduce_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return g.sum(dim=dims, keepdim=True) if dims else g
 
 
+def _softmax_backward(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """p * (dp - rowsum(dp * p)): the gradient of the scores, fused where PyTorch exposes it."""
+    fused = getattr(torch, "_softmax_backward_data", None)
+    if fused is not None:
+        return fused(dp, p, -1, p.dtype)
+    return p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+
+
 class _TileAttention(torch.autograd.Function):
+    """Two regimes, chosen in the forward by the size of the probability tiles:
+
+    - stored: the probabilities P (B, h, T, Q, R) are kept for the backward when they fit in
+      ``_STORE_BYTES`` (they are O(HW * R), not O((HW)^2)); the backward then needs no recomputation;
+    - recomputed: otherwise only the row log-sum-exp is kept and each chunk of P is rebuilt, FlashAttention
+      style, so the extra memory of training is O(HW) beyond the inputs.
+    """
+
     @staticmethod
-    def forward(ctx, qt, kt, vt, bias, scale):
+    def forward(ctx, qt, kt, vt, bias, scale, rows_nonempty):
         B, h, T, Q, D = qt.shape
         R, Dv = kt.shape[3], vt.shape[4]
         acc = torch.promote_types(qt.dtype, torch.float32)
         bias5 = None if bias is None else bias.to(acc)
+        # Rows whose keys are all masked return zeros; the fused softmax would give NaN there.
+        empty_rows = not rows_nonempty and bias5 is not None and bool(torch.isneginf(bias5).all(dim=-1).any())
+        store = B * h * T * Q * R * torch.finfo(acc).bits // 8 <= _STORE_BYTES and not empty_rows
         out = torch.empty(B, h, T, Q, Dv, dtype=acc, device=qt.device)  # (B, h, T, Q, Dv)
-        lse = torch.empty(B, h, T, Q, 1, dtype=acc, device=qt.device)  # (B, h, T, Q, 1)
+        single = len(_chunks(T, B * h * Q * R)) == 1
+        probs = torch.empty(B, h, T, Q, R, dtype=acc, device=qt.device) if store and not single else None
+        lse = None if store else torch.empty(B, h, T, Q, 1, dtype=acc, device=qt.device)
         for s, e in _chunks(T, B * h * Q * R):
-            sc = torch.matmul(qt[:, :, s:e].to(acc), kt[:, :, s:e].to(acc).transpose(-1, -2)).mul_(scale)
+            q_ = qt[:, :, s:e].to(acc) * scale  # scale folded into the (smaller) query tile
+            sc = torch.matmul(q_, kt[:, :, s:e].to(acc).transpose(-1, -2))  # (B, h, g, Q, R)
             if bias5 is not None:
-                sc = sc.add_(_bias_chunk(bias5, s, e))  # (B, h, g, Q, R)
+                sc = sc.add_(_bias_chunk(bias5, s, e))
+            if store:
+                p = torch.softmax(sc, dim=-1)
+                if e - s == T:  # one chunk: keep the tensor itself, no copy
+                    probs = p
+                else:
+                    probs[:, :, s:e] = p
+                torch.matmul(p, vt[:, :, s:e].to(acc), out=out[:, :, s:e])
+                continue
             m = sc.amax(dim=-1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with no key gives zeros
             p = sc.sub_(m).exp_()  # (B, h, g, Q, R) unnormalised
@@ -94,35 +126,40 @@ class _TileAttention(torch.autograd.Function):
             out[:, :, s:e].div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
             lse[:, :, s:e] = m + torch.log(denom)
         result = out.to(qt.dtype)
-        ctx.save_for_backward(qt, kt, vt, bias, result, lse)
-        ctx.scale = scale
+        ctx.save_for_backward(qt, kt, vt, bias, result, probs if store else lse)
+        ctx.scale, ctx.store = scale, store
         ctx.has_bias = bias is not None
         return result
 
     @staticmethod
     def backward(ctx, dout):
-        qt, kt, vt, bias, out, lse = ctx.saved_tensors
-        scale = ctx.scale
+        qt, kt, vt, bias, out, saved = ctx.saved_tensors
+        scale, store = ctx.scale, ctx.store
         B, h, T, Q, D = qt.shape
         R = kt.shape[3]
         acc = torch.promote_types(qt.dtype, torch.float32)
-        bias5 = bias.to(acc) if ctx.has_bias else None
+        bias5 = bias.to(acc) if ctx.has_bias and not store else None
         want_bias = ctx.has_bias and ctx.needs_input_grad[3]
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         do = dout.to(acc)
-        delta = (do * out.to(acc)).sum(dim=-1, keepdim=True)  # (B, h, T, Q, 1)
+        if not store:
+            lse = torch.where(torch.isfinite(saved), saved, torch.zeros_like(saved))
+            delta = (do * out.to(acc)).sum(dim=-1, keepdim=True)  # (B, h, T, Q, 1) = rowsum(dP * P)
         dq = torch.empty(qt.shape, dtype=acc, device=qt.device)
         dk = torch.empty(kt.shape, dtype=acc, device=qt.device)
         dv = torch.empty(vt.shape, dtype=acc, device=qt.device)
         dbias = torch.zeros(bias.shape, dtype=acc, device=qt.device) if want_bias else None
         for s, e in _chunks(T, B * h * Q * R):
             q_, k_, v_ = qt[:, :, s:e].to(acc), kt[:, :, s:e].to(acc), vt[:, :, s:e].to(acc)
-            sc = torch.matmul(q_, k_.transpose(-1, -2)).mul_(scale)
-            if bias5 is not None:
-                sc = sc.add_(_bias_chunk(bias5, s, e))
-            p = sc.sub_(lse[:, :, s:e]).exp_()  # (B, h, g, Q, R) probabilities
-            dv[:, :, s:e] = torch.matmul(p.transpose(-1, -2), do[:, :, s:e])
-            ds = torch.matmul(do[:, :, s:e], v_.transpose(-1, -2)).sub_(delta[:, :, s:e]).mul_(p)  # dL/dscore
+            if store:
+                p = saved[:, :, s:e]  # (B, h, g, Q, R) probabilities
+                ds = _softmax_backward(torch.matmul(do[:, :, s:e], v_.transpose(-1, -2)), p)  # dL/dscore
+            else:
+                sc = torch.matmul(q_ * scale, k_.transpose(-1, -2))
+                if bias5 is not None:
+                    sc = sc.add_(_bias_chunk(bias5, s, e))
+                p = sc.sub_(lse[:, :, s:e]).exp_()  # (B, h, g, Q, R) probabilities
+                ds = torch.matmul(do[:, :, s:e], v_.transpose(-1, -2)).sub_(delta[:, :, s:e]).mul_(p)
+            torch.matmul(p.transpose(-1, -2), do[:, :, s:e], out=dv[:, :, s:e])
             if want_bias:
                 g = _reduce_to(ds, torch.Size((*bias.shape[:2], e - s if bias.shape[2] != 1 else 1, *bias.shape[3:])))
                 if bias.shape[2] == 1:
@@ -130,15 +167,14 @@ class _TileAttention(torch.autograd.Function):
                 else:
                     dbias[:, :, s:e] = g
             torch.matmul(ds, k_, out=dq[:, :, s:e])
-            dk[:, :, s:e] = torch.matmul(ds.transpose(-1, -2), q_)
+            torch.matmul(ds.transpose(-1, -2), q_ * scale, out=dk[:, :, s:e])
         dq.mul_(scale)
-        dk.mul_(scale)
         return (dq.to(qt.dtype), dk.to(kt.dtype), dv.to(vt.dtype),
-                None if dbias is None else dbias.to(bias.dtype), None)
+                None if dbias is None else dbias.to(bias.dtype), None, None)
 
 
 def tile_attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, *, scale: float,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, rows_nonempty: bool = False) -> torch.Tensor:
     """Softmax attention inside independent tiles, with recomputation in the backward pass.
 
     Args:
@@ -146,6 +182,7 @@ def tile_attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, *, scal
         scale: multiplies q . k.
         bias: additive scores broadcastable to (B, h, T, Q, R), each axis full or 1; ``-inf`` masks a key.
             It may require grad (the gradient is reduced to its shape).
+        rows_nonempty: the caller guarantees every query row keeps at least one key (skips a check).
 
     Returns:
         (B, h, T, Q, Dv); a query row whose keys are all masked returns zeros.
@@ -154,7 +191,7 @@ def tile_attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, *, scal
         if bias.dim() != 5 or any(b not in (1, f) for b, f in zip(bias.shape, (*qt.shape[:4], kt.shape[3]))):
             raise ValueError(f"bias: expected a shape broadcastable to {(*qt.shape[:4], kt.shape[3])} with "
                              f"full or size-1 axes, got {tuple(bias.shape)}")
-    return _TileAttention.apply(qt, kt, vt, bias, float(scale))
+    return _TileAttention.apply(qt, kt, vt, bias, float(scale), bool(rows_nonempty))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -284,25 +321,21 @@ def from_tiles(xt: torch.Tensor, t1: int, t2: int, n1: int, n2: int, L1: int, L2
 
 @functools.lru_cache(maxsize=32)
 def _tile_plan(L1: int, L2: int, k1: int, k2: int, t1: int, t2: int, device: str):
-    """Flat gather indices and masks of the tiling of an (L1, L2) grid by (t1, t2) query tiles.
+    """Geometry of the tiling of an (L1, L2) grid by (t1, t2) query tiles (queries padded to whole tiles).
 
-    Returns (qidx (T*Q,), kidx (T*R,), inv (L1*L2,), inside (1, 1, T, Q, R) bool, rel (T*Q*R,) rpb index,
-    mask_bias (1, 1, T, Q, R) float32 0/-inf, T, Q, R)."""
+    Returns (kidx (T*R,) flat key index of every tile region, rel (T*Q*R,) index into the flattened
+    (2k1-1)(2k2-1) bias table, or the extra last entry (-inf) outside the neighborhood, mask_bias
+    (1, 1, T, Q, R) float32 0/-inf, n1, n2, T, Q, R)."""
     n1, R1, rows, in1, rel1 = _axis_plan(L1, k1, t1, device)
     n2, R2, cols, in2, rel2 = _axis_plan(L2, k2, t2, device)
     dev = torch.device(device)
     T, Q, R = n1 * n2, t1 * t2, R1 * R2
-    qr = torch.arange(n1 * t1, device=dev).clamp(max=L1 - 1).view(n1, 1, t1, 1)
-    qc = torch.arange(n2 * t2, device=dev).clamp(max=L2 - 1).view(1, n2, 1, t2)
-    qidx = (qr * L2 + qc).reshape(-1)  # (T*Q,) padded queries repeat the last row/column
     kidx = (rows.view(n1, 1, R1, 1) * L2 + cols.view(1, n2, 1, R2)).reshape(-1)  # (T*R,)
-    slot = torch.arange(T * Q, device=dev).view(n1, n2, t1, t2).permute(0, 2, 1, 3).reshape(n1 * t1, n2 * t2)
-    inv = slot[:L1, :L2].reshape(-1)  # (L1*L2,) tile slot of every grid position
     inside = in1.view(n1, 1, t1, 1, R1, 1) & in2.view(1, n2, 1, t2, 1, R2)  # (n1, n2, t1, t2, R1, R2)
-    inside = inside.reshape(1, 1, T, Q, R)
-    rel = (rel1.view(n1, 1, t1, 1, R1, 1) * (2 * k2 - 1) + rel2.view(1, n2, 1, t2, 1, R2)).reshape(-1)
-    mask_bias = torch.zeros(inside.shape, device=dev).masked_fill_(~inside, float("-inf"))
-    return qidx, kidx, inv, inside, rel, mask_bias, T, Q, R
+    rel = rel1.view(n1, 1, t1, 1, R1, 1) * (2 * k2 - 1) + rel2.view(1, n2, 1, t2, 1, R2)
+    rel = torch.where(inside, rel, (2 * k1 - 1) * (2 * k2 - 1)).reshape(-1)  # outside -> the -inf entry
+    mask_bias = torch.zeros(1, 1, T, Q, R, device=dev).masked_fill_(~inside.reshape(1, 1, T, Q, R), float("-inf"))
+    return kidx, rel, mask_bias, n1, n2, T, Q, R
 
 
 def _na2d_undilated(q, k, v, kernel, rpb, scale, tile):
@@ -311,20 +344,20 @@ def _na2d_undilated(q, k, v, kernel, rpb, scale, tile):
     k1, k2 = kernel
     t1 = tile[0] if tile else _tile_size(k1, L1)
     t2 = tile[1] if tile else _tile_size(k2, L2)
-    qidx, kidx, inv, inside, rel, mask_bias, T, Q, R = _tile_plan(L1, L2, k1, k2, t1, t2, str(q.device))
-    flat = lambda x: x.reshape(B, x.shape[1], L1 * L2, x.shape[-1])  # (B, h, N, D)
-    qt = flat(q).index_select(2, qidx).view(B, h, T, Q, D)  # (B, h, T, Q, D)
-    kt = flat(k).index_select(2, kidx).view(B, h, T, R, D)  # (B, h, T, R, D)
-    vt = flat(v).index_select(2, kidx).view(B, h, T, R, v.shape[-1])  # (B, h, T, R, Dv)
+    kidx, rel, mask_bias, n1, n2, T, Q, R = _tile_plan(L1, L2, k1, k2, t1, t2, str(q.device))
+    # 3-D index_select (rows of D contiguous values) is much faster than the 4-D one in PyTorch's CPU kernels.
+    gather = lambda x: x.reshape(B * h, L1 * L2, x.shape[-1]).index_select(1, kidx).view(B, h, T, R, x.shape[-1])
+    qt = to_tiles(q, t1, t2, n1, n2)  # (B, h, T, Q, D); zero queries in the padding, their outputs dropped
+    kt, vt = gather(k), gather(v)  # (B, h, T, R, D|Dv) key regions
     acc = torch.promote_types(q.dtype, torch.float32)
     if rpb is None:
         bias = mask_bias.to(acc)  # (1, 1, T, Q, R)
     else:
         heads = rpb.shape[0]
-        table = rpb.reshape(heads, -1).to(acc)  # (heads, (2k1-1)(2k2-1))
-        bias = table[:, rel].view(1, heads, T, Q, R).masked_fill(~inside, float("-inf"))  # (1, h, T, Q, R)
-    ot = tile_attention(qt, kt, vt, scale=scale, bias=bias)  # (B, h, T, Q, Dv)
-    return ot.reshape(B, h, T * Q, -1).index_select(2, inv).view(B, h, L1, L2, -1)  # (B, h, L1, L2, Dv)
+        table = F.pad(rpb.reshape(heads, -1).to(acc), (0, 1), value=float("-inf"))  # (heads, (2k1-1)(2k2-1) + 1)
+        bias = table[:, rel].view(1, heads, T, Q, R)  # (1, h, T, Q, R), -inf outside the neighborhood
+    ot = tile_attention(qt, kt, vt, scale=scale, bias=bias, rows_nonempty=True)  # (B, h, T, Q, Dv)
+    return from_tiles(ot, t1, t2, n1, n2, L1, L2)  # (B, h, L1, L2, Dv)
 
 
 def _groups(length: int, d: int) -> list[torch.Tensor]:
