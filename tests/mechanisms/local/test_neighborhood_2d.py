@@ -69,16 +69,16 @@ def _qkv(B, h, H, W, D, Dv=None, dtype=torch.float64, seed=0, grad=False):
     return mk(D), mk(D), mk(Dv or D)
 
 
-@pytest.mark.parametrize("H,W,kernel,dilation", [(7, 9, 3, 1), (9, 11, 5, 1), (7, 10, 3, 2), (11, 13, 3, 3),
-                                                  (5, 5, 5, 1), (12, 7, 3, 2)])
-@pytest.mark.parametrize("backend", ["reference", "fast"])
-def test_matches_natten_loop(H, W, kernel, dilation, backend):
-    q, k, v = _qkv(2, 3, H, W, 4, 5)
+@pytest.mark.parametrize("H,W,kernel,dilation", [(7, 9, 3, 1), (8, 9, 5, 1), (7, 10, 3, 2), (10, 9, 3, 3),
+                                                  (5, 5, 5, 1), (9, 7, 3, 2)])
+def test_matches_natten_loop(H, W, kernel, dilation):
+    q, k, v = _qkv(1, 2, H, W, 4, 5)
     g = torch.Generator().manual_seed(3)
-    rpb = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, dtype=torch.float64, generator=g)
+    rpb = torch.randn(2, 2 * kernel - 1, 2 * kernel - 1, dtype=torch.float64, generator=g)
     want = _loop_na2d(q, k, v, kernel, dilation, rpb, 0.5)
-    got = na2d(q, k, v, kernel_size=kernel, dilation=dilation, rpb=rpb, scale=0.5, backend=backend)
-    assert_close(got, want, torch.float64, f"na2d {backend} vs NATTEN loop {H}x{W} k={kernel} d={dilation}")
+    for backend in ("reference", "fast"):
+        got = na2d(q, k, v, kernel_size=kernel, dilation=dilation, rpb=rpb, scale=0.5, backend=backend)
+        assert_close(got, want, torch.float64, f"na2d {backend} vs NATTEN loop {H}x{W} k={kernel} d={dilation}")
 
 
 def test_hand_computed_neighbourhoods():
