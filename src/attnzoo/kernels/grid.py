@@ -5,9 +5,10 @@ Everything here avoids the (H*W) x (H*W) score matrix. The building blocks:
 - :func:`tile_attention`: softmax attention of many independent query tiles against their own key tiles,
   ``qt (B, h, T, Q, D)``, ``kt/vt (B, h, T, R, D|Dv)`` with an optional additive bias broadcastable to
   ``(B, h, T, Q, R)`` (``-inf`` = masked; the bias may require grad: relative position tables, dynamic
-  position MLPs, query-dependent relative logits). A custom ``autograd.Function`` in the FlashAttention
-  style: the forward keeps only the inputs, the output and the row log-sum-exp; the backward recomputes
-  each chunk of probabilities. Temporary memory is bounded by chunking over tiles.
+  position MLPs, query-dependent relative logits). A custom ``autograd.Function`` with a hand-written
+  backward: the tile probabilities (O(HW * R), never O((HW)^2)) are kept for the backward while they fit in
+  ``_STORE_BYTES``; beyond that only the row log-sum-exp is kept and the backward recomputes each chunk,
+  FlashAttention style. Temporary memory is bounded by chunking over tiles.
 - :func:`neighborhood_attention_2d` (``na2d``): NATTEN's 2-D neighborhood attention, built from
   :func:`tile_attention`: queries are cut into ``t x t`` tiles; each tile scores the ``(t+k-1) x (t+k-1)``
   region that holds every neighborhood of its queries, masked to each query's own ``k x k`` neighborhood.
@@ -38,7 +39,7 @@ from ..reference import softmax_attention
 
 __all__ = [
     "tile_attention", "neighborhood_attention_2d", "na2d", "neighborhood_2d", "neighborhood_2d_reference",
-    "neighborhood_window_start", "pair", "check_grid_qkv", "check_neighborhood", "gather_regions", "fold_regions",
+    "neighborhood_window_start", "pair", "check_grid_qkv", "check_neighborhood", "to_tiles", "from_tiles",
 ]
 
 # Score tiles of one chunk hold at most this many elements (bounds the temporary memory of both passes).
@@ -284,30 +285,11 @@ def _axis_plan(length: int, kernel: int, tile: int, device: str):
     return n, R, region, inside, rel
 
 
-def gather_regions(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(B, h, L1, L2, D) -> (B, h, n1*n2, R1*R2, D): the key region of every tile (rows (n1, R1), cols (n2, R2))."""
-    B, h, L1, L2, D = x.shape
-    n1, R1 = rows.shape
-    n2, R2 = cols.shape
-    y = x.index_select(2, rows.reshape(-1)).index_select(3, cols.reshape(-1))  # (B, h, n1*R1, n2*R2, D)
-    y = y.view(B, h, n1, R1, n2, R2, D).permute(0, 1, 2, 4, 3, 5, 6)  # (B, h, n1, n2, R1, R2, D)
-    return y.reshape(B, h, n1 * n2, R1 * R2, D)
-
-
-def fold_regions(y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, L1: int, L2: int) -> torch.Tensor:
-    """Adjoint of :func:`gather_regions`: sum tile regions (B, h, n1*n2, R1*R2, D) back onto (B, h, L1, L2, D)."""
-    B, h, _, _, D = y.shape
-    n1, R1 = rows.shape
-    n2, R2 = cols.shape
-    y = y.view(B, h, n1, n2, R1, R2, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, n1 * R1, n2 * R2, D)
-    z = y.new_zeros(B, h, n1 * R1, L2, D).index_add_(3, cols.reshape(-1), y)  # (B, h, n1*R1, L2, D)
-    return y.new_zeros(B, h, L1, L2, D).index_add_(2, rows.reshape(-1), z)  # (B, h, L1, L2, D)
-
-
 def to_tiles(x: torch.Tensor, t1: int, t2: int, n1: int, n2: int) -> torch.Tensor:
     """(B, h, L1, L2, D) -> (B, h, n1*n2, t1*t2, D), zero-padded at the bottom/right."""
     B, h, L1, L2, D = x.shape
-    x = F.pad(x, (0, 0, 0, n2 * t2 - L2, 0, n1 * t1 - L1))  # (B, h, n1*t1, n2*t2, D)
+    if n1 * t1 != L1 or n2 * t2 != L2:
+        x = F.pad(x, (0, 0, 0, n2 * t2 - L2, 0, n1 * t1 - L1))  # (B, h, n1*t1, n2*t2, D)
     x = x.view(B, h, n1, t1, n2, t2, D).permute(0, 1, 2, 4, 3, 5, 6)  # (B, h, n1, n2, t1, t2, D)
     return x.reshape(B, h, n1 * n2, t1 * t2, D)
 
@@ -316,7 +298,7 @@ def from_tiles(xt: torch.Tensor, t1: int, t2: int, n1: int, n2: int, L1: int, L2
     """Inverse of :func:`to_tiles`: (B, h, n1*n2, t1*t2, D) -> (B, h, L1, L2, D)."""
     B, h, _, _, D = xt.shape
     x = xt.view(B, h, n1, n2, t1, t2, D).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, n1 * t1, n2 * t2, D)
-    return x[:, :, :L1, :L2]
+    return x if (n1 * t1, n2 * t2) == (L1, L2) else x[:, :, :L1, :L2]
 
 
 @functools.lru_cache(maxsize=32)
