@@ -50,10 +50,10 @@ def test_matches_loop(H, W, block, halo, mask_padding):
         assert_close(got, want, torch.float64, f"{fn.__name__} vs loop")
 
 
-def test_one_block_is_global_attention_with_relative_logits():
-    H, W, halo = 3, 3, 2
-    q, k, v, rh, rw = _inputs(1, 2, H, W, 4, 3, halo)
-    off = 3 + halo - 1
+@pytest.mark.parametrize("H,W,block,halo", [(3, 3, 3, 2), (4, 4, 2, 2), (4, 6, 2, 4)])
+def test_halo_covering_the_image_is_global_attention_with_relative_logits(H, W, block, halo):
+    q, k, v, rh, rw = _inputs(1, 2, H, W, 4, block, halo)
+    off = block + halo - 1
     n = H * W
     bias = torch.zeros(1, 2, n, n, dtype=torch.float64)
     for i in range(n):
@@ -62,8 +62,9 @@ def test_one_block_is_global_attention_with_relative_logits():
             bias[0, :, i, j] = (q[0, :, i // W, i % W] * r).sum(-1) * 0.5
     flat = lambda t: t.reshape(1, 2, n, 4)
     want = softmax_attention(flat(q), flat(k), flat(v), bias=bias, scale=0.5).view(1, 2, H, W, 4)
-    got = halo_fast(q, k, v, rh, rw, block=3, halo=halo, scale=0.5, mask_padding=True)
-    assert_close(got, want, torch.float64, "single block with halo over the whole image")
+    for fn in (halo_fast, halo_reference):
+        got = fn(q, k, v, rh, rw, block=block, halo=halo, scale=0.5, mask_padding=True)
+        assert_close(got, want, torch.float64, f"{fn.__name__}: every window covers the image")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
