@@ -50,11 +50,33 @@ def _maxrss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _peak_since_now():
+    """(resident bytes now, function returning the peak resident bytes since now).
+
+    ru_maxrss is inherited across fork + exec on Linux (a child of a large parent starts with the parent's
+    high-water mark), so on Linux the per-process VmHWM is used, reset through /proc/self/clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS high-water mark (Linux >= 4.0)
+        return _status_bytes("VmRSS"), lambda: _status_bytes("VmHWM")
+    except OSError:
+        return _maxrss_bytes(), _maxrss_bytes
+
+
 def _child(target: str, kwargs_json: str) -> None:  # runs in the fresh process
     run = load_case(target, json.loads(kwargs_json))
-    before = _maxrss_bytes()
+    before, peak = _peak_since_now()
     run()
-    after = _maxrss_bytes()
+    after = peak()
     print(json.dumps({"peak_bytes": max(0, after - before), "setup_bytes": before}))
 
 
