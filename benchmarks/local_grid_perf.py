@@ -13,7 +13,7 @@ Every number is a median of repeats (``attnzoo.bench.measure.median_time``); pea
 one call adds, measured in a fresh process (``attnzoo.bench.measure.peak_memory``). Speed-ups are ratios against
 the baseline measured in the same run. A correctness gate (fast vs reference on a small grid) runs first.
 
-    PYTHONPATH=src python benchmarks/local_grid_perf.py [--quick] [--no-memory] [--json out.json]
+    python benchmarks/local_grid_perf.py [--threads 2,1] [--quick] [--no-memory] [--json out.json]
 """
 
 from __future__ import annotations
@@ -114,14 +114,14 @@ def gate() -> None:
         assert err < 1e-10, f"{name}: fast vs reference relative error {err:.2e}"
 
 
-def measure(target: str, kwargs: dict, args) -> dict:
+def measure(target: str, kwargs: dict, args, threads: int | None = None) -> dict:
     run = globals()[target](**kwargs)
-    t = median_time(run, min_run_time=args.min_run_time, warmup=1)
+    t = median_time(run, min_run_time=args.min_run_time, warmup=1, threads=threads)
     mem = None
     if not args.no_memory:
-        mem = peak_memory(f"local_grid_perf:{target}", kwargs)
-    print(f"  {target} {kwargs}: {t * 1e3:.1f} ms" + ("" if mem is None else f", {mem / 2**20:.1f} MiB"),
-          file=sys.stderr, flush=True)
+        mem = peak_memory(f"local_grid_perf:{target}", kwargs, threads=threads)
+    print(f"  {target} {kwargs} threads={threads}: {t * 1e3:.1f} ms" +
+          ("" if mem is None else f", {mem / 2**20:.1f} MiB"), file=sys.stderr, flush=True)
     return {"time_s": t, "peak_bytes": mem}
 
 
@@ -136,7 +136,10 @@ def main() -> None:
     ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing (torch.utils.benchmark)")
     ap.add_argument("--json", help="write all results to this JSON file")
     ap.add_argument("--part", choices=["1", "2", "all"], default="all")
+    ap.add_argument("--threads", default=str(torch.get_num_threads()),
+                    help="comma-separated thread counts for part 1 (part 2 uses the first), e.g. 2,1")
     args = ap.parse_args()
+    args.threads = [int(t) for t in args.threads.split(",")]
     gate()
     results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -145,26 +148,28 @@ def main() -> None:
     lines = []
     if args.part in ("1", "all"):
         lines += ["### Part 1: neighborhood attention 7x7, 64x64 grid (4096 tokens), B=1, head dim 32, float32", "",
-                  "| heads | pass | dense SDPA ms | SDPA + NA mask ms | na2d (fast) ms | speed-up vs SDPA | "
-                  "vs SDPA+mask | peak MiB SDPA / SDPA+mask / na2d |", "|---|---|---|---|---|---|---|---|"]
-        for heads in ((4,) if args.quick else (4, 8)):
-            for mode in ("fwd", "fwd_bwd"):
-                r = {impl: measure("na_case", {"impl": impl, "mode": mode, "heads": heads}, args)
-                     for impl in ("sdpa", "sdpa_mask", "na2d")}
-                results["part1"].append({"heads": heads, "mode": mode, **r})
-                s, sm, na = (r[i]["time_s"] for i in ("sdpa", "sdpa_mask", "na2d"))
-                lines.append(f"| {heads} | {mode} | {s * 1e3:.1f} | {sm * 1e3:.1f} | {na * 1e3:.1f} | "
-                             f"x{s / na:.1f} | x{sm / na:.1f} | {_fmt_mem(r['sdpa']['peak_bytes'])} / "
-                             f"{_fmt_mem(r['sdpa_mask']['peak_bytes'])} / {_fmt_mem(r['na2d']['peak_bytes'])} |")
+                  "| threads | heads | pass | dense SDPA ms | SDPA + NA mask ms | na2d (fast) ms | speed-up vs SDPA | "
+                  "vs SDPA+mask | peak MiB SDPA / SDPA+mask / na2d |", "|---|---|---|---|---|---|---|---|---|"]
+        for threads in args.threads:
+            for heads in ((4,) if args.quick else (4, 8)):
+                for mode in ("fwd", "fwd_bwd"):
+                    r = {impl: measure("na_case", {"impl": impl, "mode": mode, "heads": heads}, args, threads)
+                         for impl in ("sdpa", "sdpa_mask", "na2d")}
+                    results["part1"].append({"threads": threads, "heads": heads, "mode": mode, **r})
+                    s, sm, na = (r[i]["time_s"] for i in ("sdpa", "sdpa_mask", "na2d"))
+                    lines.append(f"| {threads} | {heads} | {mode} | {s * 1e3:.1f} | {sm * 1e3:.1f} | {na * 1e3:.1f} | "
+                                 f"x{s / na:.1f} | x{sm / na:.1f} | {_fmt_mem(r['sdpa']['peak_bytes'])} / "
+                                 f"{_fmt_mem(r['sdpa_mask']['peak_bytes'])} / {_fmt_mem(r['na2d']['peak_bytes'])} |")
         lines.append("")
     if args.part in ("2", "all"):
-        lines += ["### Part 2: grid modules, 56x56 grid, dim 128, 4 heads, B=1, float32: fast vs dense reference", "",
+        lines += [f"### Part 2: grid modules, 56x56 grid, dim 128, 4 heads, B=1, float32, {args.threads[0]} threads: "
+                  "fast vs dense reference", "",
                   "| mechanism | pass | reference ms | fast ms | speed-up | peak MiB reference / fast |",
                   "|---|---|---|---|---|---|"]
         modes = ("fwd_bwd",) if args.quick else ("fwd", "fwd_bwd")
         for name in MODULES:
             for mode in modes:
-                r = {b: measure("module_case", {"name": name, "backend": b, "mode": mode}, args)
+                r = {b: measure("module_case", {"name": name, "backend": b, "mode": mode}, args, args.threads[0])
                      for b in ("reference", "fast")}
                 results["part2"].append({"mechanism": name, "mode": mode, **r})
                 ref, fast = r["reference"]["time_s"], r["fast"]["time_s"]

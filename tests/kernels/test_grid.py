@@ -21,7 +21,7 @@ def _exact(qt, kt, vt, bias, scale):
 
 @pytest.mark.parametrize("store", [True, False])
 @pytest.mark.parametrize("tile_elements", [1 << 22, 40])
-@pytest.mark.parametrize("bias_kind", ["none", "shared", "full", "masked_row"])
+@pytest.mark.parametrize("bias_kind", ["none", "shared", "full", "masked_row", "bool_mask"])
 def test_tile_attention_regimes(monkeypatch, store, tile_elements, bias_kind):
     monkeypatch.setattr(grid, "_STORE_BYTES", 1 << 30 if store else 0)
     monkeypatch.setattr(grid, "_TILE_ELEMENTS", tile_elements)  # 40: one tile per chunk
@@ -40,8 +40,13 @@ def test_tile_attention_regimes(monkeypatch, store, tile_elements, bias_kind):
             if bias_kind == "masked_row":
                 b[1, 2, 3, 1] = float("-inf")  # ... but this one: it must return zeros
         bias = b.requires_grad_(True)
-    got = grid.tile_attention(qt, kt, vt, scale=0.7, bias=bias)
-    want = _exact(qt, kt, vt, bias, 0.7)
+    mask = None
+    if bias_kind == "bool_mask":
+        mask = torch.rand(1, h, T, Q, R, generator=g) > 0.3
+        mask[..., 2] = True
+    got = grid.tile_attention(qt, kt, vt, scale=0.7, bias=bias, mask=mask)
+    ref_bias = bias if mask is None else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    want = _exact(qt, kt, vt, ref_bias, 0.7)
     assert_close(got, want, torch.float64, "tile_attention output")
     if bias_kind == "masked_row":
         assert torch.equal(got[1, 2, 3, 1], torch.zeros(2, dtype=torch.float64))

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # Score tiles of one chunk hold at most this many elements (bounds the temporary memory of both passes).
-_TILE_ELEMENTS = 1 << 22
+_TILE_ELEMENTS = 1 << 23
 # Keep the tile probabilities for the backward when they take at most this many bytes; recompute otherwise.
 _STORE_BYTES = 256 << 20
 
@@ -59,15 +59,22 @@ def pair(name: str, value, low: int = 1) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------
 # Tiled attention with recomputation
 # --------------------------------------------------------------------------------------------------------
-def _chunks(T: int, per_tile: int) -> list[tuple[int, int]]:
-    step = max(1, _TILE_ELEMENTS // max(per_tile, 1))
-    return [(s, min(T, s + step)) for s in range(0, T, step)]
+def _units(B: int, h: int, T: int, Q: int, R: int) -> list[tuple[slice, slice, slice]]:
+    """Pieces of work as (batch, head, tile) slices. Everything at once when the scores fit in
+    ``_TILE_ELEMENTS``; otherwise one (batch, head) pair at a time, split along the tiles, so that every
+    piece of a contiguous (B, h, T, ...) tensor is itself contiguous (strided batched matmuls are slow)."""
+    if B * h * T * Q * R <= _TILE_ELEMENTS:
+        return [(slice(None), slice(None), slice(None))]
+    step = max(1, _TILE_ELEMENTS // (Q * R))
+    return [(slice(b, b + 1), slice(j, j + 1), slice(s, min(T, s + step)))
+            for b in range(B) for j in range(h) for s in range(0, T, step)]
 
 
-def _bias_chunk(bias, s, e):
-    if bias is None:
+def _piece(x: torch.Tensor | None, unit) -> torch.Tensor | None:
+    """The part of a (B|1, h|1, T|1, ...) tensor that a unit reads (broadcast axes stay whole)."""
+    if x is None:
         return None
-    return bias if bias.shape[2] == 1 else bias[:, :, s:e]
+    return x[tuple(sl if n > 1 else slice(None) for sl, n in zip(unit, x.shape[:3]))]
 
 
 def _reduce_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -84,115 +91,130 @@ def _softmax_backward(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return p * (dp - (dp * p).sum(dim=-1, keepdim=True))
 
 
+def _scores(q_, k_, bias, mask):
+    """Scaled, biased, masked scores of one unit; q_ is already scaled. (b, h, g, Q, R)."""
+    sc = torch.matmul(q_, k_.transpose(-1, -2))
+    if bias is not None:
+        sc = sc.add_(bias)
+    if mask is not None:
+        sc = sc.masked_fill_(~mask, float("-inf"))
+    return sc
+
+
 class _TileAttention(torch.autograd.Function):
     """Two regimes, chosen in the forward by the size of the probability tiles:
 
     - stored: the probabilities P (B, h, T, Q, R) are kept for the backward when they fit in
-      ``_STORE_BYTES`` (they are O(HW * R), not O((HW)^2)); the backward then needs no recomputation;
-    - recomputed: otherwise only the row log-sum-exp is kept and each chunk of P is rebuilt, FlashAttention
+      ``_STORE_BYTES`` (they are O(HW * R), not O((HW)^2)); the backward recomputes nothing;
+    - recomputed: otherwise only the row log-sum-exp is kept and each piece of P is rebuilt, FlashAttention
       style, so the extra memory of training is O(HW) beyond the inputs.
+    Either way the temporaries of one pass are bounded by ``_TILE_ELEMENTS`` scores (see :func:`_units`).
     """
 
     @staticmethod
-    def forward(ctx, qt, kt, vt, bias, scale, rows_nonempty):
+    def forward(ctx, qt, kt, vt, bias, mask, scale, rows_nonempty):
+        qt, kt, vt = qt.contiguous(), kt.contiguous(), vt.contiguous()
         B, h, T, Q, D = qt.shape
         R, Dv = kt.shape[3], vt.shape[4]
         acc = torch.promote_types(qt.dtype, torch.float32)
-        bias5 = None if bias is None else bias.to(acc)
+        bias_a = None if bias is None else bias.to(acc)
         # Rows whose keys are all masked return zeros; the fused softmax would give NaN there.
-        empty_rows = not rows_nonempty and bias5 is not None and bool(torch.isneginf(bias5).all(dim=-1).any())
+        empty_rows = not rows_nonempty and (
+            (bias_a is not None and bool(torch.isneginf(bias_a).all(dim=-1).any()))
+            or (mask is not None and bool((~mask).all(dim=-1).any())))
         store = B * h * T * Q * R * torch.finfo(acc).bits // 8 <= _STORE_BYTES and not empty_rows
-        out = torch.empty(B, h, T, Q, Dv, dtype=acc, device=qt.device)  # (B, h, T, Q, Dv)
-        single = len(_chunks(T, B * h * Q * R)) == 1
-        probs = torch.empty(B, h, T, Q, R, dtype=acc, device=qt.device) if store and not single else None
+        units = _units(B, h, T, Q, R)
+        whole = len(units) == 1
+        out = None if whole else torch.empty(B, h, T, Q, Dv, dtype=acc, device=qt.device)  # (B, h, T, Q, Dv)
+        probs = []
         lse = None if store else torch.empty(B, h, T, Q, 1, dtype=acc, device=qt.device)
-        for s, e in _chunks(T, B * h * Q * R):
-            q_ = qt[:, :, s:e].to(acc) * scale  # scale folded into the (smaller) query tile
-            sc = torch.matmul(q_, kt[:, :, s:e].to(acc).transpose(-1, -2))  # (B, h, g, Q, R)
-            if bias5 is not None:
-                sc = sc.add_(_bias_chunk(bias5, s, e))
+        for u in units:
+            q_ = qt[u].to(acc) * scale  # scale folded into the (smaller) query tile
+            sc = _scores(q_, kt[u].to(acc), _piece(bias_a, u), _piece(mask, u))  # (b, h, g, Q, R)
             if store:
                 p = torch.softmax(sc, dim=-1)
-                if e - s == T:  # one chunk: keep the tensor itself, no copy
-                    probs = p
-                else:
-                    probs[:, :, s:e] = p
-                torch.matmul(p, vt[:, :, s:e].to(acc), out=out[:, :, s:e])
-                continue
-            m = sc.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with no key gives zeros
-            p = sc.sub_(m).exp_()  # (B, h, g, Q, R) unnormalised
-            denom = p.sum(dim=-1, keepdim=True)
-            torch.matmul(p, vt[:, :, s:e].to(acc), out=out[:, :, s:e])
-            out[:, :, s:e].div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
-            lse[:, :, s:e] = m + torch.log(denom)
+                probs.append(p)
+                o = torch.matmul(p, vt[u].to(acc))  # (b, h, g, Q, Dv)
+            else:
+                m = sc.amax(dim=-1, keepdim=True)
+                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with no key gives zeros
+                p = sc.sub_(m).exp_()  # unnormalised
+                denom = p.sum(dim=-1, keepdim=True)
+                o = torch.matmul(p, vt[u].to(acc)).div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
+                lse[u] = m + torch.log(denom)
+            if whole:
+                out = o
+            else:
+                out[u] = o
         result = out.to(qt.dtype)
-        ctx.save_for_backward(qt, kt, vt, bias, result, probs if store else lse)
-        ctx.scale, ctx.store = scale, store
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(qt, kt, vt, bias, mask, result, *(probs if store else [lse]))
+        ctx.scale, ctx.store, ctx.units = scale, store, units
         return result
 
     @staticmethod
     def backward(ctx, dout):
-        qt, kt, vt, bias, out, saved = ctx.saved_tensors
-        scale, store = ctx.scale, ctx.store
-        B, h, T, Q, D = qt.shape
-        R = kt.shape[3]
+        qt, kt, vt, bias, mask, out, *saved = ctx.saved_tensors
+        scale, store, units = ctx.scale, ctx.store, ctx.units
+        whole = len(units) == 1
         acc = torch.promote_types(qt.dtype, torch.float32)
-        bias5 = bias.to(acc) if ctx.has_bias and not store else None
-        want_bias = ctx.has_bias and ctx.needs_input_grad[3]
-        do = dout.to(acc)
+        bias_a = None if bias is None or store else bias.to(acc)
+        want_bias = bias is not None and ctx.needs_input_grad[3]
+        do = dout.to(acc).contiguous()
         if not store:
-            lse = torch.where(torch.isfinite(saved), saved, torch.zeros_like(saved))
+            lse = torch.where(torch.isfinite(saved[0]), saved[0], torch.zeros_like(saved[0]))
             delta = (do * out.to(acc)).sum(dim=-1, keepdim=True)  # (B, h, T, Q, 1) = rowsum(dP * P)
-        dq = torch.empty(qt.shape, dtype=acc, device=qt.device)
-        dk = torch.empty(kt.shape, dtype=acc, device=qt.device)
-        dv = torch.empty(vt.shape, dtype=acc, device=qt.device)
+        if not whole:
+            dq = torch.empty(qt.shape, dtype=acc, device=qt.device)
+            dk = torch.empty(kt.shape, dtype=acc, device=qt.device)
+            dv = torch.empty(vt.shape, dtype=acc, device=qt.device)
         dbias = torch.zeros(bias.shape, dtype=acc, device=qt.device) if want_bias else None
-        for s, e in _chunks(T, B * h * Q * R):
-            q_, k_, v_ = qt[:, :, s:e].to(acc), kt[:, :, s:e].to(acc), vt[:, :, s:e].to(acc)
+        for i, u in enumerate(units):
+            q_, k_, v_, do_ = qt[u].to(acc) * scale, kt[u].to(acc), vt[u].to(acc), do[u]
+            dp = torch.matmul(do_, v_.transpose(-1, -2))  # (b, h, g, Q, R)
             if store:
-                p = saved[:, :, s:e]  # (B, h, g, Q, R) probabilities
-                ds = _softmax_backward(torch.matmul(do[:, :, s:e], v_.transpose(-1, -2)), p)  # dL/dscore
+                p = saved[i]  # probabilities
+                ds = _softmax_backward(dp, p)  # dL/dscore
             else:
-                sc = torch.matmul(q_ * scale, k_.transpose(-1, -2))
-                if bias5 is not None:
-                    sc = sc.add_(_bias_chunk(bias5, s, e))
-                p = sc.sub_(lse[:, :, s:e]).exp_()  # (B, h, g, Q, R) probabilities
-                ds = torch.matmul(do[:, :, s:e], v_.transpose(-1, -2)).sub_(delta[:, :, s:e]).mul_(p)
-            torch.matmul(p.transpose(-1, -2), do[:, :, s:e], out=dv[:, :, s:e])
+                p = _scores(q_, k_, _piece(bias_a, u), _piece(mask, u)).sub_(lse[u]).exp_()  # probabilities
+                ds = dp.sub_(delta[u]).mul_(p)
+            parts = (torch.matmul(ds, k_), torch.matmul(ds.transpose(-1, -2), q_),
+                     torch.matmul(p.transpose(-1, -2), do_))
+            if whole:
+                dq, dk, dv = parts
+            else:
+                dq[u], dk[u], dv[u] = parts
             if want_bias:
-                g = _reduce_to(ds, torch.Size((*bias.shape[:2], e - s if bias.shape[2] != 1 else 1, *bias.shape[3:])))
-                if bias.shape[2] == 1:
-                    dbias += g
-                else:
-                    dbias[:, :, s:e] = g
-            torch.matmul(ds, k_, out=dq[:, :, s:e])
-            torch.matmul(ds.transpose(-1, -2), q_ * scale, out=dk[:, :, s:e])
-        dq.mul_(scale)
+                target = _piece(dbias, u)
+                target += _reduce_to(ds, target.shape)
+        dq = dq.mul_(scale) if not whole else dq * scale
         return (dq.to(qt.dtype), dk.to(kt.dtype), dv.to(vt.dtype),
-                None if dbias is None else dbias.to(bias.dtype), None, None)
+                None if dbias is None else dbias.to(bias.dtype), None, None, None)
 
 
 def tile_attention(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, *, scale: float,
-                   bias: torch.Tensor | None = None, rows_nonempty: bool = False) -> torch.Tensor:
-    """Softmax attention inside independent tiles, with recomputation in the backward pass.
+                   bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                   rows_nonempty: bool = False) -> torch.Tensor:
+    """Softmax attention inside independent tiles, with a hand-written backward.
 
     Args:
         qt: (B, h, T, Q, D) queries of T tiles; kt: (B, h, T, R, D) and vt: (B, h, T, R, Dv) their keys/values.
         scale: multiplies q . k.
         bias: additive scores broadcastable to (B, h, T, Q, R), each axis full or 1; ``-inf`` masks a key.
             It may require grad (the gradient is reduced to its shape).
+        mask: bool, broadcastable like ``bias``, True = attend (a cheaper way to mask than a -inf bias).
         rows_nonempty: the caller guarantees every query row keeps at least one key (skips a check).
 
     Returns:
         (B, h, T, Q, Dv); a query row whose keys are all masked returns zeros.
     """
-    if bias is not None:
-        if bias.dim() != 5 or any(b not in (1, f) for b, f in zip(bias.shape, (*qt.shape[:4], kt.shape[3]))):
-            raise ValueError(f"bias: expected a shape broadcastable to {(*qt.shape[:4], kt.shape[3])} with "
-                             f"full or size-1 axes, got {tuple(bias.shape)}")
-    return _TileAttention.apply(qt, kt, vt, bias, float(scale), bool(rows_nonempty))
+    full = (*qt.shape[:4], kt.shape[3])
+    for name, t in (("bias", bias), ("mask", mask)):
+        if t is not None and (t.dim() != 5 or any(b not in (1, f) for b, f in zip(t.shape, full))):
+            raise ValueError(f"{name}: expected a shape broadcastable to {full} with full or size-1 axes, "
+                             f"got {tuple(t.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected dtype torch.bool (True = attend), got {mask.dtype}")
+    return _TileAttention.apply(qt, kt, vt, bias, mask, float(scale), bool(rows_nonempty))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -305,19 +327,17 @@ def from_tiles(xt: torch.Tensor, t1: int, t2: int, n1: int, n2: int, L1: int, L2
 def _tile_plan(L1: int, L2: int, k1: int, k2: int, t1: int, t2: int, device: str):
     """Geometry of the tiling of an (L1, L2) grid by (t1, t2) query tiles (queries padded to whole tiles).
 
-    Returns (kidx (T*R,) flat key index of every tile region, rel (T*Q*R,) index into the flattened
-    (2k1-1)(2k2-1) bias table, or the extra last entry (-inf) outside the neighborhood, mask_bias
-    (1, 1, T, Q, R) float32 0/-inf, n1, n2, T, Q, R)."""
+    Returns (kidx (T*R,) flat key index of every tile region, inside (1, 1, T, Q, R) bool, per-axis bias
+    table indices rel1 (n1, 1, t1, 1, R1, 1) and rel2 (1, n2, 1, t2, 1, R2) that point at an extra -inf
+    row/column outside the neighborhood, n1, n2, T, Q, R)."""
     n1, R1, rows, in1, rel1 = _axis_plan(L1, k1, t1, device)
     n2, R2, cols, in2, rel2 = _axis_plan(L2, k2, t2, device)
-    dev = torch.device(device)
     T, Q, R = n1 * n2, t1 * t2, R1 * R2
     kidx = (rows.view(n1, 1, R1, 1) * L2 + cols.view(1, n2, 1, R2)).reshape(-1)  # (T*R,)
     inside = in1.view(n1, 1, t1, 1, R1, 1) & in2.view(1, n2, 1, t2, 1, R2)  # (n1, n2, t1, t2, R1, R2)
-    rel = rel1.view(n1, 1, t1, 1, R1, 1) * (2 * k2 - 1) + rel2.view(1, n2, 1, t2, 1, R2)
-    rel = torch.where(inside, rel, (2 * k1 - 1) * (2 * k2 - 1)).reshape(-1)  # outside -> the -inf entry
-    mask_bias = torch.zeros(1, 1, T, Q, R, device=dev).masked_fill_(~inside.reshape(1, 1, T, Q, R), float("-inf"))
-    return kidx, rel, mask_bias, n1, n2, T, Q, R
+    rel1 = torch.where(in1, rel1, 2 * k1 - 1).view(n1, 1, t1, 1, R1, 1)  # outside -> the -inf row
+    rel2 = torch.where(in2, rel2, 2 * k2 - 1).view(1, n2, 1, t2, 1, R2)  # outside -> the -inf column
+    return kidx, inside.reshape(1, 1, T, Q, R), rel1, rel2, n1, n2, T, Q, R
 
 
 def _na2d_undilated(q, k, v, kernel, rpb, scale, tile):
@@ -326,19 +346,19 @@ def _na2d_undilated(q, k, v, kernel, rpb, scale, tile):
     k1, k2 = kernel
     t1 = tile[0] if tile else _tile_size(k1, L1)
     t2 = tile[1] if tile else _tile_size(k2, L2)
-    kidx, rel, mask_bias, n1, n2, T, Q, R = _tile_plan(L1, L2, k1, k2, t1, t2, str(q.device))
+    kidx, inside, rel1, rel2, n1, n2, T, Q, R = _tile_plan(L1, L2, k1, k2, t1, t2, str(q.device))
     # 3-D index_select (rows of D contiguous values) is much faster than the 4-D one in PyTorch's CPU kernels.
     gather = lambda x: x.reshape(B * h, L1 * L2, x.shape[-1]).index_select(1, kidx).view(B, h, T, R, x.shape[-1])
     qt = to_tiles(q, t1, t2, n1, n2)  # (B, h, T, Q, D); zero queries in the padding, their outputs dropped
     kt, vt = gather(k), gather(v)  # (B, h, T, R, D|Dv) key regions
     acc = torch.promote_types(q.dtype, torch.float32)
+    bias = mask = None
     if rpb is None:
-        bias = mask_bias.to(acc)  # (1, 1, T, Q, R)
+        mask = inside  # (1, 1, T, Q, R) bool
     else:
-        heads = rpb.shape[0]
-        table = F.pad(rpb.reshape(heads, -1).to(acc), (0, 1), value=float("-inf"))  # (heads, (2k1-1)(2k2-1) + 1)
-        bias = table[:, rel].view(1, heads, T, Q, R)  # (1, h, T, Q, R), -inf outside the neighborhood
-    ot = tile_attention(qt, kt, vt, scale=scale, bias=bias, rows_nonempty=True)  # (B, h, T, Q, Dv)
+        table = F.pad(rpb.to(acc), (0, 1, 0, 1), value=float("-inf"))  # (heads, 2k1, 2k2), last row/col -inf
+        bias = table[:, rel1, rel2].reshape(1, rpb.shape[0], T, Q, R)  # (1, h, T, Q, R), -inf outside
+    ot = tile_attention(qt, kt, vt, scale=scale, bias=bias, mask=mask, rows_nonempty=True)  # (B, h, T, Q, Dv)
     return from_tiles(ot, t1, t2, n1, n2, L1, L2)  # (B, h, L1, L2, Dv)
 
 
