@@ -131,7 +131,7 @@ def test_kernel_equal_to_grid_with_rpb_is_relative_bias_attention():
 
 
 @pytest.mark.parametrize("H,W,kernel,dilation", [(7, 9, 3, 1), (13, 7, 3, (4, 2)), (1, 65, (1, 7), 1),
-                                                  (10, 10, 5, 2), (9, 9, (3, 5), (3, 1))])
+                                                  (10, 10, 5, 2), (9, 9, (3, 5), (3, 1)), (8, 9, 4, (1, 2))])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fast_matches_reference_outputs_and_gradients(H, W, kernel, dilation, dtype):
     q, k, v = _qkv(2, 2, H, W, 4, 3, dtype=dtype, grad=True)
