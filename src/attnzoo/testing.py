@@ -437,16 +437,17 @@ def check_module_fast_matches_reference(mech: Mechanism, pattern: str) -> None:
     (ro, rg), (fo, fg) = results["reference"], results["fast"]
     assert_close(fo, ro, torch.float64, f"{mech.name} {pattern}: module fast vs reference output")
     assert len(rg) == len(fg), f"{mech.name} {pattern}: fast and reference reach different parameters"
-    scale = max(float(g.norm()) for g in rg)
+    largest = max(g.norm().item() for g in rg)
     for i, (a, b) in enumerate(zip(fg, rg)):
-        if float(b.norm()) <= 1e-12 * scale:
-            # Zero up to rounding in the reference (e.g. a bias that a later BatchNorm removes): a relative error
-            # between two rounding residues means nothing; the fast gradient must be zero up to rounding too.
-            assert float(a.norm()) <= 1e-10 * scale, (
-                f"{mech.name} {pattern}: module fast vs reference gradient #{i}: reference is zero, fast has norm "
-                f"{float(a.norm()):.2e}")
+        what = f"{mech.name} {pattern}: module fast vs reference gradient #{i}"
+        if b.norm().item() <= 1e-12 * largest:
+            # An analytically zero gradient (a bias added to every logit of a softmax row, such as a key bias
+            # or the last bias of a position-bias MLP) is rounding noise in both forms; a relative error of
+            # noise against noise means nothing, so compare it against the largest gradient instead.
+            err = (a - b).norm().item() / largest
+            assert err <= TOL[torch.float64], f"{what}: |fast - reference| = {err:.3e} of the largest gradient"
             continue
-        assert_close(a, b, torch.float64, f"{mech.name} {pattern}: module fast vs reference gradient #{i}")
+        assert_close(a, b, torch.float64, what)
 
 
 def check_decode(mech: Mechanism) -> None:
