@@ -8,10 +8,6 @@ See ``attnzoo list`` (or ``attnzoo.list_mechanisms()``) for the registered mecha
 for the contract. (``attnzoo.mechanisms`` is the package holding one file per paper.)
 """
 
-# The subpackage `attnzoo.mechanisms` is imported before the function `mechanisms` is bound below: Python sets a
-# package attribute the first time a subpackage is imported, so importing it later (for example
-# `from attnzoo.mechanisms.local.x import y` in a test) would otherwise replace the function with the package.
-from . import mechanisms as _mechanisms_package  # noqa: F401
 from .errors import AttnzooError, OptionError, UnknownMechanismError, UnsupportedPatternError
 from .functional import attention, pattern_of
 from .layers import Attention, build

@@ -8,7 +8,7 @@ from attnzoo.bench.gate import run_gate
 
 # The softmax forms are looked up in the registry when a test runs, never at import: loading the registry
 # during collection rebinds `attnzoo.mechanisms` (the function) to the subpackage of the same name, and
-# tests/conformance calls `attnzoo.mechanisms()` while it is collected.
+# tests/conformance calls `attnzoo.list_mechanisms()` while it is collected.
 def softmax_fast(q, k, v, **kw):
     return registry.get("softmax").fast(q, k, v, **kw)
 
