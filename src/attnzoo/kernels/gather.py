@@ -41,14 +41,21 @@ def _groups(m: int, per_block: int) -> list[tuple[int, int]]:
     return [(s, min(m, s + step)) for s in range(0, m, step)]
 
 
-def _flat_index(index: torch.Tensor, s: int, e: int, B: int, Hk: int, nk: int) -> torch.Tensor:
-    """Rows of the (B*Hk*Nk, D) flattened keys for blocks s:e: (B, Hk, g, L) int64."""
-    idx = index[:, :, s:e].expand(B, Hk, -1, -1)  # (B, Hk, g, L)
-    base = torch.arange(B * Hk, device=index.device).view(B, Hk, 1, 1) * nk
+def _flat_index(index: torch.Tensor, s: int, e: int, B: int, Hk: int, nr: int) -> torch.Tensor:
+    """Rows of the (B*Hk*Nk/run, run*D) flattened keys for blocks s:e: (B, Hk, g, Lr) int64."""
+    idx = index[:, :, s:e].expand(B, Hk, -1, -1)  # (B, Hk, g, Lr)
+    base = torch.arange(B * Hk, device=index.device).view(B, Hk, 1, 1) * nr
     return idx + base
 
 
-def _chunk_mask(flat, idx, s, e, slot_mask, qpos, kpm_flat, pair_mask) -> torch.Tensor | None:
+def _runs(x: torch.Tensor, run: int) -> torch.Tensor:
+    """Run starts (..., Lr) in units of ``run`` keys -> every key (..., Lr*run)."""
+    if run == 1:
+        return x
+    return (x.unsqueeze(-1) * run + torch.arange(run, device=x.device)).flatten(-2)
+
+
+def _chunk_mask(flat, idx, s, e, run, slot_mask, qpos, kpm_flat, pair_mask) -> torch.Tensor | None:
     """Bool (B|1, Hk|1, g, R|1, L), True = keep, or None when nothing is masked."""
     mask = None
 
@@ -58,9 +65,9 @@ def _chunk_mask(flat, idx, s, e, slot_mask, qpos, kpm_flat, pair_mask) -> torch.
     if slot_mask is not None:
         mask = _and(mask, slot_mask[:, :, s:e].unsqueeze(3))  # (B|1, Hk|1, g, 1, L)
     if qpos is not None:
-        mask = _and(mask, idx.unsqueeze(3) <= qpos[:, :, s:e].unsqueeze(-1))  # (B, Hk, g, R, L)
+        mask = _and(mask, _runs(idx, run).unsqueeze(3) <= qpos[:, :, s:e].unsqueeze(-1))  # (B, Hk, g, R, L)
     if kpm_flat is not None:
-        mask = _and(mask, kpm_flat[flat].unsqueeze(3))  # (B, Hk, g, 1, L)
+        mask = _and(mask, kpm_flat[_runs(flat, run)].unsqueeze(3))  # (B, Hk, g, 1, L)
     if pair_mask is not None:
         pm = pair_mask(s, e) if callable(pair_mask) else pair_mask[:, :, s:e]
         mask = _and(mask, pm)  # (B|1, Hk|1, g, R, L)
@@ -69,102 +76,108 @@ def _chunk_mask(flat, idx, s, e, slot_mask, qpos, kpm_flat, pair_mask) -> torch.
 
 class _GatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qb, k, v, key_bias, index, scale, slot_mask, qpos, key_padding_mask, pair_mask):
+    def forward(ctx, qb, k, v, key_bias, index, scale, slot_mask, qpos, key_padding_mask, pair_mask, run):
         B, Hk, M, R, D = qb.shape
         Nk, Dv = k.shape[2], v.shape[3]
-        L = index.shape[-1]
+        Nr = Nk // run
+        L = index.shape[-1] * run
         acc = torch.promote_types(qb.dtype, torch.float32)
-        kf = k.to(acc).reshape(B * Hk * Nk, D)  # (B*Hk*Nk, D)
-        vf = v.to(acc).reshape(B * Hk * Nk, Dv)  # (B*Hk*Nk, Dv)
+        kf = k.to(acc).reshape(B * Hk * Nr, run * D)  # (B*Hk*Nk/run, run*D): one row per run of keys
+        vf = v.to(acc).reshape(B * Hk * Nr, run * Dv)
         bf = None if key_bias is None else key_bias.to(acc).reshape(B * Hk * Nk)  # (B*Hk*Nk,)
         kpm_flat = None
         if key_padding_mask is not None:
             kpm_flat = key_padding_mask.view(B, 1, Nk).expand(B, Hk, Nk).reshape(-1)  # (B*Hk*Nk,)
         out = torch.empty(B, Hk, M, R, Dv, dtype=acc, device=qb.device)  # (B, Hk, M, R, Dv)
         lse = torch.empty(B, Hk, M, R, dtype=acc, device=qb.device)  # (B, Hk, M, R)
+        qs_all = qb.to(acc) * scale  # (B, Hk, M, R, D), scale folded in
         for s, e in _groups(M, B * Hk * L * max(R, D, Dv)):
-            flat = _flat_index(index, s, e, B, Hk, Nk)  # (B, Hk, g, L)
+            flat = _flat_index(index, s, e, B, Hk, Nr)  # (B, Hk, g, L/run)
             g = e - s
             kg = kf.index_select(0, flat.reshape(-1)).view(B, Hk, g, L, D)  # (B, Hk, g, L, D)
             vg = vf.index_select(0, flat.reshape(-1)).view(B, Hk, g, L, Dv)  # (B, Hk, g, L, Dv)
-            sc = torch.matmul(qb[:, :, s:e].to(acc) * scale, kg.transpose(-1, -2))  # (B, Hk, g, R, L)
+            sc = torch.matmul(qs_all[:, :, s:e], kg.transpose(-1, -2))  # (B, Hk, g, R, L)
             if bf is not None:
-                sc = sc + bf[flat].unsqueeze(3)  # key bias broadcast over rows
-            mask = _chunk_mask(flat, index[:, :, s:e], s, e, slot_mask, qpos, kpm_flat, pair_mask)
+                sc.add_(bf[_runs(flat, run)].unsqueeze(3))  # key bias broadcast over rows
+            mask = _chunk_mask(flat, index[:, :, s:e], s, e, run, slot_mask, qpos, kpm_flat, pair_mask)
             if mask is not None:
-                sc = sc.masked_fill(~mask, float("-inf"))
+                sc.masked_fill_(~mask, float("-inf"))
             m = sc.amax(dim=-1, keepdim=True)  # (B, Hk, g, R, 1)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty rows: exp(-inf) = 0
-            p = torch.exp(sc - m)  # (B, Hk, g, R, L), unnormalised
+            p = sc.sub_(m).exp_()  # (B, Hk, g, R, L), unnormalised, in place
             denom = p.sum(dim=-1, keepdim=True)  # (B, Hk, g, R, 1)
             o = torch.matmul(p, vg)  # (B, Hk, g, R, Dv)
-            out[:, :, s:e] = o / torch.where(denom > 0, denom, torch.ones_like(denom))
+            out[:, :, s:e] = o.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
             lse[:, :, s:e] = (m + torch.log(denom)).squeeze(-1)
         out_c = out.to(qb.dtype)
         ctx.save_for_backward(qb, k, v, key_bias, index, slot_mask, qpos, key_padding_mask,
                               pair_mask if isinstance(pair_mask, torch.Tensor) else None, out, lse)
         ctx.pair_fn = pair_mask if callable(pair_mask) and not isinstance(pair_mask, torch.Tensor) else None
-        ctx.scale = scale
+        ctx.scale, ctx.run = scale, run
         return out_c, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         qb, k, v, key_bias, index, slot_mask, qpos, key_padding_mask, pair_t, out, lse = ctx.saved_tensors
         pair_mask = ctx.pair_fn if ctx.pair_fn is not None else pair_t
-        scale = ctx.scale
+        scale, run = ctx.scale, ctx.run
         B, Hk, M, R, D = qb.shape
         Nk, Dv = k.shape[2], v.shape[3]
-        L = index.shape[-1]
+        Nr = Nk // run
+        L = index.shape[-1] * run
         acc = torch.promote_types(qb.dtype, torch.float32)
-        kf = k.to(acc).reshape(B * Hk * Nk, D)
-        vf = v.to(acc).reshape(B * Hk * Nk, Dv)
+        kf = k.to(acc).reshape(B * Hk * Nr, run * D)
+        vf = v.to(acc).reshape(B * Hk * Nr, run * Dv)
         bf = None if key_bias is None else key_bias.to(acc).reshape(B * Hk * Nk)
         kpm_flat = None
         if key_padding_mask is not None:
             kpm_flat = key_padding_mask.view(B, 1, Nk).expand(B, Hk, Nk).reshape(-1)
-        dout = torch.zeros_like(out) if dout is None else dout.to(acc)  # (B, Hk, M, R, Dv)
+        # contiguous: autograd may hand an expanded (stride-0) gradient, which BLAS cannot use
+        dout = torch.zeros_like(out) if dout is None else dout.to(acc).contiguous()  # (B, Hk, M, R, Dv)
         delta = (dout * out).sum(dim=-1, keepdim=True)  # (B, Hk, M, R, 1)
         if dlse is not None:
             delta = delta - dlse.to(acc).unsqueeze(-1)  # d lse / d s = p folds into the same term
         lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)  # (B, Hk, M, R, 1)
         dq = torch.empty(B, Hk, M, R, D, dtype=acc, device=qb.device)
-        dk = torch.zeros(B * Hk * Nk, D, dtype=acc, device=qb.device)
-        dv = torch.zeros(B * Hk * Nk, Dv, dtype=acc, device=qb.device)
-        db = None if bf is None else torch.zeros(B * Hk * Nk, dtype=acc, device=qb.device)
+        dk = torch.zeros(B * Hk * Nr, run * D, dtype=acc, device=qb.device)
+        dv = torch.zeros(B * Hk * Nr, run * Dv, dtype=acc, device=qb.device)
+        db = None if bf is None else torch.zeros(B * Hk * Nr, run, dtype=acc, device=qb.device)
+        qs_all = qb.to(acc) * scale  # (B, Hk, M, R, D)
         for s, e in _groups(M, B * Hk * L * max(R, D, Dv)):
-            flat = _flat_index(index, s, e, B, Hk, Nk)  # (B, Hk, g, L)
+            flat = _flat_index(index, s, e, B, Hk, Nr)  # (B, Hk, g, L/run)
             g = e - s
             fl = flat.reshape(-1)
             kg = kf.index_select(0, fl).view(B, Hk, g, L, D)
             vg = vf.index_select(0, fl).view(B, Hk, g, L, Dv)
-            qs = qb[:, :, s:e].to(acc) * scale  # (B, Hk, g, R, D)
+            qs = qs_all[:, :, s:e]  # (B, Hk, g, R, D)
             sc = torch.matmul(qs, kg.transpose(-1, -2))  # (B, Hk, g, R, L)
             if bf is not None:
-                sc = sc + bf[flat].unsqueeze(3)
-            mask = _chunk_mask(flat, index[:, :, s:e], s, e, slot_mask, qpos, kpm_flat, pair_mask)
+                sc.add_(bf[_runs(flat, run)].unsqueeze(3))
+            mask = _chunk_mask(flat, index[:, :, s:e], s, e, run, slot_mask, qpos, kpm_flat, pair_mask)
             if mask is not None:
-                sc = sc.masked_fill(~mask, float("-inf"))
-            p = torch.exp(sc - lse_safe[:, :, s:e])  # (B, Hk, g, R, L), 0 where masked
+                sc.masked_fill_(~mask, float("-inf"))
+            p = sc.sub_(lse_safe[:, :, s:e]).exp_()  # (B, Hk, g, R, L), 0 where masked
             do = dout[:, :, s:e]  # (B, Hk, g, R, Dv)
             dvg = torch.matmul(p.transpose(-1, -2), do)  # (B, Hk, g, L, Dv)
             dp = torch.matmul(do, vg.transpose(-1, -2))  # (B, Hk, g, R, L)
-            ds = p * (dp - delta[:, :, s:e])  # dL/d(score), (B, Hk, g, R, L)
-            dq[:, :, s:e] = torch.matmul(ds, kg) * scale
+            ds = dp.sub_(delta[:, :, s:e]).mul_(p)  # dL/d(score), (B, Hk, g, R, L)
+            dq[:, :, s:e] = torch.matmul(ds, kg).mul_(scale)
             dkg = torch.matmul(ds.transpose(-1, -2), qs)  # (B, Hk, g, L, D)
-            dk.index_add_(0, fl, dkg.reshape(-1, D))
-            dv.index_add_(0, fl, dvg.reshape(-1, Dv))
+            # accumulate (repeated indices add up); index_put_ is much faster than index_add_ on CPU
+            dk.index_put_((fl,), dkg.reshape(-1, run * D), accumulate=True)
+            dv.index_put_((fl,), dvg.reshape(-1, run * Dv), accumulate=True)
             if db is not None:
-                db.index_add_(0, fl, ds.sum(dim=3).reshape(-1))
+                db.index_put_((fl,), ds.sum(dim=3).reshape(-1, run), accumulate=True)
         dk = dk.view(B, Hk, Nk, D).to(k.dtype)
         dv = dv.view(B, Hk, Nk, Dv).to(v.dtype)
         dbias = None if db is None else db.view(B, Hk, Nk).to(key_bias.dtype)
-        return dq.to(qb.dtype), dk, dv, dbias, None, None, None, None, None, None
+        return dq.to(qb.dtype), dk, dv, dbias, None, None, None, None, None, None, None
 
 
 def gather_attention(
     qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, *, scale: float,
     key_bias: torch.Tensor | None = None, slot_mask: torch.Tensor | None = None, qpos: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None, pair_mask: PairMask = None,
+    key_padding_mask: torch.Tensor | None = None, pair_mask: PairMask = None, run: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocked attention over gathered keys; returns ``(out (B, Hk, M, R, Dv), lse (B, Hk, M, R))``.
 
@@ -172,8 +185,10 @@ def gather_attention(
         qb: (B, Hk, M, R, D) queries arranged in M blocks of R rows per key/value head (the caller stacks
             grouped-query heads as rows or as extra blocks).
         k: (B, Hk, Nk, D); v: (B, Hk, Nk, Dv).
-        index: (B|1, Hk|1, M, L) int64 key positions each block may see (entries of masked slots must
-            still be valid positions, e.g. 0).
+        index: (B|1, Hk|1, M, L/run) int64: the keys each block may see, as starts of runs of ``run``
+            consecutive keys in units of ``run`` (with ``run=1``: key positions). Entries of masked slots
+            must still be valid (e.g. 0). Runs let the gathers and gradient scatters move whole rows of
+            ``run * D`` values (BiFormer regions, HiP key blocks, sorted LSH blocks).
         scale: score scale.
         key_bias: optional (B, Hk, Nk) additive per-key score bias (DMA); receives gradient.
         slot_mask: (B|1, Hk|1, M, L) bool, False drops a slot for the whole block.
@@ -182,9 +197,13 @@ def gather_attention(
         pair_mask: (B|1, Hk|1, M, R, L) bool, or ``fn(s, e)`` returning it for blocks s:e (recomputed in the
             backward, so huge masks need not be stored).
 
+        run: keys per run; Nk must be a multiple of it. Masks are per key slot (L = index length * run).
+
     Rows that see no key get out 0 and lse -inf.
     """
     if index.dtype != torch.int64:
         raise TypeError(f"index: expected an int64 tensor, got {index.dtype}")
+    if k.shape[2] % run:
+        raise ValueError(f"run: the key length {k.shape[2]} must be a multiple of run={run}")
     return _GatherAttention.apply(qb, k, v, key_bias, index, float(scale), slot_mask, qpos, key_padding_mask,
-                                  pair_mask)
+                                  pair_mask, int(run))

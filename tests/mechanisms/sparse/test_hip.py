@@ -41,15 +41,16 @@ def test_topk_covering_every_key_is_exact(backend, Hq, Hk, nq, nk, causal):
     assert_close(got, want, torch.float64, f"hip topk >= Nk ({backend})")
 
 
-FAST = [(4, 2, 63, 63, True), (2, 2, 65, 65, False), (2, 1, 9, 70, True), (2, 2, 64, 64, True)]
+FAST = [(4, 2, 63, 63, True, "minmax"), (2, 2, 65, 65, False, "exact"), (2, 1, 9, 70, True, "minmax"),
+        (2, 2, 64, 64, True, "exact")]
 
 
-@pytest.mark.parametrize("Hq,Hk,nq,nk,causal", FAST)
+@pytest.mark.parametrize("Hq,Hk,nq,nk,causal,rep", FAST)
 @pytest.mark.parametrize("masked", [False, True])
-def test_fast_equals_reference_outputs_and_gradients(Hq, Hk, nq, nk, causal, masked):
+def test_fast_equals_reference_outputs_and_gradients(Hq, Hk, nq, nk, causal, rep, masked):
     q, k, v = _qkv(2, Hq, Hk, nq, nk, seed=3, grad=True)
     kpm = _mask(2, nk, seed=4) if masked else None
-    kw = dict(mechanism="hip", causal=causal, key_padding_mask=kpm, **OPTS)
+    kw = dict(mechanism="hip", causal=causal, key_padding_mask=kpm, representative=rep, **OPTS)
     ref = attnzoo.attention(q, k, v, backend="reference", **kw)
     fast = attnzoo.attention(q, k, v, backend="fast", **kw)
     assert_close(fast, ref, torch.float64, "fast vs reference")
@@ -82,9 +83,10 @@ def _tree_search_by_hand(q_rows, keys, n_blk, kb, bk):
         for c, (s, z) in enumerate(cand):
             if z < 1:
                 sc = -math.inf
-            else:
+            else:  # official min/max summary of the representative (first) key block of the half
                 block = keys[s * bk:(s + 1) * bk]
-                sc = max(float(q @ kk) for q in q_rows for kk in block)
+                kmin, kmax = block.min(dim=0).values, block.max(dim=0).values
+                sc = max(max(float(q @ kmin), float(q @ kmax)) for q in q_rows)
             scored.append((-sc, c))
         keep = [c for _, c in sorted(scored)[:kb]]
         starts, sizes = [cand[c][0] for c in keep], [cand[c][1] for c in keep]
@@ -102,7 +104,7 @@ def test_tree_search_matches_a_hand_written_iteration():
     for h in range(2):
         for b in range(48 // bq):
             end = (b + 1) * bq
-            search_end = max(0, min(end - sw, b * bq))
+            search_end = max(0, min(end - sw, b * bq)) // bk * bk
             n_blk = -(-search_end // bk)
             if n_blk <= kb:
                 continue
@@ -124,7 +126,7 @@ def test_monotone_keys_find_the_true_top_k_blocks(direction):
     p = hip_select(q, k, None, causal=True, topk=topk, block_size_q=1, block_size_k=bk, sliding_window=0,
                    sinks=0, query_stride=1)
     for i in range(20, n):
-        search_end = i  # block of one query at position i; keys [0, i) searchable
+        search_end = i // bk * bk  # block of one query at position i; whole key blocks before i
         n_blk = -(-search_end // bk)
         block_max = [max(direction * j / n for j in range(b * bk, min((b + 1) * bk, search_end)))
                      for b in range(n_blk)]
@@ -165,7 +167,8 @@ def test_decode_token_by_token_equals_forward_with_single_query_blocks():
 
 def test_official_defaults_and_errors():
     o = attnzoo.get("hip").resolve_options({})
-    assert (o["topk"], o["block_size_q"], o["sliding_window"], o["query_stride"]) == (512, 32, 128, 2)
+    assert (o["topk"], o["block_size_q"], o["block_size_k"], o["sliding_window"], o["sinks"], o["query_stride"],
+            o["representative"]) == (512, 32, 8, 128, 4, 2, "minmax")
     q, k, v = _qkv(1, 2, 2, 3, 9)
     with pytest.raises(ValueError, match="noncausal_cross"):
         attnzoo.attention(q, k, v, mechanism="hip")

@@ -96,13 +96,11 @@ def bra_fast(q, k, v, r_idx, *, height, width, n_win, scale):
     B, heads, N, _ = q.shape
     S2 = n_win * n_win
     w2 = N // S2
-    topk = r_idx.shape[-1]
     qr = _to_regions(q, height, width, n_win)  # (B, heads, S2, w2, dq)
     kr = _to_regions(k, height, width, n_win).reshape(B, heads, N, -1)  # (B, heads, N, dq) region-major
     vr = _to_regions(v, height, width, n_win).reshape(B, heads, N, -1)  # (B, heads, N, dv) region-major
-    tok = torch.arange(w2, device=q.device)
-    index = (r_idx.unsqueeze(-1) * w2 + tok).reshape(B, 1, S2, topk * w2)  # (B, 1, S2, topk*w2) key rows
-    out, _ = gather_attention(qr, kr, vr, index, scale=scale)  # (B, heads, S2, w2, dv)
+    index = r_idx.view(B, 1, S2, -1)  # routed regions = runs of w2 consecutive region-major keys
+    out, _ = gather_attention(qr, kr, vr, index, scale=scale, run=w2)  # (B, heads, S2, w2, dv)
     return _from_regions(out, height, width, n_win)  # (B, heads, N, dv)
 
 

@@ -9,24 +9,29 @@ attention ``v1_0/attention1_block_gpu_kernel/calc_prob_return_context.py``).
 For every block of ``block_size_q`` queries and every head, a tree search picks ``topk / block_size_k``
 key blocks: start with that many contiguous groups of key blocks covering the searchable keys; repeat
 until every group is one block: split each group in two halves, score each half by its representative
-(its first key block: max over the block's scoring queries and the block's keys of q . k), keep the best
-halves. The queries then attend exactly (softmax) to the union of: the first ``sinks`` keys, the selected
-key blocks, and a local window. O(T log T) mask estimation, O(T k d) attention, no T x T matrix.
+(its first key block: max over the block's scoring queries of q . r for the block's representative
+vectors r), keep the best halves. The queries then attend exactly (softmax) to the union of: the first
+``sinks`` keys, the selected key blocks, and a local window. O(T log T) mask estimation, O(T k d)
+attention, no T x T matrix.
 
-Confirmed against the official code (v1.1 draft, numba and causal-batch versions): groups initialised at
-``floor(n_blocks * i / kb)``; a group of size s splits into ``floor(s/2)`` and ``s - floor(s/2)`` blocks;
-empty halves are never selected; the representative of a half is its first key block, scored by the max
-dot product with every second query of the block (``q[1::2]``, our ``query_stride=2``); the searchable
-range of a causal query block ends ``sliding_window`` keys before the block's last key, and those last
-keys are attended densely (causally) by the whole block; sink keys are always attended and not counted
-twice; selection uses raw q . k (scale does not change the order).
+Confirmed against the official code (v1.1 ``hip_attention``: numba draft and causal-batch GPU version):
+groups initialised at ``floor(n_blocks * i / kb)``; a group of size s splits into ``floor(s/2)`` and
+``s - floor(s/2)`` blocks; empty halves are never selected; the representative of a half is its first key
+block; its score is the max over every second query of the block (``q[1::2]``, our ``query_stride=2``) of
+``max(q . k_min, q . k_max)`` with ``k_min``/``k_max`` the element-wise min/max of the block's keys
+(``block_size_k=1, block_size_k_group=8``: our ``block_size_k=8, representative="minmax"``); the
+searchable range of a causal query block ends ``sliding_window`` keys before the block's last key and
+those keys are attended densely (causally) by the whole block; the first ``sink_token_size`` keys are
+always attended and not counted twice; defaults ``mask_k=512, block_size_q=32, sliding_window=128,
+sinks=4``; selection uses raw q . k (the scale does not change the order).
 
 Choices where the official code is silent or a GPU shortcut (options or documented):
-- the searchable range of a causal block also ends at the block's first query (``max(sliding_window,
-  rows)`` keys are local), so every searched key is visible to every query of the block;
-- the representative key block is scored exactly (max over its keys); the official v1.1 with
-  ``block_size_k_group > 1`` approximates that max by element-wise min/max key summaries;
-- ties (equal scores) keep the earlier half; key padding: padded keys score -inf and are never attended;
+- the searchable range of a causal block also ends at the block's first query and is cut to whole key
+  blocks (the rest is local), so every searched key is visible to every query of the block and no
+  representative reads a key after a query;
+- ``representative="exact"`` scores a block by the exact max over its keys instead of min/max summaries;
+- ties (equal scores) keep the earlier half; key padding: padded keys are left out of the summaries
+  (a block of padding scores -inf) and never attended;
 - non-causal: the whole sequence is searchable and the local window is ``sliding_window`` keys on both
   sides of the block (the official code is causal only); a key selected twice is attended once;
 - selection runs in float32 (float64 for float64 inputs) whatever the input dtype.
@@ -36,7 +41,7 @@ one token at a time (``step``, KV cache, the same tree search on the cache) equa
 paper's decode (block of 1 query, periodic mask refresh) is that computation without the refresh.
 
 Forms: ``reference`` materializes the selected mask densely and runs exact softmax attention over it;
-``fast`` gathers sinks + selected blocks + local window per query block
+``fast`` gathers sinks + selected blocks + local window per query block as runs of ``block_size_k`` keys
 (:func:`attnzoo.kernels.gather.gather_attention`, hand-written backward). Both share the tree search.
 Gradients reach q, k, v through the selected scores and values; the search itself is not differentiable.
 """
@@ -72,8 +77,8 @@ class HipPlan:
     sinks: int
 
 
-def _geometry(nq, nk, causal, bq, sliding_window, device):
-    """Per query block: real rows, first/last-exclusive key positions, search end, local window."""
+def _geometry(nq, nk, causal, bq, bk, sliding_window, device):
+    """Per query block: real rows, search end (causal: a multiple of bk), local window [lo, hi)."""
     nb = -(-nq // bq)
     off = nk - nq
     first = torch.arange(nb, device=device) * bq
@@ -81,16 +86,38 @@ def _geometry(nq, nk, causal, bq, sliding_window, device):
     start = off + first  # key position of the block's first query
     end = start + rows  # one past the key position of its last query
     if causal:
-        search_end = torch.clamp(torch.minimum(end - sliding_window, start), min=0)
+        search_end = torch.clamp(torch.minimum(end - sliding_window, start), min=0) // bk * bk
         lo, hi = search_end, torch.clamp(end, max=nk)
-    else:
+    else:  # everything is searchable; a partial last key block is scored over its real keys
         search_end = torch.full_like(start, nk)
-        lo, hi = torch.clamp(start - sliding_window, min=0), torch.clamp(end + sliding_window, max=nk)
+        lo = torch.clamp(start - sliding_window, min=0)
+        hi = torch.clamp(end + sliding_window, max=nk)
     return nb, rows, search_end, lo, hi
 
 
+def _representatives(k, key_padding_mask, bk, mode):
+    """Per key block: representative vectors (B, Hk, nkb, V, D) and their validity (B, Hk, nkb, V).
+
+    ``minmax`` (official v1.1 default, ``block_size_k_group``): the element-wise min and max of the block's
+    keys (V = 2); ``exact``: the block's keys themselves (V = bk). Padded keys are left out."""
+    B, Hk, Nk, D = k.shape
+    nkb = -(-Nk // bk)
+    kk = F.pad(k, (0, 0, 0, nkb * bk - Nk)).reshape(B, Hk, nkb, bk, D)
+    ok = torch.ones(B, Nk, dtype=torch.bool, device=k.device) if key_padding_mask is None else key_padding_mask
+    ok = F.pad(ok, (0, nkb * bk - Nk), value=False).reshape(B, 1, nkb, bk)
+    if mode == "exact":
+        return kk, ok.expand(B, Hk, nkb, bk)
+    okv = ok.unsqueeze(-1)  # (B, 1, nkb, bk, 1)
+    kmin = torch.where(okv, kk, torch.full_like(kk, float("inf"))).amin(dim=3)  # (B, Hk, nkb, D)
+    kmax = torch.where(okv, kk, torch.full_like(kk, float("-inf"))).amax(dim=3)
+    any_ok = ok.any(dim=3).expand(B, Hk, nkb)  # (B, Hk, nkb)
+    rep = torch.stack([kmin, kmax], dim=3)  # (B, Hk, nkb, 2, D)
+    rep = torch.where(any_ok.view(B, Hk, nkb, 1, 1), rep, torch.zeros_like(rep))
+    return rep, any_ok.unsqueeze(-1).expand(B, Hk, nkb, 2)
+
+
 def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size_k, sliding_window,
-               sinks, query_stride) -> HipPlan:
+               sinks, query_stride, representative="minmax") -> HipPlan:
     """The tree search (shared by both forms). q (B, Hq, Nq, D), k (B, Hk, Nk, D)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -98,7 +125,7 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
     dev = q.device
     bq, bk = block_size_q, block_size_k
     kb = -(-topk // bk)
-    nb, rows, search_end, lo, hi = _geometry(Nq, Nk, causal, bq, sliding_window, dev)
+    nb, rows, search_end, lo, hi = _geometry(Nq, Nk, causal, bq, bk, sliding_window, dev)
     n_blk = -(-search_end // bk)  # (nb,) key blocks in the searchable range
     base = torch.arange(kb, device=dev)
     blocks = base.expand(B, Hq, nb, kb).clone()  # blocks that need no search take the first kb
@@ -106,17 +133,19 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
     searching = (n_blk > kb).nonzero().flatten()  # (ns,)
     if searching.numel():
         acc = torch.promote_types(q.dtype, torch.float32)
+        rep, rep_ok = _representatives(k.detach().to(acc), key_padding_mask, bk, representative)
+        V = rep.shape[3]
+        nkb = rep.shape[2]
+        rep = rep.reshape(B * Hk * nkb, V * D)  # one row per key block
+        rep_ok = rep_ok.reshape(B * Hk * nkb, V)
         # scoring queries of every block: rows stride-1, 2*stride-1, ... (clamped to the last real row)
         r_cnt = -(-bq // query_stride)
         r_ids = torch.arange(r_cnt, device=dev) * query_stride + (query_stride - 1)  # (R',)
         r_ids = torch.minimum(r_ids.view(1, r_cnt), rows[searching].view(-1, 1) - 1)  # (ns, R')
-        q_rows = (searching.view(-1, 1) * bq + r_ids)  # (ns, R') query indices
+        q_rows = searching.view(-1, 1) * bq + r_ids  # (ns, R') query indices
         qs = q.detach().to(acc)[:, :, q_rows.reshape(-1)].view(B, Hq, -1, r_cnt, D)  # (B, Hq, ns, R', D)
-        kf = k.detach().to(acc).reshape(B * Hk * Nk, D)
         k_base = (torch.arange(B, device=dev).view(B, 1) * Hk
-                  + torch.arange(Hq, device=dev).view(1, Hq) // G).view(B, Hq, 1, 1) * Nk
-        kpm = None if key_padding_mask is None else key_padding_mask.reshape(-1)
-        send = search_end[searching].view(1, 1, -1, 1)  # (1, 1, ns, 1)
+                  + torch.arange(Hq, device=dev).view(1, Hq) // G).view(B, Hq, 1, 1) * nkb
         nbs = n_blk[searching].view(1, 1, -1, 1)
         i = torch.arange(kb, device=dev).view(1, 1, 1, kb)
         start = (nbs * i) // kb  # (1, 1, ns, kb)
@@ -124,9 +153,8 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
         start = start.expand(B, Hq, -1, kb).clone()
         size = size.expand(B, Hq, -1, kb).clone()
         iters = math.ceil(math.log2(int((-(-n_blk[searching] // kb)).max())))
-        tok = torch.arange(bk, device=dev)
         ns = searching.numel()
-        step = max(1, _SCORE_BUDGET // max(1, B * Hq * 2 * kb * bk * (r_cnt + D)))
+        step = max(1, _SCORE_BUDGET // max(1, B * Hq * 2 * kb * V * (r_cnt + D)))
         for _ in range(iters):
             half = size // 2
             c_start = torch.stack([start, start + half], dim=-1).flatten(-2)  # (B, Hq, ns, 2kb)
@@ -134,16 +162,11 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
             score = torch.empty(B, Hq, ns, 2 * kb, dtype=acc, device=dev)
             for s in range(0, ns, step):
                 e = min(ns, s + step)
-                pos = c_start[:, :, s:e].unsqueeze(-1) * bk + tok  # (B, Hq, g, 2kb, bk) representative keys
-                ok = pos < send[:, :, s:e].unsqueeze(-1)
-                pos = torch.where(ok, pos, torch.zeros_like(pos))
-                flat = (pos + k_base.unsqueeze(-1)).reshape(-1)
-                if kpm is not None:
-                    b_of = (flat // Nk) // Hk
-                    ok = ok & kpm[b_of * Nk + flat % Nk].view(ok.shape)
-                keys = kf.index_select(0, flat).view(B, Hq, e - s, 2 * kb * bk, D)
-                sc = torch.matmul(qs[:, :, s:e], keys.transpose(-1, -2))  # (B, Hq, g, R', 2kb*bk)
-                sc = sc.view(B, Hq, e - s, r_cnt, 2 * kb, bk).masked_fill(~ok.unsqueeze(3), float("-inf"))
+                flat = (c_start[:, :, s:e].clamp(max=nkb - 1) + k_base).reshape(-1)  # representative blocks
+                reps = rep.index_select(0, flat).view(B, Hq, e - s, 2 * kb * V, D)
+                ok = rep_ok.index_select(0, flat).view(B, Hq, e - s, 1, 2 * kb, V)
+                sc = torch.matmul(qs[:, :, s:e], reps.transpose(-1, -2))  # (B, Hq, g, R', 2kb*V)
+                sc = sc.view(B, Hq, e - s, r_cnt, 2 * kb, V).masked_fill(~ok, float("-inf"))
                 score[:, :, s:e] = sc.amax(dim=(3, 5))
             # empty halves are never kept; a half whose representative keys are all padding ranks last
             score = torch.where(c_size < 1, torch.full_like(score, float("-inf")),
@@ -158,7 +181,7 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
 def _plan(q, k, key_padding_mask, causal, opts) -> HipPlan:
     return hip_select(q, k, key_padding_mask, causal=causal, topk=opts["topk"], block_size_q=opts["block_size_q"],
                       block_size_k=opts["block_size_k"], sliding_window=opts["sliding_window"],
-                      sinks=opts["sinks"], query_stride=opts["query_stride"])
+                      sinks=opts["sinks"], query_stride=opts["query_stride"], representative=opts["representative"])
 
 
 def selected_mask(p: HipPlan, nq: int, nk: int, *, causal: bool, key_padding_mask=None) -> torch.Tensor:
@@ -189,37 +212,49 @@ def hip_reference(q, k, v, *, causal, key_padding_mask, scale, **opts):
 
 
 def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
-    """Gathered sinks + selected key blocks + local window per query block; O(T (k + w) d)."""
+    """Gathered sinks + selected key blocks + local window per query block, as runs of ``block_size_k``
+    keys; O(T (k + w) d)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     G = Hq // Hk
     p = _plan(q, k, key_padding_mask, causal, opts)
     nb, bq, bk, S = p.blocks.shape[2], p.bq, p.bk, min(p.sinks, Nk)
     dev = q.device
-    # sinks
-    sink_idx = torch.arange(S, device=dev).expand(B, Hq, nb, S)
-    sink_ok = torch.ones(1, 1, 1, S, dtype=torch.bool, device=dev).expand(B, Hq, nb, S)
-    # selected blocks (within the searched range, not sinks, not already local)
-    sel = p.blocks.unsqueeze(-1) * bk + torch.arange(bk, device=dev)  # (B, Hq, nb, kb, bk)
-    lo, hi = p.local_lo.view(1, 1, nb, 1, 1), p.local_hi.view(1, 1, nb, 1, 1)
-    sel_ok = p.valid.unsqueeze(-1) & (sel < p.search_end.view(1, 1, nb, 1, 1)) & (sel >= S)
-    sel_ok = sel_ok & ~((sel >= lo) & (sel < hi))
-    sel, sel_ok = sel.flatten(-2), sel_ok.flatten(-2)
-    # local window
-    wl = int((p.local_hi - p.local_lo).max())
-    loc = p.local_lo.view(nb, 1) + torch.arange(wl, device=dev)  # (nb, wl)
-    loc_ok = (loc < p.local_hi.view(nb, 1)) & (loc >= S)
-    index = torch.cat([sink_idx, sel, loc.expand(B, Hq, nb, wl)], dim=-1)  # (B, Hq, nb, L)
-    slot = torch.cat([sink_ok, sel_ok, loc_ok.expand(B, Hq, nb, wl)], dim=-1)
-    index = torch.where(slot, index, torch.zeros_like(index)).clamp(max=Nk - 1)
-    L = index.shape[-1]
+    nkb = -(-Nk // bk)
+    pad = nkb * bk - Nk
+    kpm = key_padding_mask
+    if pad:  # whole key blocks: pad keys/values, the padding is masked
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        kpm = torch.ones(B, Nk, dtype=torch.bool, device=dev) if kpm is None else kpm
+        kpm = F.pad(kpm, (0, pad), value=False)
+    tok = torch.arange(bk, device=dev)
+    # sink blocks (keys < S)
+    ns_blk = -(-S // bk)
+    sink_blk = torch.arange(ns_blk, device=dev).expand(B, Hq, nb, ns_blk)
+    sink_ok = ((sink_blk.unsqueeze(-1) * bk + tok) < S).flatten(-2)  # (B, Hq, nb, ns_blk*bk)
+    # selected blocks: not sinks, not the local window (non-causal overlap)
+    lo5, hi5 = p.local_lo.view(1, 1, nb, 1, 1), p.local_hi.view(1, 1, nb, 1, 1)
+    sel = p.blocks.unsqueeze(-1) * bk + tok  # (B, Hq, nb, kb, bk)
+    sel_ok = p.valid.unsqueeze(-1) & (sel >= S) & (sel < p.search_end.view(1, 1, nb, 1, 1))
+    sel_ok = (sel_ok & ~((sel >= lo5) & (sel < hi5))).flatten(-2)
+    # local window blocks
+    lo_blk, hi_blk = p.local_lo // bk, -(-p.local_hi // bk)  # (nb,)
+    wl = int((hi_blk - lo_blk).max())
+    loc_blk = torch.minimum(lo_blk.view(nb, 1) + torch.arange(wl, device=dev), torch.tensor(nkb - 1, device=dev))
+    loc = loc_blk.unsqueeze(-1) * bk + tok  # (nb, wl, bk)
+    loc_ok = ((loc >= p.local_lo.view(nb, 1, 1)) & (loc < p.local_hi.view(nb, 1, 1)) & (loc >= S)
+              & (torch.arange(wl, device=dev).view(1, wl, 1) < (hi_blk - lo_blk).view(nb, 1, 1))).flatten(-2)
+    index = torch.cat([sink_blk, p.blocks, loc_blk.expand(B, Hq, nb, wl)], dim=-1)  # (B, Hq, nb, Lr)
+    slot = torch.cat([sink_ok, sel_ok, loc_ok.expand(B, Hq, nb, wl * bk)], dim=-1)  # (B, Hq, nb, Lr*bk)
+    Lr = index.shape[-1]
     qb = F.pad(q, (0, 0, 0, nb * bq - Nq)).view(B, Hk, G * nb, bq, D)  # (B, Hk, G*nb, bq, D)
     qpos = None
     if causal:
         pos = (Nk - Nq) + torch.arange(nb * bq, device=dev).view(1, nb, bq)
         qpos = pos.expand(G, nb, bq).reshape(1, 1, G * nb, bq)
-    out, _ = gather_attention(qb, k, v, index.view(B, Hk, G * nb, L), scale=scale,
-                              slot_mask=slot.view(B, Hk, G * nb, L), qpos=qpos, key_padding_mask=key_padding_mask)
+    out, _ = gather_attention(qb, k, v, index.reshape(B, Hk, G * nb, Lr), scale=scale,
+                              slot_mask=slot.reshape(B, Hk, G * nb, Lr * bk), qpos=qpos, key_padding_mask=kpm,
+                              run=bk)
     return out.reshape(B, Hq, nb * bq, -1)[:, :, :Nq].to(q.dtype)
 
 
@@ -256,8 +291,10 @@ HIP = register(Mechanism(
         Option("block_size_q", 32, int, low=1, doc="queries sharing one search (b_q); 1 = per-query, decodable"),
         Option("block_size_k", 8, int, low=1, doc="keys per key block (b_k)"),
         Option("sliding_window", 128, int, low=0, doc="keys before each query block attended densely"),
-        Option("sinks", 0, int, low=0, doc="leading keys every query attends to"),
+        Option("sinks", 4, int, low=0, doc="leading keys every query attends to (official sink_token_size)"),
         Option("query_stride", 2, int, low=1, doc="score halves with every query_stride-th query of the block"),
+        Option("representative", "minmax", str, choices=("minmax", "exact"),
+               doc="score of a key block: q . (element-wise min / max of its keys) as official, or exact max"),
     ),
     test_options={"topk": 4, "block_size_q": 1, "block_size_k": 2, "sliding_window": 1, "sinks": 1,
                   "query_stride": 1},
