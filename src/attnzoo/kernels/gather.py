@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-_TILE_ELEMENTS = 1 << 22
+_TILE_ELEMENTS = 1 << 20
 """Largest score tile (elements) materialized at once; bounds temporary memory."""
 
 PairMask = torch.Tensor | Callable[[int, int], torch.Tensor] | None
@@ -55,23 +55,37 @@ def _runs(x: torch.Tensor, run: int) -> torch.Tensor:
     return (x.unsqueeze(-1) * run + torch.arange(run, device=x.device)).flatten(-2)
 
 
-def _chunk_mask(flat, idx, s, e, run, slot_mask, qpos, kpm_flat, pair_mask) -> torch.Tensor | None:
-    """Bool (B|1, Hk|1, g, R|1, L), True = keep, or None when nothing is masked."""
-    mask = None
+def _chunk_drop(flat, idx, s, e, run, slot_mask, qpos, kpm_flat, pair_mask) -> torch.Tensor | None:
+    """Bool (B|1, Hk|1, g, R|1, L), True = masked out, or None when nothing is masked. Built as a drop mask
+    so that only the small per-slot parts are negated, not the (R x L) tile."""
+    drop = None
 
-    def _and(a, b):
-        return b if a is None else a & b
+    def _or(a, b):
+        return b if a is None else a | b
 
     if slot_mask is not None:
-        mask = _and(mask, slot_mask[:, :, s:e].unsqueeze(3))  # (B|1, Hk|1, g, 1, L)
-    if qpos is not None:
-        mask = _and(mask, _runs(idx, run).unsqueeze(3) <= qpos[:, :, s:e].unsqueeze(-1))  # (B, Hk, g, R, L)
+        drop = _or(drop, ~slot_mask[:, :, s:e].unsqueeze(3))  # (B|1, Hk|1, g, 1, L)
     if kpm_flat is not None:
-        mask = _and(mask, kpm_flat[_runs(flat, run)].unsqueeze(3))  # (B, Hk, g, 1, L)
+        drop = _or(drop, ~kpm_flat[_runs(flat, run)].unsqueeze(3))  # (B, Hk, g, 1, L)
+    if qpos is not None:
+        drop = _or(drop, _runs(idx, run).unsqueeze(3) > qpos[:, :, s:e].unsqueeze(-1))  # (B, Hk, g, R, L)
     if pair_mask is not None:
         pm = pair_mask(s, e) if callable(pair_mask) else pair_mask[:, :, s:e]
-        mask = _and(mask, pm)  # (B|1, Hk|1, g, R, L)
-    return mask
+        drop = _or(drop, ~pm)  # (B|1, Hk|1, g, R, L)
+    return drop
+
+
+def _exp_masked(x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """exp(x) in place, exactly 0 where ``drop`` is True.
+
+    Arguments are clamped at -80 first: vectorized exp takes a slow path (several times slower) on -inf
+    and on results that underflow. exp(-80) = 1.8e-35, so an entry more than 80 below its row maximum
+    weighs 1.8e-35 instead of ~0: invisible at any tolerance; masked entries are reset to exactly 0.
+    """
+    x.clamp_(min=-80.0).exp_()
+    if drop is not None:
+        x.masked_fill_(drop, 0.0)
+    return x
 
 
 class _GatherAttention(torch.autograd.Function):
@@ -99,12 +113,12 @@ class _GatherAttention(torch.autograd.Function):
             sc = torch.matmul(qs_all[:, :, s:e], kg.transpose(-1, -2))  # (B, Hk, g, R, L)
             if bf is not None:
                 sc.add_(bf[_runs(flat, run)].unsqueeze(3))  # key bias broadcast over rows
-            mask = _chunk_mask(flat, index[:, :, s:e], s, e, run, slot_mask, qpos, kpm_flat, pair_mask)
-            if mask is not None:
-                sc.masked_fill_(~mask, float("-inf"))
+            drop = _chunk_drop(flat, index[:, :, s:e], s, e, run, slot_mask, qpos, kpm_flat, pair_mask)
+            if drop is not None:
+                sc.masked_fill_(drop, float("-inf"))
             m = sc.amax(dim=-1, keepdim=True)  # (B, Hk, g, R, 1)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty rows: exp(-inf) = 0
-            p = sc.sub_(m).exp_()  # (B, Hk, g, R, L), unnormalised, in place
+            p = _exp_masked(sc.sub_(m), drop)  # (B, Hk, g, R, L), unnormalised, in place
             denom = p.sum(dim=-1, keepdim=True)  # (B, Hk, g, R, 1)
             o = torch.matmul(p, vg)  # (B, Hk, g, R, Dv)
             out[:, :, s:e] = o.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
@@ -153,10 +167,10 @@ class _GatherAttention(torch.autograd.Function):
             sc = torch.matmul(qs, kg.transpose(-1, -2))  # (B, Hk, g, R, L)
             if bf is not None:
                 sc.add_(bf[_runs(flat, run)].unsqueeze(3))
-            mask = _chunk_mask(flat, index[:, :, s:e], s, e, run, slot_mask, qpos, kpm_flat, pair_mask)
-            if mask is not None:
-                sc.masked_fill_(~mask, float("-inf"))
-            p = sc.sub_(lse_safe[:, :, s:e]).exp_()  # (B, Hk, g, R, L), 0 where masked
+            drop = _chunk_drop(flat, index[:, :, s:e], s, e, run, slot_mask, qpos, kpm_flat, pair_mask)
+            if drop is not None:
+                sc.masked_fill_(drop, float("-inf"))
+            p = _exp_masked(sc.sub_(lse_safe[:, :, s:e]), drop)  # (B, Hk, g, R, L), 0 where masked
             do = dout[:, :, s:e]  # (B, Hk, g, R, Dv)
             dvg = torch.matmul(p.transpose(-1, -2), do)  # (B, Hk, g, L, Dv)
             dp = torch.matmul(do, vg.transpose(-1, -2))  # (B, Hk, g, R, L)

@@ -100,8 +100,13 @@ def _top_list(s: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, window: i
 
 
 class _CausalCandidates:
-    """Per query block: candidate keys (top-w of the keys before the block, then the block's own keys), the
-    number of earlier candidates outranking each one, and what the rows need to finish the count."""
+    """Per query block [a, a + block): the candidate keys (the top-w of the keys before a, in rank order,
+    then the block's own keys) and, for every candidate, the number of rows of the block that keep it.
+
+    A candidate with ``r`` earlier candidates outranking it stays in a row's top-w until ``w - r`` of the
+    block's own keys up to that row outrank it, so it is kept by a prefix of the rows. Only candidates
+    with ``r > w - block`` (the last ``block`` of the earlier top-w and the block's own keys) can drop out
+    inside the block; their drop row comes from a (block x 2 block) count, the others keep every row."""
 
     def __init__(self, score, nq, key_padding_mask, window, block):
         B, Hk, Nk = score.shape
@@ -113,17 +118,15 @@ class _CausalCandidates:
         idx0 = torch.arange(a0, device=dev).expand(B, Hk, a0)
         prev = _top_list(s[:, :, :a0], idx0, torch.ones_like(idx0, dtype=torch.bool), window)
         L = window + block
+        lo = max(0, window - block)  # candidates at risk of dropping out: columns lo .. L-1
         self.index = torch.empty(B, Hk, nb, L, dtype=torch.int64, device=dev)
         self.slot = torch.empty(B, Hk, nb, L, dtype=torch.bool, device=dev)
-        self.cand_score = torch.empty(B, Hk, nb, L, dtype=s.dtype, device=dev)
-        self.base_rank = torch.empty(B, Hk, nb, L, dtype=torch.int64, device=dev)
-        self.new_score = torch.empty(B, Hk, nb, block, dtype=s.dtype, device=dev)
-        self.new_index = torch.empty(B, Hk, nb, block, dtype=torch.int64, device=dev)
-        self.new_valid = torch.empty(B, Hk, nb, block, dtype=torch.bool, device=dev)
+        self.keep_rows = torch.empty(B, Hk, nb, L, dtype=torch.int64, device=dev)
         prev_rank = torch.arange(window, device=dev).expand(B, Hk, window)
+        rows = torch.arange(block, device=dev)
         for b in range(nb):
             a = off + b * block
-            pos = a + torch.arange(block, device=dev)
+            pos = a + rows
             ok = (pos >= 0) & (pos < Nk)
             pos_c = pos.clamp(0, Nk - 1)
             new_s = s[:, :, pos_c].masked_fill(~ok, float("-inf"))  # (B, Hk, block)
@@ -132,29 +135,25 @@ class _CausalCandidates:
             prev_s, prev_i, prev_v = prev
             # earlier candidates outranking a new key: those with score >= its score (they come first)
             less = torch.searchsorted(prev_s.flip(-1).contiguous(), new_s.contiguous(), side="left")
-            cand = (torch.cat([prev_s, new_s], -1), torch.cat([prev_i, new_i], -1), torch.cat([prev_v, new_v], -1))
-            self.index[:, :, b], self.slot[:, :, b], self.cand_score[:, :, b] = cand[1], cand[2], cand[0]
-            self.base_rank[:, :, b] = torch.cat([prev_rank, window - less], -1)
-            self.new_score[:, :, b], self.new_index[:, :, b], self.new_valid[:, :, b] = new_s, new_i, new_v
-            prev = _top_list(*cand, window)
+            cs, ci = torch.cat([prev_s, new_s], -1), torch.cat([prev_i, new_i], -1)  # (B, Hk, L)
+            base = torch.cat([prev_rank, window - less], -1)  # earlier candidates outranking each
+            keep = torch.where(base < window, block, 0)  # rows keeping it if no own key outranks it
+            # at-risk candidates: count the block's own keys (up to each row) that outrank them
+            rs, ri, rb = cs[..., lo:].unsqueeze(-2), ci[..., lo:].unsqueeze(-2), base[..., lo:].unsqueeze(-2)
+            outranks = (new_s.unsqueeze(-1) > rs) | ((new_s.unsqueeze(-1) == rs) & (new_i.unsqueeze(-1) < ri))
+            outranks &= new_v.unsqueeze(-1)  # (B, Hk, block, L - lo)
+            still = (rb + outranks.cumsum(dim=-2)) < window  # (B, Hk, block rows, L - lo)
+            keep[..., lo:] = still.sum(dim=-2)  # monotone in the row: a prefix of the rows keeps it
+            self.index[:, :, b], self.slot[:, :, b], self.keep_rows[:, :, b] = ci, torch.cat([prev_v, new_v], -1), keep
+            prev = _top_list(cs, ci, torch.cat([prev_v, new_v], -1), window)
         self.window, self.block = window, block
 
     def pair_mask(self, groups: int):
-        """fn(s, e) -> (B, Hk, g, groups*block, L) bool: rank among candidates < window."""
+        """fn(s, e) -> (B, Hk, g, groups*block, 1|L) bool: row t of the block keeps the candidate."""
+        t = torch.arange(self.block, device=self.index.device).repeat(groups).view(1, 1, 1, -1, 1)
 
         def fn(s, e):
-            cs = self.cand_score[:, :, s:e].unsqueeze(3)  # (B, Hk, g, 1, L)
-            ci = self.index[:, :, s:e].unsqueeze(3)
-            ns = self.new_score[:, :, s:e].unsqueeze(-1)  # (B, Hk, g, block, 1)
-            ni = self.new_index[:, :, s:e].unsqueeze(-1)
-            outranks = (ns > cs) | ((ns == cs) & (ni < ci))  # new key k outranks candidate j
-            outranks &= self.new_valid[:, :, s:e].unsqueeze(-1)
-            rank = self.base_rank[:, :, s:e].unsqueeze(3) + outranks.cumsum(dim=3)  # (B, Hk, g, block, L)
-            keep = rank < self.window
-            if groups > 1:
-                B, Hk, g, bq, L = keep.shape
-                keep = keep.unsqueeze(3).expand(B, Hk, g, groups, bq, L).reshape(B, Hk, g, groups * bq, L)
-            return keep
+            return t < self.keep_rows[:, :, s:e].unsqueeze(3)  # (B, Hk, g, groups*block, L)
 
         return fn
 

@@ -166,8 +166,8 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
                 reps = rep.index_select(0, flat).view(B, Hq, e - s, 2 * kb * V, D)
                 ok = rep_ok.index_select(0, flat).view(B, Hq, e - s, 1, 2 * kb, V)
                 sc = torch.matmul(qs[:, :, s:e], reps.transpose(-1, -2))  # (B, Hq, g, R', 2kb*V)
-                sc = sc.view(B, Hq, e - s, r_cnt, 2 * kb, V).masked_fill(~ok, float("-inf"))
-                score[:, :, s:e] = sc.amax(dim=(3, 5))
+                sc = sc.amax(dim=3).view(B, Hq, e - s, 2 * kb, V)  # max over the scoring queries first
+                score[:, :, s:e] = sc.masked_fill(~ok.squeeze(3), float("-inf")).amax(dim=-1)
             # empty halves are never kept; a half whose representative keys are all padding ranks last
             score = torch.where(c_size < 1, torch.full_like(score, float("-inf")),
                                 torch.nan_to_num(score, neginf=torch.finfo(acc).min))
