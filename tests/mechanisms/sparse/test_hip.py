@@ -95,14 +95,14 @@ def _tree_search_by_hand(q_rows, keys, n_blk, kb, bk):
 
 
 def test_tree_search_matches_a_hand_written_iteration():
-    q, k, _ = _qkv(1, 2, 2, 48, 48, seed=5)
+    q, k, _ = _qkv(1, 1, 1, 44, 44, seed=5)
     bq, bk, topk, sw, stride = 4, 2, 6, 3, 2
     p = hip_select(q, k, None, causal=True, topk=topk, block_size_q=bq, block_size_k=bk, sliding_window=sw,
                    sinks=0, query_stride=stride)
     kb = 3
     checked = 0
-    for h in range(2):
-        for b in range(48 // bq):
+    for h in range(1):
+        for b in range(44 // bq):
             end = (b + 1) * bq
             search_end = max(0, min(end - sw, b * bq)) // bk * bk
             n_blk = -(-search_end // bk)
@@ -112,7 +112,7 @@ def test_tree_search_matches_a_hand_written_iteration():
             want = _tree_search_by_hand(rows, k[0, h, :search_end], n_blk, kb, bk)
             assert p.blocks[0, h, b].tolist() == want, (h, b)
             checked += 1
-    assert checked >= 10
+    assert checked >= 6
 
 
 @pytest.mark.parametrize("direction", [1.0, -1.0])

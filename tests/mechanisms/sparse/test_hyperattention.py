@@ -127,14 +127,14 @@ def test_estimator_written_as_an_explicit_loop():
 
 
 def test_error_falls_as_sample_size_grows():
-    """Monte-Carlo (fixed seeds): the mean relative error over 6 seeds decreases with m (random scores are
+    """Monte-Carlo (fixed seeds): the mean relative error over 4 seeds decreases with m (random scores are
     diffuse, the hard case for HyperAttention, so the errors themselves are large)."""
     q, k, v = _qkv(1, 2, 2, 256, 256, d=16, dv=8, seed=9)
     q, k = q * 1.5, k * 1.5  # a little peakier than N(0,1) scores
     exact = softmax_attention(q, k, v)
     errs = []
     for m in (8, 32, 128, 240):
-        e = [rel_err(_run(q, k, v, "fast", block_size=16, sample_size=m, seed=s), exact) for s in range(6)]
+        e = [rel_err(_run(q, k, v, "fast", block_size=16, sample_size=m, seed=s), exact) for s in range(4)]
         errs.append(sum(e) / len(e))
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.5 * errs[0], errs
