@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnzoo
+from attnzoo import testing
 from attnzoo.mechanisms.sparse.hip import hip_select
 from attnzoo.reference import softmax_attention
 from attnzoo.testing import assert_close
@@ -148,6 +149,19 @@ def test_query_blocks_read_no_later_keys():
     v2[:, :, 23:] -= 1.0
     out = attnzoo.attention(q, k2, v2, mechanism="hip", causal=True, **OPTS)
     assert (base[:, :, :23] - out[:, :, :23]).abs().max() < 1e-12
+
+
+def test_single_query_blocks_are_prefix_invariant_larger_blocks_are_not():
+    mech = attnzoo.get("hip")
+    assert mech.test_options["block_size_q"] == 1 and not mech.prefix_invariant
+    for pattern in ("causal_self", "causal_cross"):
+        testing.check_prefix_invariance(mech, pattern)  # the conformance check, with block_size_q = 1
+    q, k, v = _qkv(1, 2, 2, 40, 40, seed=9)
+    base = attnzoo.attention(q, k, v, mechanism="hip", causal=True, **OPTS)  # block_size_q = 4
+    q2 = q.clone()
+    q2[:, :, 21:24] *= -3.0  # later queries of the block holding query 20
+    moved = attnzoo.attention(q2, k, v, mechanism="hip", causal=True, **OPTS)
+    assert (base[:, :, 20] - moved[:, :, 20]).abs().max() > 1e-6
 
 
 def test_decode_token_by_token_equals_forward_with_single_query_blocks():

@@ -185,7 +185,7 @@ BIFORMER = register(Mechanism(
         Option("n_win", 7, int, low=1, doc="regions per side (S); the grid is split into S x S regions"),
         Option("topk", 4, int, low=1, doc="routed regions per region (k); k = S^2 is dense attention"),
         Option("qk_dim", None, int, low=1, allow_none=True, doc="query/key width (default: dim)"),
-        Option("qk_scale", None, float, low=0.0, allow_none=True,
+        Option("qk_scale", None, float, low=1e-12, allow_none=True,
                doc="score scale (default qk_dim**-0.5, the official choice)"),
         Option("side_dwconv", 5, int, low=0, doc="LCE depthwise conv kernel on V (0 disables)"),
     ),

@@ -296,9 +296,11 @@ HIP = register(Mechanism(
         Option("representative", "minmax", str, choices=("minmax", "exact"),
                doc="score of a key block: q . (element-wise min / max of its keys) as official, or exact max"),
     ),
+    prefix_invariant=False,  # with the default block_size_q=32; block_size_q=1 is (tests/mechanisms/sparse/test_hip.py)
     test_options={"topk": 4, "block_size_q": 1, "block_size_k": 2, "sliding_window": 1, "sinks": 1,
                   "query_stride": 1},
     test_sizes={"n": 13, "nq": 5, "nk": 15},
     notes="topk >= the searchable keys is exact softmax attention; block_size_q = 1 makes it prefix-invariant "
-          "and decodable (step == forward); larger query blocks share one selection (the paper's prefill).",
+          "and decodable (step == forward); larger query blocks share one selection (the paper's prefill), so "
+          "a query's keys then depend on the later queries of its block: prefix_invariant=False.",
 ))
