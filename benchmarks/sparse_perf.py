@@ -112,6 +112,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run, not the acceptance sizes)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=("biformer", "hyperattention", "causal"),
+                    default=("biformer", "hyperattention", "causal"), help="case groups to run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     mem = not args.no_memory
@@ -129,47 +131,47 @@ def main(argv=None) -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"threads={threads}", flush=True)
-        # BiFormer 56x56, 7x7 regions, top-4, fwd+bwd
-        for dim, heads in ((128, 8), (64, 4)):
-            group = f"biformer core dim{dim} h{heads}"
-            tb, mb = _case("biformer_core", {"backend": "sdpa", "dim": dim, "heads": heads}, threads, 3, memory=mem)
-            add(group, "sdpa (3136 tokens) fwd+bwd", tb, mb, None, None, threads)
-            tf, mf = _case("biformer_core", {"backend": "fast", "dim": dim, "heads": heads}, threads, 3, memory=mem)
-            add(group, "biformer fast fwd+bwd", tf, mf, tb, mb, threads)
-        group = "biformer layer dim128 h8"
-        tb, mb = _case("biformer_layer", {"backend": "sdpa", "dim": 128, "heads": 8}, threads, 3, memory=mem)
-        add(group, "layer w/ SDPA core fwd+bwd", tb, mb, None, None, threads)
-        tf, mf = _case("biformer_layer", {"backend": "fast", "dim": 128, "heads": 8}, threads, 3, memory=mem)
-        add(group, "biformer layer fwd+bwd", tf, mf, tb, mb, threads)
+        if "biformer" in args.only:  # 56x56 grid, 7x7 regions, top-4, forward+backward
+            for dim, heads in ((128, 8), (64, 4)):
+                group = f"biformer core dim{dim} h{heads}"
+                tb, mb = _case("biformer_core", {"backend": "sdpa", "dim": dim, "heads": heads}, threads, 3, memory=mem)
+                add(group, "sdpa (3136 tokens) fwd+bwd", tb, mb, None, None, threads)
+                tf, mf = _case("biformer_core", {"backend": "fast", "dim": dim, "heads": heads}, threads, 3, memory=mem)
+                add(group, "biformer fast fwd+bwd", tf, mf, tb, mb, threads)
+            group = "biformer layer dim128 h8"
+            tb, mb = _case("biformer_layer", {"backend": "sdpa", "dim": 128, "heads": 8}, threads, 3, memory=mem)
+            add(group, "layer w/ SDPA core fwd+bwd", tb, mb, None, None, threads)
+            tf, mf = _case("biformer_layer", {"backend": "fast", "dim": 128, "heads": 8}, threads, 3, memory=mem)
+            add(group, "biformer layer fwd+bwd", tf, mf, tb, mb, threads)
 
-        # HyperAttention, non-causal forward
-        group = f"hyperattention n={n_hyper}"
-        kw = {"n": n_hyper, "causal": False}
-        tb, mb = _case("seq_fwd", {"mechanism": "sdpa", **kw}, threads, 1, warmup=0, memory=mem)
-        add(group, "sdpa fwd", tb, mb, None, None, threads)
-        th, mh = _case("seq_fwd", {"mechanism": "hyperattention", **kw}, threads, 3, memory=mem)
-        # relative error against exact attention: random inputs, and a planted match for every query
-        q, k, v = (_rand(1, 8, n_hyper, 64, seed=i) for i in range(3))
-        exact = F.scaled_dot_product_attention(q, k, v)
-        err_rand = rel_err(attnzoo.attention(q, k, v, mechanism="hyperattention"), exact)
-        perm = torch.randperm(n_hyper, generator=torch.Generator().manual_seed(5))
-        kp = q[:, :, perm] + 0.3 * _rand(1, 8, n_hyper, 64, seed=7)
-        exact_p = F.scaled_dot_product_attention(q, kp, v)
-        err_plant = rel_err(attnzoo.attention(q, kp, v, mechanism="hyperattention"), exact_p)
-        add(group, "hyperattention fwd (b=256, m=256)", th, mh, tb, mb, threads,
-            f"rel.err {err_rand:.3f} random / {err_plant:.3f} planted-match")
-        results["hyperattention_rel_err"] = {"random": err_rand, "planted_match": err_plant}
-        del q, k, v, exact, kp, exact_p
+        if "hyperattention" in args.only:  # non-causal forward
+            group = f"hyperattention n={n_hyper}"
+            kw = {"n": n_hyper, "causal": False}
+            tb, mb = _case("seq_fwd", {"mechanism": "sdpa", **kw}, threads, 1, warmup=0, memory=mem)
+            add(group, "sdpa fwd", tb, mb, None, None, threads)
+            th, mh = _case("seq_fwd", {"mechanism": "hyperattention", **kw}, threads, 3, memory=mem)
+            # relative error against exact attention: random inputs, and a planted match for every query
+            q, k, v = (_rand(1, 8, n_hyper, 64, seed=i) for i in range(3))
+            exact = F.scaled_dot_product_attention(q, k, v)
+            err_rand = rel_err(attnzoo.attention(q, k, v, mechanism="hyperattention"), exact)
+            perm = torch.randperm(n_hyper, generator=torch.Generator().manual_seed(5))
+            kp = q[:, :, perm] + 0.3 * _rand(1, 8, n_hyper, 64, seed=7)
+            exact_p = F.scaled_dot_product_attention(q, kp, v)
+            err_plant = rel_err(attnzoo.attention(q, kp, v, mechanism="hyperattention"), exact_p)
+            add(group, "hyperattention fwd (b=256, m=256)", th, mh, tb, mb, threads,
+                f"rel.err {err_rand:.3f} random / {err_plant:.3f} planted-match")
+            results["hyperattention_rel_err"] = {"random": err_rand, "planted_match": err_plant}
+            del q, k, v, exact, kp, exact_p
 
-        # HiP and DMA, causal forward
-        group = f"causal n={n_causal}"
-        kw = {"n": n_causal, "causal": True}
-        tb, mb = _case("seq_fwd", {"mechanism": "sdpa", **kw}, threads, 1, warmup=0, memory=mem)
-        add(group, "sdpa causal fwd", tb, mb, None, None, threads)
-        for name, opts in (("hip", {}), ("dma", {}), ("dma", {"window": 512})):
-            t, m = _case("seq_fwd", {"mechanism": name, **kw, **opts}, threads, 1, warmup=0, memory=mem)
-            label = name + " fwd " + (", ".join(f"{a}={b}" for a, b in opts.items()) or "(defaults)")
-            add(group, label, t, m, tb, mb, threads)
+        if "causal" in args.only:  # HiP and DMA, causal forward
+            group = f"causal n={n_causal}"
+            kw = {"n": n_causal, "causal": True}
+            tb, mb = _case("seq_fwd", {"mechanism": "sdpa", **kw}, threads, 1, warmup=0, memory=mem)
+            add(group, "sdpa causal fwd", tb, mb, None, None, threads)
+            for name, opts in (("hip", {}), ("dma", {}), ("dma", {"window": 512})):
+                t, m = _case("seq_fwd", {"mechanism": name, **kw, **opts}, threads, 1, warmup=0, memory=mem)
+                label = name + " fwd " + (", ".join(f"{a}={b}" for a, b in opts.items()) or "(defaults)")
+                add(group, label, t, m, tb, mb, threads)
 
     print("\n| threads | case | variant | time | peak memory | speed-up vs SDPA | note |")
     print("|---|---|---|---|---|---|---|")

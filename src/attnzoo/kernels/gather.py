@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-_TILE_ELEMENTS = 1 << 20
+_TILE_ELEMENTS = 1 << 23
 """Largest score tile (elements) materialized at once; bounds temporary memory."""
 
 PairMask = torch.Tensor | Callable[[int, int], torch.Tensor] | None
