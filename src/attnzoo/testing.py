@@ -526,7 +526,9 @@ def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
         if mech.kind == "sequence":
             out.append(("key_padding", p, check_key_padding))
         if p.startswith("causal"):
-            out += [("causality", p, check_causality), ("prefix_invariance", p, check_prefix_invariance)]
+            out.append(("causality", p, check_causality))
+            if mech.prefix_invariant:
+                out.append(("prefix_invariance", p, check_prefix_invariance))
         elif mech.permutation_equivariant:
             out.append(("permutation", p, check_permutation))
         if mech.fast is not None and mech.functional:
