@@ -144,7 +144,6 @@ class _RoutedCausalAttention(torch.autograd.Function):
                 dq[:, :, start:stop] += gq
                 dk[:, :, :P] += gk
                 dv[:, :, :P] += gv
-        ctx.plans = None
         return dq, dk, dv, None, None, None, None, None
 
 
