@@ -7,5 +7,6 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 
 from .base import DecodeState
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
+from .moa import PerHeadWindowCache
 
-__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache"]
+__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache", "PerHeadWindowCache"]
