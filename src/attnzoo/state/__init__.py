@@ -8,5 +8,6 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 from .base import DecodeState
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 from .moa import PerHeadWindowCache
+from .s2 import S2Cache
 
-__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache", "PerHeadWindowCache"]
+__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache", "PerHeadWindowCache", "S2Cache"]
