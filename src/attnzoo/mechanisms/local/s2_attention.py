@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...kernels.local import _windows
 from ...kernels.sdpa import sdpa
 from ...masks import materialize
 from ...reference import softmax_attention
@@ -162,6 +161,14 @@ class _Geometry:
         return 0 if top < 0 else min(self.M, top // self.V + 1)
 
 
+def _windows(xb: torch.Tensor, nback: int) -> torch.Tensor:
+    """(B, H, nb, b, D) -> (B, H, nb, (nback + 1) * b, D): each block with the nback blocks before it (zeros
+    before the first), an overlapping strided view of the zero-padded sequence (no copy)."""
+    B, H, nb, b, D = xb.shape
+    padded = F.pad(xb.reshape(B, H, nb * b, D), (0, 0, nback * b, 0))  # (B, H, (nback + nb) * b, D)
+    return padded.unfold(2, (nback + 1) * b, b).transpose(-1, -2)  # (B, H, nb, (nback + 1) * b, D)
+
+
 def _blocks(x: torch.Tensor, nblocks: int, b: int, front: int = 0) -> torch.Tensor:
     """(B, H, N, D) -> (B, H, nblocks, b, D), zero-padded with ``front`` rows before and the rest after."""
     B, H, N, D = x.shape
@@ -197,8 +204,8 @@ class _S2Tensors:
         kb = _blocks(k.to(acc), geo.M * geo.V, b)  # (B, Hk, M*V, b, D)
         vb = _blocks(v.to(acc), geo.M * geo.V, b)  # (B, Hk, M*V, b, Dv)
         win = slice(geo.qb0, geo.qb0 + geo.nqb)
-        self.kw = _windows(kb[:, :, : geo.nkb], L - 1, 0)[:, :, win]  # (B, Hk, nqb, L*b, D)
-        self.vw = _windows(vb[:, :, : geo.nkb], L - 1, 0)[:, :, win]  # (B, Hk, nqb, L*b, Dv)
+        self.kw = _windows(kb[:, :, : geo.nkb], L - 1)[:, :, win]  # (B, Hk, nqb, L*b, D)
+        self.vw = _windows(vb[:, :, : geo.nkb], L - 1)[:, :, win]  # (B, Hk, nqb, L*b, Dv)
         self.ks = _strided(kb, geo.o, geo.M, geo.V).reshape(B, Hk, geo.M * b, D)  # (B, Hk, M*b, D)
         self.vs = _strided(vb, geo.o, geo.M, geo.V).reshape(B, Hk, geo.M * b, -1)  # (B, Hk, M*b, Dv)
         self.acc = acc
