@@ -8,7 +8,7 @@ from attnzoo import testing
 
 CASES = [
     pytest.param(mech, pattern, fn, id=f"{mech.name}-{name}" + (f"-{pattern}" if pattern else ""))
-    for mech in attnzoo.mechanisms()
+    for mech in attnzoo.list_mechanisms()
     for name, pattern, fn in testing.cases(mech)
 ]
 
