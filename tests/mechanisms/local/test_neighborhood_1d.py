@@ -197,3 +197,30 @@ def test_fast_path_never_builds_n_by_n():
                                        dilation=2)
             out.sum().backward()
     assert biggest < n * n / 4, f"largest intermediate has {biggest} elements, N*N = {n * n}"
+
+
+def test_noncausal_padding_is_per_sequence():
+    """Right-padded rows equal each sequence alone (windows shift inwards at the row's own end); a hole is
+    skipped; padded positions return zeros."""
+    n = 20
+    q, k, v = qkv(3, 2, 2, n, n, seed=31)
+    kpm = torch.ones(3, n, dtype=torch.bool)
+    kpm[0, 13:] = False  # right padding
+    kpm[1, :4] = False  # left padding
+    kpm[2, 7:9] = False  # a hole
+    for backend in ("reference", "fast"):
+        got = attnzoo.attention(q, k, v, mechanism=MECH, kernel_size=5, dilation=2, key_padding_mask=kpm,
+                                backend=backend)
+        for b in range(3):
+            idx = torch.nonzero(kpm[b]).flatten()
+            alone = attnzoo.attention(q[b : b + 1, :, idx], k[b : b + 1, :, idx], v[b : b + 1, :, idx],
+                                      mechanism=MECH, kernel_size=5, dilation=2, backend="reference")
+            assert_close(got[b : b + 1, :, idx], alone, torch.float64, f"row {b} ({backend})")
+            assert (got[b, :, ~kpm[b]] == 0).all()
+    short = torch.zeros(3, n, dtype=torch.bool)
+    short[:, 3:10] = True  # 7 tokens < kernel_size * dilation = 10: every query sees its whole dilation group
+    got = attnzoo.attention(q, k, v, mechanism=MECH, kernel_size=5, dilation=2, key_padding_mask=short, backend="fast")
+    for r in (0, 1):
+        idx = torch.arange(3 + r, 10, 2)
+        want = softmax_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx])
+        assert_close(got[:, :, idx], want, torch.float64, f"short row, group {r}")

@@ -12,6 +12,11 @@ length ``m`` the window is ``[s, s + k)`` with ``s = clamp(i - k // 2, 0, m - k)
 has one more key on the left of the centre than on the right, as in NATTEN. Non-causal neighborhood
 attention needs ``kernel_size * dilation <= N`` (NATTEN's constraint) and is self-attention only. The causal
 form is bottom-right aligned (query i at position ``i + Nk - Nq``), which is what decoding uses.
+Padding (``key_padding_mask``): non-causal, each batch row runs on its own tokens only (NATTEN's
+variable-length semantics: a right-padded batch equals each sequence alone, windows shift inwards at the
+row's own last token; a row shorter than kernel_size * dilation sees its whole dilation groups) and padded
+positions return zeros; causal, padded keys are dropped from the positional
+window (the same thing for left or right padding, which never falls inside a window of real tokens).
 Not included (NATTEN options this file does not implement): ``stride > 1`` and relative position bias.
 
 Fast form (never builds the N x N scores): the sequence is regrouped into its dilation groups (folded into
@@ -50,11 +55,20 @@ def _check_geometry(nq: int, nk: int, kernel_size: int, dilation: int, causal: b
             f"<= the sequence length {nk} for non-causal neighborhood attention (NATTEN's constraint)")
 
 
-def neighborhood_1d_mask_predicate(nq: int, nk: int, kernel_size: int, dilation: int = 1, causal: bool = False):
+def neighborhood_1d_mask_predicate(nq: int, nk: int, kernel_size: int, dilation: int = 1, causal: bool = False,
+                                   strict: bool = True):
     """Predicate ``(b, h, q_idx, kv_idx) -> bool`` of 1-D neighborhood attention for Nq queries over Nk keys.
 
-    Causal is bottom-right aligned (query i at position i + Nk - Nq); non-causal needs Nq == Nk."""
-    _check_geometry(nq, nk, kernel_size, dilation, causal)
+    Causal is bottom-right aligned (query i at position i + Nk - Nq); non-causal needs Nq == Nk. With
+    ``strict=False`` (a padded row shorter than kernel_size * dilation) every dilation group is shorter than
+    the kernel, so each query sees its whole group -- what NATTEN's window rule gives for such a group."""
+    if strict:
+        _check_geometry(nq, nk, kernel_size, dilation, causal)
+    if not causal and kernel_size * dilation > nk:
+        def whole_dilation_group(b, h, q_idx, kv_idx):
+            return torch.remainder(q_idx - kv_idx, dilation) == 0
+
+        return whole_dilation_group
     base = neighborhood_1d_predicate(nk, kernel_size, dilation=dilation, causal=causal)
     offset = nk - nq
     if offset == 0:
@@ -67,16 +81,40 @@ def neighborhood_1d_mask_predicate(nq: int, nk: int, kernel_size: int, dilation:
 
 
 def neighborhood_1d_mask(nq: int, nk: int, kernel_size: int, dilation: int = 1, causal: bool = False,
-                         device=None) -> torch.Tensor:
+                         device=None, strict: bool = True) -> torch.Tensor:
     """Dense (1, 1, Nq, Nk) bool mask, True = attend."""
-    pred = neighborhood_1d_mask_predicate(nq, nk, kernel_size, dilation, causal)
+    pred = neighborhood_1d_mask_predicate(nq, nk, kernel_size, dilation, causal, strict)
     return materialize(pred, 1, 1, nq, nk, device=device)
+
+
+def _per_sequence(fn, q, k, v, key_padding_mask, **kw):
+    """Non-causal with padding: every batch row runs on its own tokens only (NATTEN's variable-length
+    semantics), so the borders -- where windows shift inwards -- are the row's own first and last tokens.
+    Padded positions return zeros."""
+    B, H, n, _ = q.shape
+    rows = []
+    for b in range(B):
+        idx = torch.nonzero(key_padding_mask[b]).flatten()  # (m_b,) positions of the row's tokens
+        out = q.new_zeros(1, H, n, v.shape[3])
+        if idx.numel():  # a row shorter than kernel_size * dilation: each query sees its whole dilation group
+            sel = lambda x: x[b : b + 1].index_select(2, idx)  # noqa: E731, B023
+            out = out.index_copy(2, idx, fn(sel(q), sel(k), sel(v), False, None, strict=False, **kw))
+        rows.append(out)
+    return torch.cat(rows, dim=0)  # (B, H, N, Dv)
+
+
+def _reference(q, k, v, causal, key_padding_mask, *, scale, kernel_size, dilation, strict=True):
+    if key_padding_mask is not None and not causal:
+        return _per_sequence(_reference, q, k, v, key_padding_mask, scale=scale, kernel_size=kernel_size,
+                             dilation=dilation)
+    mask = neighborhood_1d_mask(q.shape[2], k.shape[2], kernel_size, dilation, causal, device=q.device,
+                                strict=strict)  # (1, 1, Nq, Nk)
+    return softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=mask, scale=scale)
 
 
 def neighborhood_1d_reference(q, k, v, *, causal, key_padding_mask, scale, kernel_size, dilation):
     """Exact softmax attention with the neighborhood mask materialized densely: O(Nq * Nk) memory."""
-    mask = neighborhood_1d_mask(q.shape[2], k.shape[2], kernel_size, dilation, causal, device=q.device)  # (1,1,Nq,Nk)
-    return softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=mask, scale=scale)
+    return _reference(q, k, v, causal, key_padding_mask, scale=scale, kernel_size=kernel_size, dilation=dilation)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,7 +128,7 @@ def _na_group(q, k, v, kpm, kernel_size: int, causal: bool, scale: float) -> tor
             return sdpa(q, k, v, causal=True, key_padding_mask=kpm, scale=scale)
         return local_attention(q, k, v, window=kernel_size, causal=True, scale=scale, key_padding_mask=kpm)
     m = nk
-    if kernel_size == m:  # every window is the whole group
+    if kernel_size >= m:  # every window is the whole group (a padded row can be shorter than the kernel)
         return sdpa(q, k, v, causal=False, key_padding_mask=kpm, scale=scale)
     left = kernel_size // 2
     right = kernel_size - 1 - left
@@ -135,13 +173,21 @@ def _gather_groups(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def neighborhood_1d_fast(q, k, v, *, causal, key_padding_mask, scale, kernel_size, dilation):
     """Blocked neighborhood attention per dilation group (see the module docstring); forward and backward
     never build the N x N matrix."""
+    return _fast(q, k, v, causal, key_padding_mask, scale=scale, kernel_size=kernel_size, dilation=dilation)
+
+
+def _fast(q, k, v, causal, key_padding_mask, *, scale, kernel_size, dilation, strict=True):
     B, H, nq, _ = q.shape
     nk = k.shape[2]
-    _check_geometry(nq, nk, kernel_size, dilation, causal)
+    if strict:
+        _check_geometry(nq, nk, kernel_size, dilation, causal)
+    if key_padding_mask is not None and not causal:
+        return _per_sequence(_fast, q, k, v, key_padding_mask, scale=scale, kernel_size=kernel_size,
+                             dilation=dilation)
     if causal and nq > nk:  # bottom-right: the first Nq - Nk queries precede every key and see nothing
         head = q.new_zeros(B, H, nq - nk, v.shape[3])
-        rest = neighborhood_1d_fast(q[:, :, nq - nk :], k, v, causal=True, key_padding_mask=key_padding_mask,
-                                    scale=scale, kernel_size=kernel_size, dilation=dilation)
+        rest = _fast(q[:, :, nq - nk :], k, v, True, key_padding_mask, scale=scale, kernel_size=kernel_size,
+                     dilation=dilation)
         return torch.cat([head, rest], dim=2)
     if dilation == 1:
         return _na_group(q, k, v, key_padding_mask, kernel_size, causal, scale)
