@@ -178,6 +178,8 @@ def test_decode_equals_causal_forward_and_keeps_only_visible_blocks():
     assert stored[0] <= bound and stored[1] <= bound, (stored, bound)
     assert stored[2] == n  # the dense head keeps everything
     assert stored[0] < n / 2
+    full_cache_bytes = 2 * 3 * n * (8 + 5) * 8  # a KVCache of the whole sequence
+    assert 0 < state.nbytes() < full_cache_bytes
 
 
 def test_decode_crop_and_reorder():
