@@ -50,11 +50,41 @@ def _maxrss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``Vm*`` line of /proc/self/status in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark to its current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _child(target: str, kwargs_json: str) -> None:  # runs in the fresh process
     run = load_case(target, json.loads(kwargs_json))
-    before = _maxrss_bytes()
-    run()
-    after = _maxrss_bytes()
+    # ru_maxrss survives fork + exec on Linux: a child starts with its parent's peak, so a parent that has
+    # already run big cases would hide the child's own. Use this process's own high-water mark (VmHWM),
+    # reset to the current RSS once the set-up is done, where /proc allows it.
+    if _reset_peak_rss() and _proc_status_bytes("VmHWM") is not None:
+        before = _proc_status_bytes("VmRSS")
+        run()
+        after = _proc_status_bytes("VmHWM")
+    else:  # pragma: no cover - non-Linux
+        before = _maxrss_bytes()
+        run()
+        after = _maxrss_bytes()
     print(json.dumps({"peak_bytes": max(0, after - before), "setup_bytes": before}))
 
 
