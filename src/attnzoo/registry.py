@@ -105,6 +105,11 @@ class Mechanism:
       and ``step(q, k, v, state, *, scale, key_padding_mask=None, **options) -> out``: causal decoding;
       q/k/v hold the T >= 1 new tokens, the state is updated in place.
 
+    ``prefix_invariant=False`` declares that a causal output at position i depends on later *queries* or on
+    the total length (e.g. HyperAttention's causal recursion sorts the queries of a half into LSH blocks),
+    so it is not a function of the prefix alone; the conformance suite then skips the prefix-invariance
+    check (the key/value causality check still runs) and the record says so.
+
     ``test_options``/``test_sizes`` are the options and sizes (fields of ``attnzoo.testing.Sizes``) the
     conformance suite uses, chosen so that the mechanism's structure is exercised at tiny sizes (a window
     smaller than the sequence, more than one block). ``supports_key_padding=False`` declares that a
@@ -113,6 +118,11 @@ class Mechanism:
     A module mechanism with a fast form sets ``fast`` (to the fast function, any signature) and gives its
     module a ``backend`` attribute ("auto", "reference" or "fast") read at forward time, so the
     conformance suite can compare the two forms.
+
+    ``mask(nq, nk, *, causal, **options) -> predicate``, for mechanisms whose attention pattern is a static
+    mask (independent of the content): the ``(b, h, q_idx, kv_idx) -> bool`` predicate of ``attnzoo.masks``
+    (True = attend, bottom-right aligned) such that the reference equals softmax attention under it.
+    ``attnzoo bench`` uses it to run FlexAttention and masked dense SDPA beside the mechanism.
 
     Mechanisms with their own parameters give ``module``: a class or factory
     ``module(dim, heads, *, kv_heads=None, causal=False, **options) -> nn.Module`` whose forward is
@@ -139,9 +149,11 @@ class Mechanism:
     step: Callable[..., Any] | None = None
     init_state: Callable[..., Any] | None = None
     module: Callable[..., Any] | None = None
+    mask: Callable[..., Any] | None = None
     options: tuple[Option, ...] = ()
     permutation_equivariant: bool = False
     supports_key_padding: bool = True
+    prefix_invariant: bool = True
     test_options: Mapping[str, Any] = field(default_factory=dict)
     test_sizes: Mapping[str, int] = field(default_factory=dict)
     notes: str = ""
@@ -209,6 +221,7 @@ class Mechanism:
             "summary": self.summary,
             "patterns": list(self.patterns),
             "exact": self.exact,
+            "prefix_invariant": self.prefix_invariant,
             "state": self.state,
             "complexity": self.complexity,
             "forms": self.forms(),

@@ -437,8 +437,17 @@ def check_module_fast_matches_reference(mech: Mechanism, pattern: str) -> None:
     (ro, rg), (fo, fg) = results["reference"], results["fast"]
     assert_close(fo, ro, torch.float64, f"{mech.name} {pattern}: module fast vs reference output")
     assert len(rg) == len(fg), f"{mech.name} {pattern}: fast and reference reach different parameters"
+    largest = max(g.norm().item() for g in rg)
     for i, (a, b) in enumerate(zip(fg, rg)):
-        assert_close(a, b, torch.float64, f"{mech.name} {pattern}: module fast vs reference gradient #{i}")
+        what = f"{mech.name} {pattern}: module fast vs reference gradient #{i}"
+        if b.norm().item() <= 1e-12 * largest:
+            # An analytically zero gradient (a bias added to every logit of a softmax row, such as a key bias
+            # or the last bias of a position-bias MLP) is rounding noise in both forms; a relative error of
+            # noise against noise means nothing, so compare it against the largest gradient instead.
+            err = (a - b).norm().item() / largest
+            assert err <= TOL[torch.float64], f"{what}: |fast - reference| = {err:.3e} of the largest gradient"
+            continue
+        assert_close(a, b, torch.float64, what)
 
 
 def check_decode(mech: Mechanism) -> None:
@@ -517,7 +526,9 @@ def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
         if mech.kind == "sequence":
             out.append(("key_padding", p, check_key_padding))
         if p.startswith("causal"):
-            out += [("causality", p, check_causality), ("prefix_invariance", p, check_prefix_invariance)]
+            out.append(("causality", p, check_causality))
+            if mech.prefix_invariant:
+                out.append(("prefix_invariance", p, check_prefix_invariance))
         elif mech.permutation_equivariant:
             out.append(("permutation", p, check_permutation))
         if mech.fast is not None and mech.functional:

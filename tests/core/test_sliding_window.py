@@ -44,6 +44,29 @@ def test_fast_matches_reference(n, window, causal):
                             key_padding_mask=kpm, backend="reference")
     got = attnzoo.attention(q, k, v, mechanism="sliding_window", causal=causal, window=window,
                             key_padding_mask=kpm, backend="fast")
+    # the blocked kernel itself, whatever size the mechanism would route to fused SDPA
+    blocked = local_attention(q, k, v, window=window, causal=causal, scale=8 ** -0.5, key_padding_mask=kpm, block=16)
+    g = torch.randn_like(ref)
+    for out in (got, blocked):
+        assert_close(out, ref, torch.float64, "output")
+        grads = zip(torch.autograd.grad(out, (q, k, v), g),
+                    torch.autograd.grad(ref, (q, k, v), g, retain_graph=True), "qkv")
+        for a, b, name in grads:
+            assert_close(a, b, torch.float64, f"grad {name}")
+
+
+@pytest.mark.parametrize("nq,nk,causal", [(7, 7, True), (33, 33, True), (33, 33, False), (5, 40, True),
+                                          (40, 5, True), (70, 70, False)])
+@pytest.mark.parametrize("window,sinks", [(1, 1), (4, 2), (9, 4), (20, 1)])
+def test_blocked_kernel_with_sinks_matches_masked_reference(nq, nk, causal, window, sinks):
+    """Attention sinks inside the blocked kernel == dense softmax with (window | first `sinks` keys)."""
+    from attnzoo.mechanisms.memory.streaming_sinks import sink_window_mask
+    q, k, v = qkv(2, 4, 2, nq, nk, grad=True)
+    kpm = torch.rand(2, nk, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask = sink_window_mask(nq, nk, window, sinks, causal)
+    ref = softmax_attention(q, k, v, key_padding_mask=kpm, attn_mask=mask, scale=0.4)
+    got = local_attention(q, k, v, window=window, causal=causal, scale=0.4, key_padding_mask=kpm, sinks=sinks,
+                          block=16)
     assert_close(got, ref, torch.float64, "output")
     g = torch.randn_like(ref)
     for a, b, name in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), "qkv"):

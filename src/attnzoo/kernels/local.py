@@ -283,8 +283,9 @@ def local_attention(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {list(IMPLS)}, got {impl!r}")
-    block = _pick_block(window, causal) if block is None else block
     offset = k.shape[2] - q.shape[2]
+    window = min(window, q.shape[2] + k.shape[2])  # a wider window sees nothing more; keep the tiles small
+    block = _pick_block(window, causal) if block is None else block
     if impl == "blocked":
         return _LocalAttention.apply(q, k, v, window, causal, offset, scale, key_padding_mask, block, sinks)
     return _windowed_sdpa(q, k, v, window, causal, offset, scale, key_padding_mask, block, sinks)

@@ -24,7 +24,8 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) 
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(lse_all - top)  # (P, ..., N); 0 for empty parts
     total = w.sum(dim=0)  # (..., N)
-    lse = top + torch.log(total)  # (..., N)
     safe = torch.where(total > 0, total, torch.ones_like(total))
+    # log of the safe total: log(0) would give -inf here but a NaN gradient (0 * inf) in the backward.
+    lse = torch.where(total > 0, top + torch.log(safe), torch.full_like(top, float("-inf")))  # (..., N)
     out = sum(wi.unsqueeze(-1) * o.to(w.dtype) for wi, o in zip(w, outs)) / safe.unsqueeze(-1)
     return out.to(outs[0].dtype), lse

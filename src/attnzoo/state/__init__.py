@@ -6,8 +6,15 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 """
 
 from .base import DecodeState
+from .dense import PositionState, TokenHistoryCache
+from .heads import DiffKVCache, EchoAttentionCache, RoutedKVCache, TokenBuffers
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 from .moa import PerHeadWindowCache
 from .s2 import S2Cache
 
-__all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache", "PerHeadWindowCache", "S2Cache"]
+__all__ = [
+    "DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache",
+    "PositionState", "TokenHistoryCache",
+    "DiffKVCache", "EchoAttentionCache", "RoutedKVCache", "TokenBuffers",
+    "PerHeadWindowCache", "S2Cache",
+]

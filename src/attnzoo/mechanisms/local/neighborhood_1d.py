@@ -80,6 +80,11 @@ def neighborhood_1d_mask_predicate(nq: int, nk: int, kernel_size: int, dilation:
     return neighborhood_1d_shifted
 
 
+def neighborhood_1d_registry_mask(nq: int, nk: int, *, causal: bool, kernel_size: int, dilation: int):
+    """The registry's static-mask predicate (no padding: with padding, non-causal rows run on their own tokens)."""
+    return neighborhood_1d_mask_predicate(nq, nk, kernel_size, dilation, causal)
+
+
 def neighborhood_1d_mask(nq: int, nk: int, kernel_size: int, dilation: int = 1, causal: bool = False,
                          device=None, strict: bool = True) -> torch.Tensor:
     """Dense (1, 1, Nq, Nk) bool mask, True = attend."""
@@ -251,6 +256,7 @@ NEIGHBORHOOD_1D = register(Mechanism(
     fast=neighborhood_1d_fast,
     step=neighborhood_1d_step,
     init_state=init_neighborhood_cache,
+    mask=neighborhood_1d_registry_mask,
     options=(
         Option("kernel_size", 7, int, low=1, doc="keys per query (the neighborhood size)"),
         Option("dilation", 1, int, low=1, doc="distance between neighbours; groups positions by remainder"),

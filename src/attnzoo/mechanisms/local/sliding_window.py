@@ -17,9 +17,19 @@ from ...registry import Mechanism, Option, register
 from ...state import SlidingWindowCache
 
 
+def sliding_window_predicate(nq: int, nk: int, *, causal: bool, window: int):
+    """The window as a mask predicate (b, h, q_idx, kv_idx) -> bool, bottom-right aligned."""
+    return sliding_window(window, causal=causal, offset=nk - nq)
+
+
+# Below this many (query x key) pairs the fast form is a masked fused SDPA call: the dense mask is small
+# and one call beats the blocked kernel's bookkeeping (e.g. one decoding step against a window cache).
+_SMALL = 1 << 16
+
+
 def sliding_window_mask(nq: int, nk: int, window: int, causal: bool, device=None):
     """Dense (1, 1, Nq, Nk) bool mask of the window, bottom-right aligned (query i at i + Nk - Nq)."""
-    return materialize(sliding_window(window, causal=causal, offset=nk - nq), 1, 1, nq, nk, device=device)
+    return materialize(sliding_window_predicate(nq, nk, causal=causal, window=window), 1, 1, nq, nk, device=device)
 
 
 def sliding_window_reference(q, k, v, *, causal, key_padding_mask, scale, window):
@@ -33,8 +43,11 @@ def sliding_window_fast(q, k, v, *, causal, key_padding_mask, scale, window):
     """Blocked local attention (current + neighbouring key blocks), hand-written backward; a window that
     covers every key is plain (fused) softmax attention."""
     nq, nk = q.shape[2], k.shape[2]
-    if window >= nq + nk:
+    if window >= nq + nk:  # the window covers every key
         return sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if nq * nk <= _SMALL:  # decoding steps and short sequences: one fused call beats the blocked kernel
+        mask = sliding_window_mask(nq, nk, window, causal, device=q.device)  # (1, 1, Nq, Nk)
+        return sdpa(q, k, v, key_padding_mask=key_padding_mask, attn_mask=mask, scale=scale)
     return local_attention(q, k, v, window=window, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
 
 
@@ -66,6 +79,7 @@ SLIDING_WINDOW = register(Mechanism(
     fast=sliding_window_fast,
     step=sliding_window_step,
     init_state=init_window_cache,
+    mask=sliding_window_predicate,
     options=(Option("window", 256, int, low=1, doc="keys per causal window (including the query's own)"),),
     permutation_equivariant=False,
     test_options={"window": 3},

@@ -12,20 +12,30 @@ Defaults follow the official ``run_streaming_llama.py`` (start_size 4, recent_si
 from __future__ import annotations
 
 from ...kernels.local import local_attention
+from ...kernels.sdpa import sdpa
 from ...masks import and_masks, materialize, or_masks, sliding_window
 from ...masks import causal as causal_mask
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state import SinkWindowCache
+from ..local.sliding_window import _SMALL
+
+
+def sink_window_predicate(nq: int, nk: int, *, causal: bool, window: int, sinks: int):
+    """Mask predicate (b, h, q_idx, kv_idx) -> bool: the window (bottom-right aligned) or a sink key."""
+    offset = nk - nq
+
+    def sink(b, h, q_idx, kv_idx):
+        return kv_idx < sinks
+
+    if causal:
+        sink = and_masks(sink, causal_mask(offset))
+    return or_masks(sliding_window(window, causal=causal, offset=offset), sink)
 
 
 def sink_window_mask(nq: int, nk: int, window: int, sinks: int, causal: bool, device=None):
     """(1, 1, Nq, Nk) bool: the window (bottom-right aligned) or one of the first ``sinks`` keys."""
-    offset = nk - nq
-    sink = lambda b, h, q_idx, kv_idx: kv_idx < sinks
-    if causal:
-        sink = and_masks(sink, causal_mask(offset))
-    pred = or_masks(sliding_window(window, causal=causal, offset=offset), sink)
+    pred = sink_window_predicate(nq, nk, causal=causal, window=window, sinks=sinks)
     return materialize(pred, 1, 1, nq, nk, device=device)
 
 
@@ -37,7 +47,15 @@ def sink_window_reference(q, k, v, *, causal, key_padding_mask, scale, window, s
 
 
 def sink_window_fast(q, k, v, *, causal, key_padding_mask, scale, window, sinks):
-    """Blocked local attention with the sink keys prepended to every tile (O(N (sinks + window)))."""
+    """Blocked local attention with the sink keys prepended to every tile (O(N (sinks + window)));
+    a window covering every key is plain softmax attention, and small problems (decoding steps) are one
+    masked fused SDPA call."""
+    nq, nk = q.shape[2], k.shape[2]
+    if window >= nq + nk:
+        return sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if nq * nk <= _SMALL:
+        mask = sink_window_mask(nq, nk, window, sinks, causal, device=q.device)  # (1, 1, Nq, Nk)
+        return sdpa(q, k, v, key_padding_mask=key_padding_mask, attn_mask=mask, scale=scale)
     return local_attention(q, k, v, window=window, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                            sinks=sinks)
 
@@ -50,8 +68,8 @@ def init_sink_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, wind
 def sink_window_step(q, k, v, state: SinkWindowCache, *, scale, window, sinks, key_padding_mask=None):
     """Append T tokens; attend to sinks + window inside the cache; evict what no later query sees."""
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, <= sinks + window - 1 + T, D)
-    out = local_attention(q, keys, values, window=window, causal=True, scale=scale, key_padding_mask=mask,
-                          sinks=min(sinks, state.seq_len))
+    out = sink_window_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, window=window,
+                           sinks=min(sinks, state.seq_len))
     state.evict()
     return out
 
@@ -72,6 +90,7 @@ SINK_WINDOW = register(Mechanism(
     fast=sink_window_fast,
     step=sink_window_step,
     init_state=init_sink_cache,
+    mask=sink_window_predicate,
     options=(
         Option("window", 2000, int, low=1, doc="recent keys per causal window (including the query's own)"),
         Option("sinks", 4, int, low=0, doc="leading tokens every query attends to"),

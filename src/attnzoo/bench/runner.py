@@ -1,0 +1,333 @@
+"""``attnzoo bench``: gate, efficiency, quality, then results.json and the report, under one time budget."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import registry
+from ..errors import UnknownMechanismError, suggest
+from .config import BenchConfig
+from .efficiency import EfficiencyRunner, attach_ratios, efficiency_lengths, plan
+from .gate import run_gate
+from .measure import environment
+from .results import SCHEMA, SCHEMA_VERSION, counts, quality_summary
+
+
+# --------------------------------------------------------------------------------------------------------
+# Peers and extra mechanisms
+# --------------------------------------------------------------------------------------------------------
+def detect_peers(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Which optional peers can run here; a missing one is reported, never an error."""
+    out = []
+    for name in ("reference", "sdpa_masked", "flex", "local_attention"):
+        entry: dict[str, Any] = {"name": name, "available": True, "version": None, "reason": ""}
+        if name not in cfg.peers:
+            entry.update(available=False, reason=f"not requested in the {cfg.profile} profile (--peers)")
+        elif name == "flex":
+            try:
+                import torch
+                from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+                entry["version"] = torch.__version__
+                entry["reason"] = "compiled with torch.compile (compile time reported separately)"
+            except ImportError as e:
+                entry.update(available=False, reason=f"torch without FlexAttention: {e}")
+        elif name == "local_attention":
+            try:
+                import local_attention  # noqa: F401
+
+                entry["version"] = importlib.metadata.version("local-attention")
+                entry["reason"] = "lucidrains' local-attention, exact window"
+            except ImportError:
+                entry.update(available=False, reason="package `local-attention` not installed "
+                                                     "(pip install local-attention)")
+        elif name == "reference":
+            entry["reason"] = "the mechanism's own reference form (dense, readable)"
+        else:
+            entry["reason"] = "torch SDPA with the mechanism's static mask materialized densely"
+        out.append(entry)
+    return out
+
+
+def import_extra(names: list[str]) -> None:
+    from .forkserver import _import_extra
+
+    for name in names:
+        _import_extra(name)
+
+
+def select_mechanisms(names: list[str] | None) -> list[registry.Mechanism]:
+    if not names:
+        return registry.mechanisms()
+    out, seen = [], set()
+    for n in names:
+        try:
+            m = registry.get(n)
+        except UnknownMechanismError as e:
+            raise UnknownMechanismError(f"--mechanisms: {e}") from None
+        if m.name not in seen:
+            seen.add(m.name)
+            out.append(m)
+    return out
+
+
+def check_options(cfg: BenchConfig, mechs: list[registry.Mechanism]) -> None:
+    known = {m.name: m for m in registry.mechanisms()}
+    for name, opts in cfg.options.items():
+        mech = known.get(name) or registry.get(name)
+        if mech.name != name:  # an alias: store under the canonical name
+            cfg.options[mech.name] = {**cfg.options.get(mech.name, {}), **opts}
+        mech.resolve_options(opts)  # raises OptionError naming the option and its valid range
+    for name in list(cfg.options):
+        if name not in known:
+            cfg.options.pop(name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------------------
+class Progress:
+    """A tqdm bar when tqdm is installed and enabled, else one line per message on stderr (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int = 0):
+        self.enabled, self.bar = enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr,
+                                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+            except ImportError:
+                print("attnzoo bench: install tqdm for a progress bar (pip install tqdm)", file=sys.stderr)
+
+    def total(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total = n
+            self.bar.refresh()
+
+    def message(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg[:60], refresh=True)
+        else:
+            print(f"  {msg}", file=sys.stderr, flush=True)
+
+    def tick(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+def mechanism_entry(mech: registry.Mechanism, gate: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
+    d = mech.as_dict()
+    d["options_used"] = mech.resolve_options(cfg.options.get(mech.name, {}))
+    d["has_mask"] = mech.mask is not None
+    d["decodable"] = mech.decodable
+    d["gate"] = gate
+    return d
+
+
+def quality_plan(cfg: BenchConfig, mechs: list[registry.Mechanism]) -> list[tuple[str, dict[str, Any], str, int]]:
+    """(task, config, mechanism, seed) of every quality case, baselines first within each task."""
+    from .quality import CONFIGS, NO_ATTENTION, applicability, make_task
+
+    cases = []
+    configs = CONFIGS["full" if cfg.profile == "full" else "quick"]
+    names = [m.name for m in mechs]
+    for task_name in cfg.tasks:
+        for conf in configs[task_name]:
+            try:
+                task = make_task(task_name, conf)
+            except Exception:  # noqa: BLE001 - e.g. scikit-learn missing; reported by run_quality
+                cases.append((task_name, conf, "*", 0))
+                continue
+            base = ["softmax"] + ([NO_ATTENTION] if task_name == "digits" else [])
+            order = base + [n for n in names if n not in base]
+            for name in order:
+                if name != NO_ATTENTION and name not in names and name != "softmax":
+                    continue
+                if isinstance(applicability(task, name), str):
+                    continue
+                for seed in cfg.seeds:
+                    cases.append((task_name, conf, name, seed))
+    return cases
+
+
+def run_quality(cfg: BenchConfig, cases, *, deadline: float | None, gates: dict[str, dict[str, Any]],
+                progress: Progress, executor) -> list[dict[str, Any]]:
+    from .quality import make_task
+
+    records: list[dict[str, Any]] = []
+    tasks: dict[str, Any] = {}
+    for i, (task_name, conf, mech, seed) in enumerate(cases):
+        key = f"{task_name}|{sorted(conf.items())}"
+        if key not in tasks:
+            try:
+                tasks[key] = make_task(task_name, conf)
+            except Exception as e:  # noqa: BLE001
+                tasks[key] = e
+        task = tasks[key]
+        if isinstance(task, Exception):
+            if mech == "*":
+                records.append(_quality_stub(task_name, conf, "softmax", seed, "error",
+                                             f"task unavailable: {type(task).__name__}: {task}"))
+            progress.tick()
+            continue
+        left = len(cases) - i
+        budget = cfg.quality_budget
+        if deadline is not None:
+            budget = min(budget, (deadline - time.monotonic()) / left)
+        blocked = gates.get(mech, {}).get("blocks", {}).get("fast")
+        if blocked:
+            records.append(_quality_stub(task_name, conf, mech, seed, "skipped",
+                                         f"correctness gate failed: {blocked[:300]}", task))
+        elif budget < 0.3:
+            records.append(_quality_stub(task_name, conf, mech, seed, "skipped",
+                                         "time budget of the run exhausted", task))
+        else:
+            progress.message(f"quality {task_name} {mech} seed {seed}")
+            opts = cfg.options.get(mech, {})
+            hyper = {"dim": 128, "batch": 64, "lr": 1e-3} if cfg.profile == "full" else {}
+            args = {"task": task_name, "config": conf, "mechanism": mech, "seed": seed, "steps": cfg.quality_steps,
+                    "budget": budget, "options": opts, "threads": cfg.threads, **hyper}
+            timeout = 1.5 * budget + 6.0
+            res = executor.run("quality", args, timeout=timeout)
+            if "error" in res and "type" not in res:
+                status = "timeout" if res.get("timeout") else "error"
+                msg = (f"exceeded the case budget of {budget:.1f} s (one training step or the evaluation took too "
+                       f"long; killed after {timeout:.0f} s)" if status == "timeout" else str(res["error"])[:500])
+                res = _quality_stub(task_name, conf, mech, seed, status, msg, task)
+                res["budget_s"] = budget
+            records.append(res)
+        progress.tick()
+    return records
+
+
+def _quality_stub(task_name, conf, mech, seed, status, message, task=None) -> dict[str, Any]:
+    from .quality import NO_ATTENTION, make_task
+
+    if task is None:
+        try:
+            task = make_task(task_name, conf)
+        except Exception:  # noqa: BLE001
+            task = None
+    metric = task.metric if task is not None else {"icl_regression": "nmse", "char_lm": "bits_per_char"}.get(
+        task_name, "accuracy")
+    cid = task.config_id() if task is not None else ",".join(f"{k}={v}" for k, v in sorted(conf.items()))
+    return {
+        "type": "quality", "id": f"{mech}|{task_name}|{cid}|seed={seed}", "mechanism": mech,
+        "family": registry.get(mech).family if mech not in (NO_ATTENTION, "*") else "baseline",
+        "kind": registry.get(mech).kind if mech not in (NO_ATTENTION, "*") else "channel",
+        "task": task_name, "config": dict(task.config if task is not None else conf), "config_id": cid, "seed": seed,
+        "metric": metric, "higher_is_better": metric == "accuracy", "value": None, "baselines": {},
+        "status": status, "message": message, "steps": 0, "steps_planned": 0, "budget_s": 0.0,
+        "budget_hit": False, "train_time_s": 0.0, "parameters": None, "state_bytes": None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+def run(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg``; returns the results dict (not yet written)."""
+    t_start = time.monotonic()
+    deadline = None if cfg.deadline is None else t_start + cfg.deadline
+    log = log or (lambda m: None)
+    import_extra(cfg.imports)
+    mechs = select_mechanisms(cfg.mechanisms)
+    check_options(cfg, mechs)
+    env = environment(cfg.threads)
+    peers = detect_peers(cfg)
+    available = {p["name"]: p for p in peers}
+    progress = Progress(cfg.progress, total=len(mechs))
+    from .forkserver import executor as make_executor
+
+    exe = make_executor(threads=cfg.threads, imports=cfg.imports, isolate=cfg.isolate)
+    exe.start()  # the fork server imports in the background while the gate runs
+    stages: dict[str, float] = {}
+    notes: list[str] = []
+    records: list[dict[str, Any]] = []
+    gates: dict[str, dict[str, Any]] = {}
+    interrupted = False
+    try:
+        # 1. correctness gate
+        t0 = time.monotonic()
+        for m in mechs:
+            progress.message(f"gate {m.name}")
+            gates[m.name] = run_gate(m)
+            progress.tick()
+        stages["gate"] = time.monotonic() - t0
+        # 2. efficiency
+        if cfg.efficiency:
+            plans = {m.name: plan(m, cfg, available, mask_ok="mask" not in gates[m.name]["blocks"]) for m in mechs}
+            qcases = quality_plan(cfg, mechs) if cfg.quality else []
+            progress.total(len(mechs) + sum(len(p) for p in plans.values()) + len(qcases))
+            stage_end = None if deadline is None else t_start + cfg.deadline * cfg.efficiency_share
+            progress.message("starting the measurement worker")
+            exe.ready()
+            t0 = time.monotonic()
+            runner = EfficiencyRunner(cfg, executor=exe, progress=progress.message, stage_deadline=stage_end)
+            for i, m in enumerate(mechs):
+                budget = cfg.mechanism_budget
+                if stage_end is not None:
+                    budget = max(0.0, min(budget, (stage_end - time.monotonic()) / (len(mechs) - i)))
+                blocks = dict(gates[m.name]["blocks"])
+                blocks.pop("mask", None)
+                runner.run_mechanism(m, plans[m.name], budget=budget, gate_status=blocks, tick=progress.tick)
+            records.extend(runner.records)
+            notes.extend(runner.notes)
+            stages["efficiency"] = time.monotonic() - t0
+        else:
+            qcases = quality_plan(cfg, mechs) if cfg.quality else []
+            progress.total(len(mechs) + len(qcases))
+        # 3. quality
+        if cfg.quality:
+            exe.ready()
+            t0 = time.monotonic()
+            records.extend(run_quality(cfg, qcases, deadline=deadline, gates=gates, progress=progress, executor=exe))
+            stages["quality"] = time.monotonic() - t0
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nattnzoo bench: interrupted; writing what was measured so far", file=sys.stderr)
+    finally:
+        progress.close()
+        exe.close()
+    attach_ratios(records)
+    entries = [mechanism_entry(m, gates.get(m.name, {"status": "error", "checks": [], "blocks":
+                                                      {"fast": "not gated (interrupted)"}}), cfg) for m in mechs]
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": env["date"],
+        "command": cfg.command or " ".join(["attnzoo", *sys.argv[1:]]), "profile": cfg.profile,
+        "config": cfg.as_dict(), "environment": {**env, "stages_s": stages},
+        "duration_s": time.monotonic() - t_start,
+        "interrupted": interrupted, "mechanisms": entries, "peers": peers, "records": records,
+        "summary": {"efficiency_length": efficiency_lengths(records), "quality": quality_summary(records),
+                    "counts": counts(records), "notes": notes},
+    }
+
+
+def write_outputs(results: dict[str, Any], out: str, *, plots: bool = True) -> dict[str, str]:
+    """results.json, summary.md, PNG plots and report.html into ``out``; returns {what: path}."""
+    from .report import render
+
+    os.makedirs(out, exist_ok=True)
+    from .results import save
+
+    paths = {"results": os.path.join(out, "results.json")}
+    save(results, paths["results"])
+    paths.update(render(results, out, plots=plots))
+    return paths
+
+
+def unknown_task_hint(name: str) -> str:
+    from .quality import TASKS
+
+    return suggest(name, TASKS)

@@ -1,0 +1,352 @@
+"""The ``attnzoo`` command.
+
+    attnzoo list [--json | --markdown [--update README.md]] [--family F] [--kind K]
+    attnzoo info NAME [--json]
+    attnzoo bench [--quick | --full] [options]        # run the benchmark (quick by default)
+    attnzoo bench report RESULTS [--out DIR]           # re-render summary.md, plots, report.html
+    attnzoo bench compare A B [--threshold 1.2]        # what changed between two runs
+    attnzoo bench readme RESULTS --update README.md    # the README's generated headline block
+
+``python -m attnzoo`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import registry
+from .errors import AttnzooError
+
+MECH_START, MECH_END = "<!-- mechanisms:start -->", "<!-- mechanisms:end -->"
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+# --------------------------------------------------------------------------------------------------------
+# list / info
+# --------------------------------------------------------------------------------------------------------
+def _paper_cell(m: registry.Mechanism) -> str:
+    title = m.title.replace("|", "\\|")
+    if m.arxiv and m.arxiv[0].isdigit():
+        return f"{title} ([arXiv {m.arxiv}](https://arxiv.org/abs/{m.arxiv}))"
+    return title
+
+
+def mechanism_table(mechs: Sequence[registry.Mechanism] | None = None) -> str:
+    """The Markdown table of the registry that README.md carries between the mechanisms markers.
+
+    Columns: name, family, kind, paper + arXiv link, patterns, exact, decode state, forms, complexity.
+    Generated from the records only, so a drift test can compare it with the README.
+    """
+    mechs = registry.mechanisms() if mechs is None else mechs
+    head = ["name", "family", "kind", "paper", "patterns", "exact", "decode state", "forms", "complexity"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for m in mechs:
+        cells = [f"`{m.name}`", m.family, m.kind, _paper_cell(m), ", ".join(m.patterns), "yes" if m.exact else "no",
+                 m.state or "—", ", ".join(m.forms()), m.complexity.replace("|", "\\|")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    mechs = registry.mechanisms(family=args.family, kind=args.kind)
+    if args.update and not args.markdown:
+        raise AttnzooError("--update: only with --markdown (it writes the Markdown table into the file)")
+    if args.json:
+        print(json.dumps([m.as_dict() for m in mechs], indent=1))
+    elif args.markdown:
+        table = mechanism_table(mechs)
+        if args.update:
+            from .bench.report import update_block
+
+            changed = update_block(args.update, MECH_START, MECH_END, table)
+            print(f"{args.update}: mechanism table {'updated' if changed else 'already up to date'} "
+                  f"({len(mechs)} mechanisms)")
+        else:
+            sys.stdout.write(table)
+    else:
+        width = max([len(m.name) for m in mechs] + [4])
+        print(f"{'name'.ljust(width)}  {'family':8} {'kind':8} {'exact':5}  {'state':12} patterns")
+        for m in mechs:
+            print(f"{m.name.ljust(width)}  {m.family:8} {m.kind:8} {'yes' if m.exact else 'no':5}  "
+                  f"{(m.state or '-'):12} {', '.join(m.patterns)}")
+        print(f"\n{len(mechs)} mechanisms. `attnzoo info NAME` for one; `attnzoo bench --quick` to measure them.")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    m = registry.get(args.name)
+    if args.json:
+        print(json.dumps(m.as_dict(), indent=1))
+        return 0
+    d = m.as_dict()
+    print(f"{m.name}" + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""))
+    print(f"  {m.title}")
+    if m.arxiv:
+        print(f"  arXiv {m.arxiv}: https://arxiv.org/abs/{m.arxiv}")
+    if m.code:
+        print(f"  code: {m.code}")
+    print(f"  {m.summary}")
+    print(f"  family {m.family}, kind {m.kind}" + (f", catalog {m.catalog}" if m.catalog else ""))
+    print(f"  patterns: {', '.join(m.patterns)}")
+    print(f"  exact: {'yes' if m.exact else 'no'}; decode state: {m.state or 'none'}; forms: {', '.join(m.forms())}")
+    print(f"  complexity: {m.complexity}")
+    if d["options"]:
+        print("  options:")
+        for o in d["options"]:
+            print(f"    {o['name']} = {o['default']!r}  ({o['valid']}){'  ' + o['doc'] if o['doc'] else ''}")
+    if m.notes:
+        print(f"  notes: {m.notes}")
+    doc = mechanism_docstring(m)
+    if doc:
+        print("\n" + doc)
+    return 0
+
+
+def mechanism_docstring(m: registry.Mechanism) -> str:
+    """The docstring of the file that defines ``m`` (paper, what it computes, choices made)."""
+    import importlib
+    import inspect
+
+    fn = m.reference or m.module
+    mod = importlib.import_module(fn.__module__) if fn is not None else None
+    return inspect.cleandoc(mod.__doc__) if mod is not None and mod.__doc__ else ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------------------
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _ints(name: str, value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: expected comma-separated integers, got {value!r}") from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["sliding_window.window=256", ...]`` -> ``{"sliding_window": {"window": 256}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        mech, dot, opt = key.partition(".")
+        if not eq or not dot or not mech or not opt:
+            raise AttnzooError(f"--option: expected MECHANISM.OPTION=VALUE (e.g. sliding_window.window=256), "
+                               f"got {item!r}")
+        out.setdefault(mech, {})[opt] = _parse_value(value)
+    return out
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attnzoo bench", description="Measure every registered mechanism beside dense attention: speed, "
+        "memory, decoding and quality, with a correctness gate first. Subcommands: report, compare, readme.")
+    prof = p.add_mutually_exclusive_group()
+    prof.add_argument("--quick", action="store_true", help="the quick profile (default): under 5 minutes on 2 cores")
+    prof.add_argument("--full", action="store_true", help="the thorough profile (hours for a large registry)")
+    p.add_argument("--mechanisms", "-m", action="append", default=[], help="comma-separated names (default: all)")
+    p.add_argument("--lengths", help="comma-separated sequence lengths, e.g. 256,1024,4096")
+    p.add_argument("--patterns", help="comma-separated CAB patterns (default: all a mechanism supports)")
+    p.add_argument("--all-patterns", action="store_true", help="quick profile: every pattern, not only the primary")
+    p.add_argument("--modes", help="comma-separated: forward,forward_backward,decode")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="dtype of the timed cases")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention); default = heads")
+    p.add_argument("--head-dim", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (quick default 1; full default all cores)")
+    p.add_argument("--option", action="append", default=[], metavar="MECH.OPT=VALUE",
+                   help="a mechanism option, e.g. --option sliding_window.window=256 (repeatable)")
+    p.add_argument("--peers", help="comma-separated peers (reference,sdpa_masked,flex,local_attention), or none/all")
+    p.add_argument("--tasks", help="comma-separated quality tasks (mqar,selective_copy,passkey,icl_regression,"
+                                   "listops,char_lm,digits)")
+    p.add_argument("--seeds", help="comma-separated training seeds")
+    p.add_argument("--quality-steps", type=int, help="training steps per quality case")
+    p.add_argument("--quality-budget", type=float, help="seconds of training per quality case (upper bound)")
+    p.add_argument("--mechanism-budget", type=float, help="seconds of efficiency measurement per mechanism")
+    p.add_argument("--deadline", type=float, help="seconds for the whole run (0 = no limit); budgets shrink to fit")
+    p.add_argument("--min-run-time", type=float, help="seconds of repeated calls per timing")
+    p.add_argument("--retries", type=int, help="re-runs of a case measured while other processes used the CPU")
+    p.add_argument("--decode-tokens", type=int, help="tokens decoded per measured decode call")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--no-quality", action="store_true", help="skip the quality stage")
+    p.add_argument("--no-efficiency", action="store_true", help="skip the efficiency stage")
+    p.add_argument("--no-plots", action="store_true", help="write results.json and summary.md only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module or .py file that registers your own mechanisms before running")
+    p.add_argument("--out", "-o", default="bench-results", help="output directory (default bench-results/)")
+    return p
+
+
+def bench_config(args: argparse.Namespace, argv: Sequence[str]):
+    from .bench.config import PEERS, full, quick
+
+    o: dict[str, Any] = {"command": " ".join(["attnzoo", "bench", *argv]), "out": args.out}
+    mechs = [n for item in args.mechanisms for n in _csv(item)]
+    if mechs:
+        o["mechanisms"] = mechs
+    if args.lengths:
+        o["lengths"] = tuple(_ints("--lengths", args.lengths))
+    if args.patterns:
+        o["patterns"] = tuple(_csv(args.patterns))
+        o["primary_pattern_only"] = False
+    if args.all_patterns:
+        o["primary_pattern_only"] = False
+    if args.modes:
+        o["modes"] = tuple(_csv(args.modes))
+    for name in ("dtype", "batch", "heads", "kv_heads", "head_dim", "threads", "quality_steps", "quality_budget",
+                 "mechanism_budget", "min_run_time", "retries", "decode_tokens"):
+        if getattr(args, name) is not None:
+            o[name] = getattr(args, name)
+    if args.deadline is not None:
+        o["deadline"] = None if args.deadline <= 0 else args.deadline
+    if args.option:
+        o["options"] = parse_options(args.option)
+    if args.peers:
+        o["peers"] = () if args.peers == "none" else PEERS if args.peers == "all" else tuple(_csv(args.peers))
+    if args.tasks:
+        o["tasks"] = tuple(_csv(args.tasks))
+    if args.seeds:
+        o["seeds"] = tuple(_ints("--seeds", args.seeds))
+    o["memory"] = not args.no_memory
+    o["quality"] = not args.no_quality
+    o["efficiency"] = not args.no_efficiency
+    o["progress"] = not args.no_progress
+    o["imports"] = list(args.imports)
+    return (full if args.full else quick)(**o)
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    if argv and argv[0] in ("report", "compare", "readme"):
+        return _bench_sub(argv[0], argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    args = _bench_parser().parse_args(argv)
+    cfg = bench_config(args, argv)
+    from .bench.report import terminal_table
+    from .bench.runner import run, write_outputs
+
+    print(f"attnzoo bench: {cfg.profile} profile -> {cfg.out}/", file=sys.stderr)
+    results = run(cfg)
+    paths = write_outputs(results, cfg.out, plots=not args.no_plots)
+    print(terminal_table(results))
+    print(f"\nwrote {paths['results']}, {paths['summary']}, {paths['report']}"
+          + (f" and {len([p for p in paths['plots'].split(',') if p])} plots" if paths.get("plots") else ""))
+    if paths.get("plots_skipped"):
+        print(f"plots skipped: {paths['plots_skipped']}", file=sys.stderr)
+    return 130 if results["interrupted"] else 0
+
+
+def _bench_sub(cmd: str, argv: list[str]) -> int:
+    from .bench import report
+    from .bench.results import load
+
+    if cmd == "report":
+        p = argparse.ArgumentParser(prog="attnzoo bench report", description="Re-render summary.md, the PNG plots "
+                                    "and report.html from a results.json.")
+        p.add_argument("results", help="results.json (or the directory holding it)")
+        p.add_argument("--out", "-o", help="output directory (default: beside results.json)")
+        p.add_argument("--no-plots", action="store_true")
+        a = p.parse_args(argv)
+        res = load(a.results)
+        src_dir = a.results if os.path.isdir(a.results) else os.path.dirname(os.path.abspath(a.results))
+        out = a.out or src_dir
+        paths = report.render(res, out, plots=not a.no_plots)
+        if os.path.abspath(out) != os.path.abspath(src_dir):
+            from .bench.results import save
+
+            save(res, os.path.join(out, "results.json"))
+        print(report.terminal_table(res))
+        print(f"\nwrote {paths['summary']} and {paths['report']}")
+        return 0
+    if cmd == "compare":
+        p = argparse.ArgumentParser(prog="attnzoo bench compare", description="What changed between two runs.")
+        p.add_argument("a", help="results.json of the earlier run (or its directory)")
+        p.add_argument("b", help="results.json of the later run (or its directory)")
+        p.add_argument("--threshold", type=float, default=1.2, help="report changes beyond this factor (1.2)")
+        p.add_argument("--out", "-o", help="also write the comparison (Markdown) to this file")
+        a = p.parse_args(argv)
+        if a.threshold <= 1:
+            raise AttnzooError(f"--threshold: expected a factor > 1, got {a.threshold}")
+        text = report.compare(load(a.a), load(a.b), threshold=a.threshold)
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text + "\n")
+        return 0
+    p = argparse.ArgumentParser(prog="attnzoo bench readme", description="The README headline block, generated "
+                                "from a results.json (between <!-- bench:start --> and <!-- bench:end -->).")
+    p.add_argument("results", help="results.json (or its directory)")
+    p.add_argument("--update", metavar="README", help="replace the block in this file instead of printing it")
+    a = p.parse_args(argv)
+    block = report.readme_block(load(a.results))
+    if a.update:
+        changed = report.update_block(a.update, BENCH_START, BENCH_END, block)
+        print(f"{a.update}: bench block {'updated' if changed else 'already up to date'}")
+    else:
+        print(block)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnzoo", description="Attention mechanisms from the research literature "
+                                "behind one contract, proven against an exact reference and measured beside "
+                                "dense attention.")
+    sub = p.add_subparsers(dest="cmd", metavar="{list,info,bench}")
+    ls = sub.add_parser("list", help="the registered mechanisms")
+    fmt = ls.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="every record as JSON")
+    fmt.add_argument("--markdown", action="store_true", help="the README table (Markdown)")
+    ls.add_argument("--update", metavar="README", help="with --markdown: replace the table between "
+                    f"{MECH_START} and {MECH_END} in this file")
+    ls.add_argument("--family", help="only this family")
+    ls.add_argument("--kind", help="only this kind (sequence, grid, channel, pooling, fusion)")
+    info = sub.add_parser("info", help="one mechanism's record: paper, patterns, options")
+    info.add_argument("name")
+    info.add_argument("--json", action="store_true")
+    sub.add_parser("bench", help="benchmark (see `attnzoo bench --help`)", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "bench":
+            return _cmd_bench(argv[1:])
+        args = _parser().parse_args(argv)
+        if args.cmd == "list":
+            return _cmd_list(args)
+        if args.cmd == "info":
+            return _cmd_info(args)
+        _parser().print_help()
+        return 0
+    except (AttnzooError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("ATTNZOO_DEBUG"):
+            raise
+        print(f"attnzoo: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `attnzoo list | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

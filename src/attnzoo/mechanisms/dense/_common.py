@@ -1,0 +1,131 @@
+"""Helpers shared by the dense-family modules: argument checks, head reshapes and a masked softmax.
+
+Registers nothing. Every check raises ``ValueError``/``TypeError`` naming the argument, the value
+received and what was expected (ARCHITECTURE.md, "Errors").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...errors import check_key_padding_mask, check_tensor
+from ...functional import BACKENDS
+from ...registry import Mechanism
+
+
+def check_int(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_backend(value: Any) -> str:
+    if value not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {value!r}")
+    return value
+
+
+def check_heads(mech: Mechanism, dim: Any, heads: Any, kv_heads: Any, *, gqa: bool) -> tuple[int, int, int, int]:
+    """(dim, heads, kv_heads, head_dim) for a module; ``gqa=False`` rejects kv_heads != heads."""
+    dim = check_int("dim", dim)
+    heads = check_int("heads", heads)
+    if dim % heads:
+        raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
+    if kv_heads is None:
+        kv_heads = heads
+    kv_heads = check_int("kv_heads", kv_heads)
+    if not gqa and kv_heads != heads:
+        raise ValueError(f"kv_heads: mechanism {mech.name!r} has no grouped-query form; expected None or "
+                         f"{heads}, got {kv_heads}")
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={kv_heads}")
+    return dim, heads, kv_heads, dim // heads
+
+
+def check_call(mech: Mechanism, module: torch.nn.Module, x: Any, context: Any, key_padding_mask: Any,
+               state: Any) -> torch.Tensor:
+    """Validate a sequence module's forward arguments; returns the key/value source (x or context).
+
+    ``module`` must have ``dim``, ``causal`` and optionally ``context_dim`` attributes.
+    """
+    check_tensor("x", x, ndim=3)
+    if x.shape[-1] != module.dim:
+        raise ValueError(f"x: expected (B, N, {module.dim}), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"x: expected at least one token, got shape {tuple(x.shape)}")
+    if context is not None:
+        check_tensor("context", context, ndim=3)
+        cdim = getattr(module, "context_dim", module.dim)
+        if context.shape[0] != x.shape[0] or context.shape[-1] != cdim or context.shape[1] == 0:
+            raise ValueError(f"context: expected ({x.shape[0]}, M >= 1, {cdim}), got {tuple(context.shape)}")
+        if context.dtype != x.dtype:
+            raise TypeError(f"context: expected dtype {x.dtype} (x's), got {context.dtype}")
+    src = x if context is None else context
+    check_key_padding_mask(key_padding_mask, x.shape[0], src.shape[1])
+    if state is not None:
+        if context is not None:
+            raise ValueError("context: decoding with a state is causal self attention; got a context")
+        if not module.causal:
+            raise ValueError("state: decoding needs a causal module; build it with causal=True")
+    else:
+        pattern = ("causal_" if module.causal else "noncausal_") + ("self" if context is None else "cross")
+        mech.check_pattern(pattern)
+    return src
+
+
+def check_pattern_flag(mech: Mechanism, causal: Any) -> bool:
+    """Validate ``causal`` at construction: the mechanism must support at least one pattern of that kind."""
+    check_bool("causal", causal)
+    prefix = "causal_" if causal else "noncausal_"
+    if not any(p.startswith(prefix) for p in mech.patterns):
+        mech.check_pattern(prefix + "self")  # raises, naming the patterns it does support
+    return causal
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads * d) -> (B, heads, N, d)."""
+    B, N, F = x.shape
+    return x.view(B, N, heads, F // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, N, heads * d)."""
+    B, H, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, H * d)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: low precision is computed in float32, float32/float64 stay."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis with ``mask`` (bool, broadcastable, True = attend); rows with no
+    visible key are all zeros (not NaN), as in :func:`attnzoo.reference.softmax_attention`."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def sinusoid(positions: torch.Tensor, dim: int, *, base: float = 10000.0) -> torch.Tensor:
+    """Transformer sinusoidal embedding of (possibly negative) positions: (P,) -> (P, dim),
+    [sin(p w_0), ..., sin(p w_{dim/2-1}), cos(p w_0), ...] with w_i = base^(-2i/dim) (Transformer-XL order)."""
+    half = dim // 2
+    inv = base ** (-torch.arange(half, dtype=positions.dtype, device=positions.device) * 2.0 / dim)  # (dim/2,)
+    ang = positions.unsqueeze(-1) * inv  # (P, dim/2)
+    out = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)  # (P, 2 * (dim/2))
+    if dim % 2:
+        out = torch.cat([out, torch.zeros_like(out[:, :1])], dim=-1)  # (P, dim)
+    return out

@@ -1,0 +1,196 @@
+"""BiFormer: bi-level routing attention (BRA) on token grids.
+
+Paper: "BiFormer: Vision Transformer with Bi-Level Routing Attention", Zhu et al., CVPR 2023,
+arXiv 2303.08810. Official code: https://github.com/rayleizhu/BiFormer (``ops/torch/bra.py``).
+
+The (H, W) grid is cut into ``n_win x n_win`` regions. Region-level queries and keys are the means of the
+region's token queries/keys; every region routes to the ``topk`` regions with the largest
+``q_region . k_region``; each token of a region then attends (softmax, per head) to all tokens of its
+routed regions. A depthwise ``side_dwconv x side_dwconv`` convolution of V (the paper's local context
+enhancement, LCE) is added before the output projection.
+
+Choices, all following the official code (``BiLevelRoutingAttention`` as used by the released
+``biformer_tiny/small/base`` models):
+- one fused ``qkv`` linear with bias (q and k of width ``qk_dim``, v of width ``dim``) and an output
+  linear with bias ("qkvo" parameter mode);
+- the score scale is ``qk_dim ** -0.5`` -- the full q/k width, not the per-head width -- unless
+  ``qk_scale`` is given (the official default, kept because pretrained BiFormer weights rely on it);
+- routing is on the full-width region means, shared by all heads, and not differentiable
+  (``diff_routing=False``, ``param_routing=False``, ``soft_routing=False`` in the released models): the
+  region indices are a constant, gradients reach q/k/v only through the token-level attention;
+- key/values are not downsampled (``kv_downsample_mode='identity'``, as released);
+- LCE is a depthwise conv with bias and zero padding ``side_dwconv // 2`` on V laid out as an image;
+  ``side_dwconv=0`` disables it;
+- H and W must be multiples of ``n_win`` (the official ``auto_pad=False`` path); other sizes raise.
+Ties in the routing top-k follow ``torch.topk``; both forms share the same routing.
+
+Forms: ``reference`` is dense attention over all H*W tokens with the routed region-block mask
+materialized (O((HW)^2)); ``fast`` gathers the routed regions' keys for every region
+(:func:`attnzoo.kernels.gather.gather_attention`, hand-written backward): O(HW * topk * HW / S^2 * d).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import check_tensor
+from ...kernels.gather import gather_attention
+from ...reference import softmax_attention
+from ...registry import Mechanism, Option, register
+
+BACKENDS = ("auto", "reference", "fast")
+
+
+def route_regions(q_region: torch.Tensor, k_region: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
+    """Region routing: (B, S2, C) region queries/keys -> (B, S2, topk) routed region indices (no grad)."""
+    logits = torch.matmul(q_region.detach() * scale, k_region.detach().transpose(-1, -2))  # (B, S2, S2)
+    return torch.topk(logits, k=topk, dim=-1).indices  # (B, S2, topk)
+
+
+def _region_of_tokens(height: int, width: int, n_win: int, device) -> torch.Tensor:
+    """(H*W,) region id of every raster-order token."""
+    rh, rw = height // n_win, width // n_win
+    rows = torch.arange(height, device=device) // rh
+    cols = torch.arange(width, device=device) // rw
+    return (rows.view(height, 1) * n_win + cols.view(1, width)).reshape(-1)  # (H*W,)
+
+
+def routed_mask(r_idx: torch.Tensor, height: int, width: int, n_win: int) -> torch.Tensor:
+    """Dense (B, 1, N, N) bool mask, N = H*W raster order: token i sees token j iff j's region is routed
+    from i's region."""
+    B, S2, _ = r_idx.shape
+    allowed = torch.zeros(B, S2, S2, dtype=torch.bool, device=r_idx.device)
+    allowed.scatter_(-1, r_idx, True)  # (B, S2, S2): region -> routed regions
+    reg = _region_of_tokens(height, width, n_win, r_idx.device)  # (N,)
+    return allowed[:, reg][:, :, reg].unsqueeze(1)  # (B, 1, N, N)
+
+
+def bra_reference(q, k, v, r_idx, *, height, width, n_win, scale):
+    """Token attention with the routed mask materialized. q, k (B, heads, N, dq), v (B, heads, N, dv) in
+    raster order; r_idx (B, S2, topk) -> (B, heads, N, dv)."""
+    mask = routed_mask(r_idx, height, width, n_win)  # (B, 1, N, N)
+    return softmax_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _to_regions(x: torch.Tensor, height: int, width: int, n_win: int) -> torch.Tensor:
+    """(B, h, N, c) raster -> (B, h, S2, w2, c) region-major."""
+    B, Hh, N, c = x.shape
+    rh, rw = height // n_win, width // n_win
+    x = x.view(B, Hh, n_win, rh, n_win, rw, c).permute(0, 1, 2, 4, 3, 5, 6)  # (B, h, S, S, rh, rw, c)
+    return x.reshape(B, Hh, n_win * n_win, rh * rw, c)
+
+
+def _from_regions(x: torch.Tensor, height: int, width: int, n_win: int) -> torch.Tensor:
+    """Inverse of :func:`_to_regions`: (B, h, S2, w2, c) -> (B, h, N, c)."""
+    B, Hh, S2, w2, c = x.shape
+    rh, rw = height // n_win, width // n_win
+    x = x.view(B, Hh, n_win, n_win, rh, rw, c).permute(0, 1, 2, 4, 3, 5, 6)  # (B, h, S, rh, S, rw, c)
+    return x.reshape(B, Hh, height * width, c)
+
+
+def bra_fast(q, k, v, r_idx, *, height, width, n_win, scale):
+    """Gathered routed attention, same signature as :func:`bra_reference`; never builds N x N scores."""
+    B, heads, N, _ = q.shape
+    S2 = n_win * n_win
+    w2 = N // S2
+    qr = _to_regions(q, height, width, n_win)  # (B, heads, S2, w2, dq)
+    kr = _to_regions(k, height, width, n_win).reshape(B, heads, N, -1)  # (B, heads, N, dq) region-major
+    vr = _to_regions(v, height, width, n_win).reshape(B, heads, N, -1)  # (B, heads, N, dv) region-major
+    index = r_idx.view(B, 1, S2, -1)  # routed regions = runs of w2 consecutive region-major keys
+    out, _ = gather_attention(qr, kr, vr, index, scale=scale, run=w2)  # (B, heads, S2, w2, dv)
+    return _from_regions(out, height, width, n_win)  # (B, heads, N, dv)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-level routing attention on (B, H, W, dim) grids -> (B, H, W, dim).
+
+    ``backend``: "fast" (gathered routed regions), "reference" (dense masked attention) or "auto"
+    (= "fast"). Options: see the ``biformer`` registry record (``attnzoo info biformer``).
+    """
+
+    def __init__(self, dim: int, heads: int, *, backend: str = "auto", **options: Any) -> None:
+        super().__init__()
+        opts = BIFORMER.resolve_options(options)
+        for name, value in (("dim", dim), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        qk_dim = dim if opts["qk_dim"] is None else opts["qk_dim"]
+        if qk_dim % heads or dim % heads:
+            raise ValueError(f"heads: dim ({dim}) and qk_dim ({qk_dim}) must be divisible by heads, got heads={heads}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        self.dim, self.heads, self.qk_dim = dim, heads, qk_dim
+        self.n_win, self.topk, self.side_dwconv = opts["n_win"], opts["topk"], opts["side_dwconv"]
+        self.scale = qk_dim ** -0.5 if opts["qk_scale"] is None else opts["qk_scale"]
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+        self.wo = nn.Linear(dim, dim)
+        ks = self.side_dwconv
+        self.lepe = nn.Conv2d(dim, dim, kernel_size=ks, padding=ks // 2, groups=dim) if ks > 0 else None
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, qk_dim={self.qk_dim}, n_win={self.n_win}, topk={self.topk}, "
+                f"side_dwconv={self.side_dwconv}, backend={self.backend!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, dim) channels-last -> (B, H, W, dim)."""
+        check_tensor("x", x, ndim=4)
+        B, H, W, C = x.shape
+        if C != self.dim:
+            raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
+        S = self.n_win
+        if H % S or W % S:
+            raise ValueError(f"x: height and width must be multiples of n_win={S}, got H={H}, W={W}")
+        if self.topk > S * S:
+            raise ValueError(f"topk: {self.topk} routed regions requested but the grid has only {S * S}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        N, hd, vd = H * W, self.qk_dim // self.heads, self.dim // self.heads
+        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)  # (B, H, W, .)
+        rh, rw = H // S, W // S
+        q_region = q.view(B, S, rh, S, rw, self.qk_dim).mean(dim=(2, 4)).reshape(B, S * S, self.qk_dim)
+        k_region = k.view(B, S, rh, S, rw, self.qk_dim).mean(dim=(2, 4)).reshape(B, S * S, self.qk_dim)
+        r_idx = route_regions(q_region, k_region, self.topk, self.scale)  # (B, S2, topk)
+        qh = q.reshape(B, N, self.heads, hd).transpose(1, 2)  # (B, heads, N, hd)
+        kh = k.reshape(B, N, self.heads, hd).transpose(1, 2)  # (B, heads, N, hd)
+        vh = v.reshape(B, N, self.heads, vd).transpose(1, 2)  # (B, heads, N, vd)
+        fn = bra_reference if self.backend == "reference" else bra_fast
+        out = fn(qh, kh, vh, r_idx, height=H, width=W, n_win=S, scale=self.scale)  # (B, heads, N, vd)
+        out = out.transpose(1, 2).reshape(B, H, W, self.dim)  # (B, H, W, dim)
+        if self.lepe is not None:
+            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LCE on V, (B, H, W, dim)
+        return self.wo(out)
+
+
+BIFORMER = register(Mechanism(
+    name="biformer",
+    aliases=("bra", "bi_level_routing"),
+    family="sparse",
+    kind="grid",
+    catalog="P061",
+    title="BiFormer: Vision Transformer with Bi-Level Routing Attention",
+    arxiv="2303.08810",
+    code="https://github.com/rayleizhu/BiFormer",
+    summary="Region-to-region top-k routing on region means, then token attention inside the routed "
+            "regions, plus a depthwise-conv local context term on V.",
+    patterns=("noncausal_self",),
+    exact=False,
+    complexity="time O(HW * topk * HW/S^2 * d) + O(S^4 d) routing; memory O(HW * topk * HW/S^2) per tile group",
+    module=BiLevelRoutingAttention,
+    fast=bra_fast,
+    options=(
+        Option("n_win", 7, int, low=1, doc="regions per side (S); the grid is split into S x S regions"),
+        Option("topk", 4, int, low=1, doc="routed regions per region (k); k = S^2 is dense attention"),
+        Option("qk_dim", None, int, low=1, allow_none=True, doc="query/key width (default: dim)"),
+        Option("qk_scale", None, float, low=1e-12, allow_none=True,
+               doc="score scale (default qk_dim**-0.5, the official choice)"),
+        Option("side_dwconv", 5, int, low=0, doc="LCE depthwise conv kernel on V (0 disables)"),
+    ),
+    test_options={"n_win": 3, "topk": 2},
+    test_sizes={"height": 6, "width": 6, "dim": 8, "heads": 2},
+    notes="topk = n_win^2 (every region routed) is dense softmax attention over the grid plus LCE; routing "
+          "is shared by heads and not differentiable (the official default).",
+))

@@ -1,0 +1,306 @@
+"""HiP attention: hierarchically pruned attention (training-free tree search for the top-k key blocks).
+
+Paper: "HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning", Lee et al.,
+arXiv 2406.09827 (ICLR 2025 version: "A Training-Free Sub-quadratic Cost Transformer Model Serving
+Framework With Hierarchically Pruned Attention"). Official code: https://github.com/DeepAuto-AI/hip-attention
+(the v1.1 mask estimation is ``hip_research/hip_attn_legacy/v1_1/attention2_draft*.py``; the block-sparse
+attention ``v1_0/attention1_block_gpu_kernel/calc_prob_return_context.py``).
+
+For every block of ``block_size_q`` queries and every head, a tree search picks ``topk / block_size_k``
+key blocks: start with that many contiguous groups of key blocks covering the searchable keys; repeat
+until every group is one block: split each group in two halves, score each half by its representative
+(its first key block: max over the block's scoring queries of q . r for the block's representative
+vectors r), keep the best halves. The queries then attend exactly (softmax) to the union of: the first
+``sinks`` keys, the selected key blocks, and a local window. O(T log T) mask estimation, O(T k d)
+attention, no T x T matrix.
+
+Confirmed against the official code (v1.1 ``hip_attention``: numba draft and causal-batch GPU version):
+groups initialised at ``floor(n_blocks * i / kb)``; a group of size s splits into ``floor(s/2)`` and
+``s - floor(s/2)`` blocks; empty halves are never selected; the representative of a half is its first key
+block; its score is the max over every second query of the block (``q[1::2]``, our ``query_stride=2``) of
+``max(q . k_min, q . k_max)`` with ``k_min``/``k_max`` the element-wise min/max of the block's keys
+(``block_size_k=1, block_size_k_group=8``: our ``block_size_k=8, representative="minmax"``); the
+searchable range of a causal query block ends ``sliding_window`` keys before the block's last key and
+those keys are attended densely (causally) by the whole block; the first ``sink_token_size`` keys are
+always attended and not counted twice; defaults ``mask_k=512, block_size_q=32, sliding_window=128,
+sinks=4``; selection uses raw q . k (the scale does not change the order).
+
+Choices where the official code is silent or a GPU shortcut (options or documented):
+- the searchable range of a causal block also ends at the block's first query and is cut to whole key
+  blocks (the rest is local), so every searched key is visible to every query of the block and no
+  representative reads a key after a query;
+- ``representative="exact"`` scores a block by the exact max over its keys instead of min/max summaries;
+- ties (equal scores) keep the earlier half; key padding: padded keys are left out of the summaries
+  (a block of padding scores -inf) and never attended;
+- non-causal: the whole sequence is searchable and the local window is ``sliding_window`` keys on both
+  sides of the block (the official code is causal only); a key selected twice is attended once;
+- selection runs in float32 (float64 for float64 inputs) whatever the input dtype.
+Not prefix-invariant for ``block_size_q > 1``: a query's key set depends on the other queries of its
+block (the max), as in the paper. With ``block_size_q = 1`` every query searches for itself and decoding
+one token at a time (``step``, KV cache, the same tree search on the cache) equals the causal forward; the
+paper's decode (block of 1 query, periodic mask refresh) is that computation without the refresh.
+
+Forms: ``reference`` materializes the selected mask densely and runs exact softmax attention over it;
+``fast`` gathers sinks + selected blocks + local window per query block as runs of ``block_size_k`` keys
+(:func:`attnzoo.kernels.gather.gather_attention`, hand-written backward). Both share the tree search.
+Gradients reach q, k, v through the selected scores and values; the search itself is not differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...kernels.gather import gather_attention
+from ...reference import softmax_attention
+from ...registry import Mechanism, Option, register
+from ...state import KVCache
+
+_SCORE_BUDGET = 1 << 22  # elements of q.k scores materialized at once during the search
+
+
+@dataclass
+class HipPlan:
+    """Selection of every (batch, query head, query block)."""
+
+    blocks: torch.Tensor  # (B, Hq, nb, kb) selected key block ids (ascending)
+    valid: torch.Tensor  # (B, Hq, nb, kb) bool, False for unused slots (fewer blocks than kb exist)
+    search_end: torch.Tensor  # (nb,) keys [0, search_end) were searchable
+    local_lo: torch.Tensor  # (nb,) local window [local_lo, local_hi)
+    local_hi: torch.Tensor  # (nb,)
+    rows: torch.Tensor  # (nb,) real queries in each block
+    bq: int
+    bk: int
+    sinks: int
+
+
+def _geometry(nq, nk, causal, bq, bk, sliding_window, device):
+    """Per query block: real rows, search end (causal: a multiple of bk), local window [lo, hi)."""
+    nb = -(-nq // bq)
+    off = nk - nq
+    first = torch.arange(nb, device=device) * bq
+    rows = torch.clamp(nq - first, max=bq)  # (nb,)
+    start = off + first  # key position of the block's first query
+    end = start + rows  # one past the key position of its last query
+    if causal:
+        search_end = torch.clamp(torch.minimum(end - sliding_window, start), min=0) // bk * bk
+        lo, hi = search_end, torch.clamp(end, max=nk)
+    else:  # everything is searchable; a partial last key block is scored over its real keys
+        search_end = torch.full_like(start, nk)
+        lo = torch.clamp(start - sliding_window, min=0)
+        hi = torch.clamp(end + sliding_window, max=nk)
+    return nb, rows, search_end, lo, hi
+
+
+def _representatives(k, key_padding_mask, bk, mode):
+    """Per key block: representative vectors (B, Hk, nkb, V, D) and their validity (B, Hk, nkb, V).
+
+    ``minmax`` (official v1.1 default, ``block_size_k_group``): the element-wise min and max of the block's
+    keys (V = 2); ``exact``: the block's keys themselves (V = bk). Padded keys are left out."""
+    B, Hk, Nk, D = k.shape
+    nkb = -(-Nk // bk)
+    kk = F.pad(k, (0, 0, 0, nkb * bk - Nk)).reshape(B, Hk, nkb, bk, D)
+    ok = torch.ones(B, Nk, dtype=torch.bool, device=k.device) if key_padding_mask is None else key_padding_mask
+    ok = F.pad(ok, (0, nkb * bk - Nk), value=False).reshape(B, 1, nkb, bk)
+    if mode == "exact":
+        return kk, ok.expand(B, Hk, nkb, bk)
+    okv = ok.unsqueeze(-1)  # (B, 1, nkb, bk, 1)
+    kmin = torch.where(okv, kk, torch.full_like(kk, float("inf"))).amin(dim=3)  # (B, Hk, nkb, D)
+    kmax = torch.where(okv, kk, torch.full_like(kk, float("-inf"))).amax(dim=3)
+    any_ok = ok.any(dim=3).expand(B, Hk, nkb)  # (B, Hk, nkb)
+    rep = torch.stack([kmin, kmax], dim=3)  # (B, Hk, nkb, 2, D)
+    rep = torch.where(any_ok.view(B, Hk, nkb, 1, 1), rep, torch.zeros_like(rep))
+    return rep, any_ok.unsqueeze(-1).expand(B, Hk, nkb, 2)
+
+
+def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size_k, sliding_window,
+               sinks, query_stride, representative="minmax") -> HipPlan:
+    """The tree search (shared by both forms). q (B, Hq, Nq, D), k (B, Hk, Nk, D)."""
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    dev = q.device
+    bq, bk = block_size_q, block_size_k
+    kb = -(-topk // bk)
+    nb, rows, search_end, lo, hi = _geometry(Nq, Nk, causal, bq, bk, sliding_window, dev)
+    n_blk = -(-search_end // bk)  # (nb,) key blocks in the searchable range
+    base = torch.arange(kb, device=dev)
+    blocks = base.expand(B, Hq, nb, kb).clone()  # blocks that need no search take the first kb
+    valid = (base.view(1, kb) < n_blk.view(nb, 1)).expand(B, Hq, nb, kb).clone()
+    searching = (n_blk > kb).nonzero().flatten()  # (ns,)
+    if searching.numel():
+        acc = torch.promote_types(q.dtype, torch.float32)
+        rep, rep_ok = _representatives(k.detach().to(acc), key_padding_mask, bk, representative)
+        V = rep.shape[3]
+        nkb = rep.shape[2]
+        rep = rep.reshape(B * Hk * nkb, V * D)  # one row per key block
+        rep_ok = rep_ok.reshape(B * Hk * nkb, V)
+        # scoring queries of every block: rows stride-1, 2*stride-1, ... (clamped to the last real row)
+        r_cnt = -(-bq // query_stride)
+        r_ids = torch.arange(r_cnt, device=dev) * query_stride + (query_stride - 1)  # (R',)
+        r_ids = torch.minimum(r_ids.view(1, r_cnt), rows[searching].view(-1, 1) - 1)  # (ns, R')
+        q_rows = searching.view(-1, 1) * bq + r_ids  # (ns, R') query indices
+        qs = q.detach().to(acc)[:, :, q_rows.reshape(-1)].view(B, Hq, -1, r_cnt, D)  # (B, Hq, ns, R', D)
+        k_base = (torch.arange(B, device=dev).view(B, 1) * Hk
+                  + torch.arange(Hq, device=dev).view(1, Hq) // G).view(B, Hq, 1, 1) * nkb
+        nbs = n_blk[searching].view(1, 1, -1, 1)
+        i = torch.arange(kb, device=dev).view(1, 1, 1, kb)
+        start = (nbs * i) // kb  # (1, 1, ns, kb)
+        size = (nbs * (i + 1)) // kb - start
+        start = start.expand(B, Hq, -1, kb).clone()
+        size = size.expand(B, Hq, -1, kb).clone()
+        iters = math.ceil(math.log2(int((-(-n_blk[searching] // kb)).max())))
+        ns = searching.numel()
+        step = max(1, _SCORE_BUDGET // max(1, B * Hq * 2 * kb * V * (r_cnt + D)))
+        for _ in range(iters):
+            half = size // 2
+            c_start = torch.stack([start, start + half], dim=-1).flatten(-2)  # (B, Hq, ns, 2kb)
+            c_size = torch.stack([half, size - half], dim=-1).flatten(-2)
+            score = torch.empty(B, Hq, ns, 2 * kb, dtype=acc, device=dev)
+            for s in range(0, ns, step):
+                e = min(ns, s + step)
+                flat = (c_start[:, :, s:e].clamp(max=nkb - 1) + k_base).reshape(-1)  # representative blocks
+                reps = rep.index_select(0, flat).view(B, Hq, e - s, 2 * kb * V, D)
+                ok = rep_ok.index_select(0, flat).view(B, Hq, e - s, 1, 2 * kb, V)
+                sc = torch.matmul(qs[:, :, s:e], reps.transpose(-1, -2))  # (B, Hq, g, R', 2kb*V)
+                sc = sc.amax(dim=3).view(B, Hq, e - s, 2 * kb, V)  # max over the scoring queries first
+                score[:, :, s:e] = sc.masked_fill(~ok.squeeze(3), float("-inf")).amax(dim=-1)
+            # empty halves are never kept; a half whose representative keys are all padding ranks last
+            score = torch.where(c_size < 1, torch.full_like(score, float("-inf")),
+                                torch.nan_to_num(score, neginf=torch.finfo(acc).min))
+            order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :kb]
+            start, size = c_start.gather(-1, order), c_size.gather(-1, order)
+        blocks[:, :, searching] = torch.sort(start, dim=-1).values
+        valid[:, :, searching] = True
+    return HipPlan(blocks, valid, search_end, lo, hi, rows, bq, bk, sinks)
+
+
+def _plan(q, k, key_padding_mask, causal, opts) -> HipPlan:
+    return hip_select(q, k, key_padding_mask, causal=causal, topk=opts["topk"], block_size_q=opts["block_size_q"],
+                      block_size_k=opts["block_size_k"], sliding_window=opts["sliding_window"],
+                      sinks=opts["sinks"], query_stride=opts["query_stride"], representative=opts["representative"])
+
+
+def selected_mask(p: HipPlan, nq: int, nk: int, *, causal: bool, key_padding_mask=None) -> torch.Tensor:
+    """Dense (B, Hq, Nq, Nk) bool mask of the plan: sinks | selected blocks (within the searched range) |
+    local window, then causal and padding."""
+    B, Hq, nb, kb = p.blocks.shape
+    dev = p.blocks.device
+    j = torch.arange(nk, device=dev)
+    blk_of_row = torch.arange(nq, device=dev) // p.bq  # (Nq,)
+    chosen = torch.zeros(B, Hq, nb, -(-nk // p.bk) + 1, dtype=torch.bool, device=dev)
+    chosen.scatter_(-1, torch.where(p.valid, p.blocks, torch.full_like(p.blocks, chosen.shape[-1] - 1)), True)
+    chosen = chosen[..., :-1]  # (B, Hq, nb, nk_blocks)
+    in_sel = chosen[:, :, :, j // p.bk] & (j < p.search_end.view(nb, 1))  # (B, Hq, nb, Nk)
+    in_local = (j >= p.local_lo.view(nb, 1)) & (j < p.local_hi.view(nb, 1))  # (nb, Nk)
+    mask = (in_sel | in_local | (j < p.sinks))[:, :, blk_of_row]  # (B, Hq, Nq, Nk)
+    if causal:
+        mask = mask & (j.view(1, nk) <= torch.arange(nq, device=dev).view(nq, 1) + (nk - nq))
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.view(B, 1, 1, nk)
+    return mask
+
+
+def hip_reference(q, k, v, *, causal, key_padding_mask, scale, **opts):
+    """Exact softmax attention over the tree search's selection, the mask materialized densely."""
+    p = _plan(q, k, key_padding_mask, causal, opts)
+    mask = selected_mask(p, q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
+    return softmax_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
+    """Gathered sinks + selected key blocks + local window per query block, as runs of ``block_size_k``
+    keys; O(T (k + w) d)."""
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    p = _plan(q, k, key_padding_mask, causal, opts)
+    nb, bq, bk, S = p.blocks.shape[2], p.bq, p.bk, min(p.sinks, Nk)
+    dev = q.device
+    nkb = -(-Nk // bk)
+    pad = nkb * bk - Nk
+    kpm = key_padding_mask
+    if pad:  # whole key blocks: pad keys/values, the padding is masked
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        kpm = torch.ones(B, Nk, dtype=torch.bool, device=dev) if kpm is None else kpm
+        kpm = F.pad(kpm, (0, pad), value=False)
+    tok = torch.arange(bk, device=dev)
+    # sink blocks (keys < S)
+    ns_blk = -(-S // bk)
+    sink_blk = torch.arange(ns_blk, device=dev).expand(B, Hq, nb, ns_blk)
+    sink_ok = ((sink_blk.unsqueeze(-1) * bk + tok) < S).flatten(-2)  # (B, Hq, nb, ns_blk*bk)
+    # selected blocks: not sinks, not the local window (non-causal overlap)
+    lo5, hi5 = p.local_lo.view(1, 1, nb, 1, 1), p.local_hi.view(1, 1, nb, 1, 1)
+    sel = p.blocks.unsqueeze(-1) * bk + tok  # (B, Hq, nb, kb, bk)
+    sel_ok = p.valid.unsqueeze(-1) & (sel >= S) & (sel < p.search_end.view(1, 1, nb, 1, 1))
+    sel_ok = (sel_ok & ~((sel >= lo5) & (sel < hi5))).flatten(-2)
+    # local window blocks
+    lo_blk, hi_blk = p.local_lo // bk, -(-p.local_hi // bk)  # (nb,)
+    wl = int((hi_blk - lo_blk).max())
+    loc_blk = torch.minimum(lo_blk.view(nb, 1) + torch.arange(wl, device=dev), torch.tensor(nkb - 1, device=dev))
+    loc = loc_blk.unsqueeze(-1) * bk + tok  # (nb, wl, bk)
+    loc_ok = ((loc >= p.local_lo.view(nb, 1, 1)) & (loc < p.local_hi.view(nb, 1, 1)) & (loc >= S)
+              & (torch.arange(wl, device=dev).view(1, wl, 1) < (hi_blk - lo_blk).view(nb, 1, 1))).flatten(-2)
+    index = torch.cat([sink_blk, p.blocks, loc_blk.expand(B, Hq, nb, wl)], dim=-1)  # (B, Hq, nb, Lr)
+    slot = torch.cat([sink_ok, sel_ok, loc_ok.expand(B, Hq, nb, wl * bk)], dim=-1)  # (B, Hq, nb, Lr*bk)
+    Lr = index.shape[-1]
+    qb = F.pad(q, (0, 0, 0, nb * bq - Nq)).view(B, Hk, G * nb, bq, D)  # (B, Hk, G*nb, bq, D)
+    qpos = None
+    if causal:
+        pos = (Nk - Nq) + torch.arange(nb * bq, device=dev).view(1, nb, bq)
+        qpos = pos.expand(G, nb, bq).reshape(1, 1, G * nb, bq)
+    out, _ = gather_attention(qb, k, v, index.reshape(B, Hk, G * nb, Lr), scale=scale,
+                              slot_mask=slot.reshape(B, Hk, G * nb, Lr * bk), qpos=qpos, key_padding_mask=kpm,
+                              run=bk)
+    return out.reshape(B, Hq, nb * bq, -1)[:, :, :Nq].to(q.dtype)
+
+
+def init_kv_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, **_options):
+    return KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+
+
+def hip_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None, **opts):
+    """Append T tokens to the KV cache and run the same tree search for the new queries over the cache."""
+    keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
+    return hip_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, **opts)
+
+
+HIP = register(Mechanism(
+    name="hip",
+    aliases=("hip_attention", "hierarchically_pruned_attention"),
+    family="sparse",
+    catalog="P103",
+    title="HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning",
+    arxiv="2406.09827",
+    code="https://github.com/DeepAuto-AI/hip-attention",
+    summary="Per query block, a binary tree search over key blocks keeps the top-k blocks by a "
+            "representative q.k max; exact softmax over those blocks + sinks + a local window.",
+    patterns=("noncausal_self", "causal_self", "causal_cross"),
+    exact=False,
+    state="kv",
+    complexity="search O(T log(T/k) k d / b_q), attention O(T (k + w) d); memory O(T) + tiles",
+    reference=hip_reference,
+    fast=hip_fast,
+    step=hip_step,
+    init_state=init_kv_cache,
+    options=(
+        Option("topk", 512, int, low=1, doc="keys kept by the tree search (mask_k); rounded up to key blocks"),
+        Option("block_size_q", 32, int, low=1, doc="queries sharing one search (b_q); 1 = per-query, decodable"),
+        Option("block_size_k", 8, int, low=1, doc="keys per key block (b_k)"),
+        Option("sliding_window", 128, int, low=0, doc="keys before each query block attended densely"),
+        Option("sinks", 4, int, low=0, doc="leading keys every query attends to (official sink_token_size)"),
+        Option("query_stride", 2, int, low=1, doc="score halves with every query_stride-th query of the block"),
+        Option("representative", "minmax", str, choices=("minmax", "exact"),
+               doc="score of a key block: q . (element-wise min / max of its keys) as official, or exact max"),
+    ),
+    prefix_invariant=False,  # with the default block_size_q=32; block_size_q=1 is (tests/mechanisms/sparse/test_hip.py)
+    test_options={"topk": 4, "block_size_q": 1, "block_size_k": 2, "sliding_window": 1, "sinks": 1,
+                  "query_stride": 1},
+    test_sizes={"n": 13, "nq": 5, "nk": 15},
+    notes="topk >= the searchable keys is exact softmax attention; block_size_q = 1 makes it prefix-invariant "
+          "and decodable (step == forward); larger query blocks share one selection (the paper's prefill), so "
+          "a query's keys then depend on the later queries of its block: prefix_invariant=False.",
+))

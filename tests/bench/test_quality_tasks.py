@@ -1,0 +1,121 @@
+"""Quality tasks: targets are what the task says, never visible in the input; seeded and reproducible."""
+
+import math
+
+import pytest
+import torch
+
+from attnzoo.bench.quality import tasks
+from attnzoo.bench.quality.tasks import IGNORE, make_task
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_mqar_targets_are_the_values_of_the_queried_keys():
+    t = make_task("mqar", {"pairs": 5, "seq_len": 41, "vocab": 64})
+    x, y = t.sample(7, _g())
+    assert x.shape == y.shape == (7, 41)
+    for b in range(7):
+        table = {int(x[b, 2 * i]): int(x[b, 2 * i + 1]) for i in range(5)}
+        assert len(table) == 5  # distinct keys
+        pos = (y[b] != IGNORE).nonzero().flatten()
+        assert len(pos) == 5 and (pos >= 10).all()
+        for p in pos:
+            assert table[int(x[b, p])] == int(y[b, p])  # a key in the input, its value only in the target
+            assert int(y[b, p]) not in x[b, 10:].tolist()  # no value token after the context
+    x2, y2 = t.sample(7, _g())
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_selective_copy_outputs_the_data_tokens_in_order():
+    t = make_task("selective_copy", {"seq_len": 23, "tokens": 4, "vocab": 16})
+    x, y = t.sample(5, _g(1))
+    for b in range(5):
+        data = [int(v) for v in x[b, :18] if v >= 3]
+        assert data == [int(v) for v in y[b, -4:]]
+        assert int(x[b, 18]) == 1 and (x[b, -4:] == 2).all() and (y[b, :-4] == IGNORE).all()
+
+
+def test_passkey_targets_are_the_digits_after_the_key_marker():
+    t = make_task("passkey", {"seq_len": 63, "digits": 5})
+    x, y = t.sample(6, _g(2))
+    for b in range(6):
+        start = int((x[b] == 16).nonzero()[0])
+        assert x[b, start + 1: start + 6].tolist() == y[b, -5:].tolist()
+        assert (x[b, -5:] == 18).all()
+
+
+def test_icl_regression_least_squares_is_near_exact_without_noise():
+    t = make_task("icl_regression", {"dim": 3, "pairs": 12, "queries": 2, "noise": 0.0, "eval_size": 64})
+    x, y = t.sample(4, _g(3))
+    assert x.shape == (4, 14, 5) and torch.isnan(y[:, :12]).all() and (x[:, 12:, 3] == 0).all()
+    assert t.baselines()["least_squares"] < 1e-10
+    # scoring: predicting the targets gives 0, predicting 0 gives 1
+    _, ye = t.eval_set()
+    assert t.score(torch.nan_to_num(ye), ye) == 0.0
+    assert t.score(torch.zeros_like(ye), ye) == pytest.approx(1.0)
+
+
+def test_listops_values_match_their_expressions():
+    t = make_task("listops", {"max_len": 40, "max_depth": 3, "max_args": 3})
+    names = {10: max, 11: min, 12: lambda a: sorted(a)[(len(a) - 1) // 2], 13: lambda a: sum(a) % 10}
+
+    def evaluate(tokens):
+        stack = [[]]
+        for tok in tokens:
+            if tok < 10:
+                stack[-1].append(tok)
+            elif tok in names:
+                stack.append([tok])
+            elif tok == 14:
+                op, *args = stack.pop()
+                stack[-1].append(names[op](args))
+        return stack[0][0]
+
+    x, y = t.sample(20, _g(4))
+    assert (x[:, -1] == 16).all()
+    for b in range(20):
+        toks = [int(v) for v in x[b, :-1] if v != 15]
+        assert evaluate(toks) == int(y[b])
+
+
+def test_char_lm_bits_per_char_of_a_uniform_model_is_eight():
+    t = make_task("char_lm", {"seq_len": 32, "eval_windows": 4})
+    assert t.config["corpus"] in ("gensim lee_background.cor", "pydoc_data.topics")
+    x, y = t.eval_set()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert t.score(torch.zeros(*y.shape, 256), y) == pytest.approx(8.0)
+
+
+def test_english_text_falls_back_to_the_stdlib(monkeypatch):
+    monkeypatch.setattr(tasks, "_package_file", lambda *a: None)
+    import builtins
+
+    real = builtins.__import__
+
+    def no_gensim(name, *a, **k):
+        if name.startswith("gensim"):
+            raise ImportError("no gensim")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_gensim)
+    text, src = tasks.english_text()
+    assert src == "pydoc_data.topics" and len(text) > 100_000
+
+
+def test_digits_split_is_fixed():
+    pytest.importorskip("sklearn")
+    t = make_task("digits", {})
+    assert t.train[0].shape == (1437, 8, 8) and t.test[0].shape == (360, 8, 8)
+    assert 0 <= float(t.train[0].min()) and float(t.train[0].max()) <= 1
+    assert torch.equal(make_task("digits", {}).test[1], t.test[1])
+
+
+def test_unknown_task_and_bad_config_raise():
+    with pytest.raises(ValueError, match="task: unknown"):
+        make_task("mqra", {})
+    with pytest.raises(ValueError, match="vocab"):
+        make_task("mqar", {"pairs": 40, "seq_len": 100, "vocab": 16})
+    assert math.isfinite(make_task("mqar", {}).baselines()["chance"])

@@ -1,0 +1,190 @@
+"""Oracles for HiP attention, hierarchically pruned attention (CATALOG P103)."""
+
+import math
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo import testing
+from attnzoo.mechanisms.sparse.hip import hip_select
+from attnzoo.reference import softmax_attention
+from attnzoo.testing import assert_close
+
+OPTS = {"topk": 6, "block_size_q": 4, "block_size_k": 2, "sliding_window": 3, "sinks": 2, "query_stride": 2}
+
+
+def _qkv(B, Hq, Hk, nq, nk, d=6, dv=4, seed=0, grad=False, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, nq, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hk, nk, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hk, nk, dv, generator=g, dtype=torch.float64).to(dtype)
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def _mask(B, n, seed=2):
+    m = torch.rand(B, n, generator=torch.Generator().manual_seed(seed)) > 0.3
+    m[:, 0] = True
+    return m
+
+
+SHAPES = [(2, 2, 1, 1, True), (4, 2, 63, 63, True), (2, 1, 65, 65, False), (2, 2, 7, 30, True), (2, 2, 7, 7, False)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("Hq,Hk,nq,nk,causal", SHAPES)
+def test_topk_covering_every_key_is_exact(backend, Hq, Hk, nq, nk, causal):
+    q, k, v = _qkv(2, Hq, Hk, nq, nk)
+    kpm = _mask(2, nk)
+    want = softmax_attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    got = attnzoo.attention(q, k, v, mechanism="hip", causal=causal, key_padding_mask=kpm, backend=backend,
+                            **{**OPTS, "topk": nk, "sinks": 0, "sliding_window": 0})
+    assert_close(got, want, torch.float64, f"hip topk >= Nk ({backend})")
+
+
+FAST = [(4, 2, 63, 63, True, "minmax"), (2, 2, 65, 65, False, "exact"), (2, 1, 9, 70, True, "minmax"),
+        (2, 2, 64, 64, True, "exact")]
+
+
+@pytest.mark.parametrize("Hq,Hk,nq,nk,causal,rep", FAST)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fast_equals_reference_outputs_and_gradients(Hq, Hk, nq, nk, causal, rep, masked):
+    q, k, v = _qkv(2, Hq, Hk, nq, nk, seed=3, grad=True)
+    kpm = _mask(2, nk, seed=4) if masked else None
+    kw = dict(mechanism="hip", causal=causal, key_padding_mask=kpm, representative=rep, **OPTS)
+    ref = attnzoo.attention(q, k, v, backend="reference", **kw)
+    fast = attnzoo.attention(q, k, v, backend="fast", **kw)
+    assert_close(fast, ref, torch.float64, "fast vs reference")
+    g = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert_close(a, b, torch.float64, f"gradient of {name}")
+
+
+def test_fast_float32_and_gradcheck_with_query_blocks():
+    q, k, v = _qkv(1, 2, 1, 40, 40, dtype=torch.float32)
+    ref = attnzoo.attention(q, k, v, mechanism="hip", causal=True, backend="reference", **OPTS)
+    fast = attnzoo.attention(q, k, v, mechanism="hip", causal=True, backend="fast", **OPTS)
+    assert_close(fast, ref, torch.float32, "float32")
+    q, k, v = (t[:, :, :13].double().detach().requires_grad_(True) for t in (q, k, v))
+    fn = lambda q, k, v: attnzoo.attention(q, k, v, mechanism="hip", causal=True, backend="fast",
+                                           **{**OPTS, "topk": 2, "sliding_window": 2})
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def _tree_search_by_hand(q_rows, keys, n_blk, kb, bk):
+    """The official v1.1 iteration written with Python lists for one query block and head."""
+    starts = [int(n_blk * i / kb) for i in range(kb)]
+    sizes = [int(n_blk * (i + 1) / kb) - int(n_blk * i / kb) for i in range(kb)]
+    group = n_blk / kb
+    while group > 1:
+        cand = []
+        for s, z in zip(starts, sizes):
+            cand += [(s, z // 2), (s + z // 2, z - z // 2)]
+        scored = []
+        for c, (s, z) in enumerate(cand):
+            if z < 1:
+                sc = -math.inf
+            else:  # official min/max summary of the representative (first) key block of the half
+                block = keys[s * bk:(s + 1) * bk]
+                kmin, kmax = block.min(dim=0).values, block.max(dim=0).values
+                sc = max(max(float(q @ kmin), float(q @ kmax)) for q in q_rows)
+            scored.append((-sc, c))
+        keep = [c for _, c in sorted(scored)[:kb]]
+        starts, sizes = [cand[c][0] for c in keep], [cand[c][1] for c in keep]
+        group /= 2
+    return sorted(starts)
+
+
+def test_tree_search_matches_a_hand_written_iteration():
+    q, k, _ = _qkv(1, 1, 1, 44, 44, seed=5)
+    bq, bk, topk, sw, stride = 4, 2, 6, 3, 2
+    p = hip_select(q, k, None, causal=True, topk=topk, block_size_q=bq, block_size_k=bk, sliding_window=sw,
+                   sinks=0, query_stride=stride)
+    kb = 3
+    checked = 0
+    for h in range(1):
+        for b in range(44 // bq):
+            end = (b + 1) * bq
+            search_end = max(0, min(end - sw, b * bq)) // bk * bk
+            n_blk = -(-search_end // bk)
+            if n_blk <= kb:
+                continue
+            rows = q[0, h, b * bq:end][stride - 1::stride]
+            want = _tree_search_by_hand(rows, k[0, h, :search_end], n_blk, kb, bk)
+            assert p.blocks[0, h, b].tolist() == want, (h, b)
+            checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_monotone_keys_find_the_true_top_k_blocks(direction):
+    n, d, bk, topk = 64, 4, 4, 12
+    pos = torch.arange(n, dtype=torch.float64) / n
+    k = torch.zeros(1, 1, n, d, dtype=torch.float64)
+    k[0, 0, :, 0] = direction * pos  # q . k_j is monotone in j
+    q = torch.zeros(1, 1, n, d, dtype=torch.float64)
+    q[0, 0, :, 0] = 1.0
+    p = hip_select(q, k, None, causal=True, topk=topk, block_size_q=1, block_size_k=bk, sliding_window=0,
+                   sinks=0, query_stride=1)
+    for i in range(20, n):
+        search_end = i // bk * bk  # block of one query at position i; whole key blocks before i
+        n_blk = -(-search_end // bk)
+        block_max = [max(direction * j / n for j in range(b * bk, min((b + 1) * bk, search_end)))
+                     for b in range(n_blk)]
+        true_top = sorted(sorted(range(n_blk), key=lambda b: (-block_max[b], b))[:topk // bk])
+        assert p.blocks[0, 0, i].tolist() == true_top, i
+
+
+def test_sparse_when_topk_small():
+    q, k, v = _qkv(1, 2, 2, 64, 64)
+    out = attnzoo.attention(q, k, v, mechanism="hip", causal=True, **OPTS)
+    assert (out - softmax_attention(q, k, v, causal=True)).abs().max() > 1e-3
+
+
+def test_query_blocks_read_no_later_keys():
+    q, k, v = _qkv(1, 2, 2, 40, 40, seed=6)
+    base = attnzoo.attention(q, k, v, mechanism="hip", causal=True, **OPTS)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 23:] += 2.0
+    v2[:, :, 23:] -= 1.0
+    out = attnzoo.attention(q, k2, v2, mechanism="hip", causal=True, **OPTS)
+    assert (base[:, :, :23] - out[:, :, :23]).abs().max() < 1e-12
+
+
+def test_single_query_blocks_are_prefix_invariant_larger_blocks_are_not():
+    mech = attnzoo.get("hip")
+    assert mech.test_options["block_size_q"] == 1 and not mech.prefix_invariant
+    for pattern in ("causal_self", "causal_cross"):
+        testing.check_prefix_invariance(mech, pattern)  # the conformance check, with block_size_q = 1
+    q, k, v = _qkv(1, 2, 2, 40, 40, seed=9)
+    base = attnzoo.attention(q, k, v, mechanism="hip", causal=True, **OPTS)  # block_size_q = 4
+    q2 = q.clone()
+    q2[:, :, 21:24] *= -3.0  # later queries of the block holding query 20
+    moved = attnzoo.attention(q2, k, v, mechanism="hip", causal=True, **OPTS)
+    assert (base[:, :, 20] - moved[:, :, 20]).abs().max() > 1e-6
+
+
+def test_decode_token_by_token_equals_forward_with_single_query_blocks():
+    q, k, v = _qkv(2, 4, 2, 40, 40, seed=7)
+    opts = {**OPTS, "block_size_q": 1}
+    mech = attnzoo.get("hip")
+    full = attnzoo.attention(q, k, v, mechanism="hip", causal=True, **opts)
+    o = mech.resolve_options(opts)
+    state = mech.init_state(batch=2, kv_heads=2, head_dim=6, value_dim=4, dtype=q.dtype, device=q.device, **o)
+    outs, t = [], 0
+    for size in (25, 1, 1, 6, 1, 7):
+        sl = slice(t, t + size)
+        outs.append(mech.step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, scale=1 / math.sqrt(6), **o))
+        t += size
+    assert_close(torch.cat(outs, 2), full, torch.float64, "chunked prefill + decode vs causal forward")
+
+
+def test_official_defaults_and_errors():
+    o = attnzoo.get("hip").resolve_options({})
+    assert (o["topk"], o["block_size_q"], o["block_size_k"], o["sliding_window"], o["sinks"], o["query_stride"],
+            o["representative"]) == (512, 32, 8, 128, 4, 2, "minmax")
+    q, k, v = _qkv(1, 2, 2, 3, 9)
+    with pytest.raises(ValueError, match="noncausal_cross"):
+        attnzoo.attention(q, k, v, mechanism="hip")
+    with pytest.raises(ValueError, match="block_size_k"):
+        attnzoo.attention(q, k, v, mechanism="hip", causal=True, block_size_k=0)

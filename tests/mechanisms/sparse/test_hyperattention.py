@@ -1,0 +1,181 @@
+"""Oracles for HyperAttention (CATALOG P041): exact limits, fast == reference, an explicit-loop estimator,
+and a Monte-Carlo check that the error falls as the sample size grows."""
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.mechanisms.sparse.hyperattention import lsh_hash, plan
+from attnzoo.reference import softmax_attention
+from attnzoo.testing import assert_close, rel_err
+
+SMALL = {"min_seq_len": 6, "lsh_num_projs": 3}
+
+
+def _qkv(B, Hq, Hk, nq, nk, d=6, dv=5, seed=0, dtype=torch.float64, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, nq, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hk, nk, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hk, nk, dv, generator=g, dtype=torch.float64).to(dtype)
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def _mask(B, n, seed=3):
+    m = torch.rand(B, n, generator=torch.Generator().manual_seed(seed)) > 0.3
+    m[:, 0] = True
+    return m
+
+
+def _run(q, k, v, backend, causal=False, kpm=None, **opts):
+    return attnzoo.attention(q, k, v, mechanism="hyperattention", causal=causal, key_padding_mask=kpm,
+                             backend=backend, **{**SMALL, **opts})
+
+
+CASES = [  # (Hq, Hk, nq, nk, causal)
+    (2, 2, 65, 65, False), (4, 2, 33, 33, False), (2, 1, 7, 63, False), (4, 2, 33, 20, False),
+    (4, 2, 63, 63, True), (2, 1, 7, 7, True), (2, 2, 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("Hq,Hk,nq,nk,causal", CASES)
+def test_one_block_covering_all_keys_is_exact(backend, Hq, Hk, nq, nk, causal):
+    q, k, v = _qkv(2, Hq, Hk, nq, nk)
+    kpm = _mask(2, nk)
+    want = softmax_attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    got = _run(q, k, v, backend, causal, kpm, block_size=nk, sample_size=5)
+    assert_close(got, want, torch.float64, f"block_size >= Nk ({backend})")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("Hq,Hk,nq,nk,causal", CASES)
+def test_sampling_every_key_is_exact(backend, Hq, Hk, nq, nk, causal):
+    q, k, v = _qkv(2, Hq, Hk, nq, nk, seed=1)
+    kpm = _mask(2, nk, seed=4)
+    want = softmax_attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    got = _run(q, k, v, backend, causal, kpm, block_size=4, sample_size=nk)
+    assert_close(got, want, torch.float64, f"sample_size >= Nk ({backend})")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_below_min_seq_len_is_exact(causal):
+    q, k, v = _qkv(1, 2, 2, 40, 40)
+    want = softmax_attention(q, k, v, causal=causal)
+    for backend in ("reference", "fast"):
+        got = attnzoo.attention(q, k, v, mechanism="hyperattention", causal=causal, backend=backend,
+                                block_size=4, sample_size=3, min_seq_len=40 if causal else 41)
+        assert_close(got, want, torch.float64, f"below min_seq_len ({backend})")
+
+
+def test_approximation_is_not_exact_in_general():
+    q, k, v = _qkv(1, 2, 2, 64, 64)
+    err = rel_err(_run(q, k, v, "fast", block_size=8, sample_size=8), softmax_attention(q, k, v))
+    assert err > 1e-3
+
+
+@pytest.mark.parametrize("Hq,Hk,nq,nk,causal", CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fast_equals_reference_outputs_and_gradients(Hq, Hk, nq, nk, causal, masked):
+    q, k, v = _qkv(2, Hq, Hk, nq, nk, seed=2, grad=True)
+    kpm = _mask(2, nk, seed=5) if masked else None
+    opts = {"block_size": 5, "sample_size": 7, "seed": 11}
+    ref = _run(q, k, v, "reference", causal, kpm, **opts)
+    fast = _run(q, k, v, "fast", causal, kpm, **opts)
+    assert_close(fast, ref, torch.float64, "fast vs reference")
+    g = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert_close(a, b, torch.float64, f"gradient of {name}")
+
+
+def test_fast_float32_matches_reference():
+    q, k, v = _qkv(1, 2, 2, 65, 65, dtype=torch.float32)
+    for causal in (False, True):
+        ref = _run(q, k, v, "reference", causal, block_size=8, sample_size=9)
+        fast = _run(q, k, v, "fast", causal, block_size=8, sample_size=9)
+        assert_close(fast, ref, torch.float32, f"float32 causal={causal}")
+
+
+def test_estimator_written_as_an_explicit_loop():
+    """out_i = (sum_{j in own block} e^s v_j + w sum_t [j_t not in own block] e^s v_{j_t}) / (same with 1)."""
+    q, k, v = _qkv(1, 2, 1, 13, 13, d=4, dv=3, seed=7)
+    opts = {"block_size": 3, "sample_size": 5, "lsh_num_projs": 2, "seed": 4}
+    p = plan(q, k, None, node=1, **opts)
+    scale = 0.5
+    out = torch.zeros(1, 2, 13, 3, dtype=torch.float64)
+    w = 13 / 5
+    for h in range(2):
+        q_rank = {int(i): r for r, i in enumerate(p.q_order[0, h])}
+        k_rank = {int(j): r for r, j in enumerate(p.k_order[0, 0])}
+        for i in range(13):
+            blk = q_rank[i] // p.qbs
+            num = torch.zeros(3, dtype=torch.float64)
+            den = torch.zeros((), dtype=torch.float64)
+            for j in range(13):
+                if k_rank[j] // p.bk == blk:
+                    e = torch.exp(scale * q[0, h, i] @ k[0, 0, j])
+                    num, den = num + e * v[0, 0, j], den + e
+            for pos in p.samples[0, h].tolist():
+                j = int(p.k_order[0, 0, pos])
+                if pos // p.bk != blk:
+                    e = torch.exp(scale * q[0, h, i] @ k[0, 0, j])
+                    num, den = num + w * e * v[0, 0, j], den + w * e
+            out[0, h, i] = num / den
+    for backend in ("reference", "fast"):
+        got = attnzoo.attention(q, k, v, mechanism="hyperattention", scale=scale, backend=backend, min_seq_len=2,
+                                **opts)
+        assert_close(got, out, torch.float64, f"explicit estimator loop ({backend})")
+
+
+def test_error_falls_as_sample_size_grows():
+    """Monte-Carlo (fixed seeds): the mean relative error over 4 seeds decreases with m (random scores are
+    diffuse, the hard case for HyperAttention, so the errors themselves are large)."""
+    q, k, v = _qkv(1, 2, 2, 256, 256, d=16, dv=8, seed=9)
+    q, k = q * 1.5, k * 1.5  # a little peakier than N(0,1) scores
+    exact = softmax_attention(q, k, v)
+    errs = []
+    for m in (8, 32, 128, 240):
+        e = [rel_err(_run(q, k, v, "fast", block_size=16, sample_size=m, seed=s), exact) for s in range(4)]
+        errs.append(sum(e) / len(e))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 0.5 * errs[0], errs
+    no_residual = rel_err(_run(q, k, v, "fast", block_size=16, sample_size=0), exact)
+    assert errs[-1] < no_residual
+
+
+def test_lsh_buckets_are_gray_code_ordered():
+    # bucket of sign pattern b is the b-th entry of the reflected Gray sequence 0,1,3,2,6,7,5,4
+    gray = [0, 1, 3, 2, 6, 7, 5, 4]
+    torch.manual_seed(0)
+    x = torch.randn(200, 5, dtype=torch.float64)
+    h = lsh_hash(x, 3, seed=2)
+    proj = torch.randn(5, 3, generator=torch.Generator().manual_seed(2 * 1_000_003 % (2 ** 63)),
+                       dtype=torch.float64)
+    bits = (x @ proj > 0).long()
+    b = bits[:, 0] + 2 * bits[:, 1] + 4 * bits[:, 2]
+    assert h.tolist() == [gray[i] for i in b.tolist()]
+
+
+def test_causal_reads_no_later_keys_but_depends_on_later_queries():
+    """The documented limitation behind prefix_invariant=False."""
+    q, k, v = _qkv(1, 2, 2, 32, 32, seed=6)
+    opts = {"block_size": 4, "sample_size": 5}
+    base = _run(q, k, v, "fast", True, **opts)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 20:] += 3.0
+    v2[:, :, 20:] -= 2.0
+    assert (base[:, :, :20] - _run(q, k2, v2, "fast", True, **opts)[:, :, :20]).abs().max() < 1e-12
+    q2 = q.clone()
+    q2[:, :, 20:] = torch.randn_like(q2[:, :, 20:])
+    assert (base[:, :, :20] - _run(q2, k, v, "fast", True, **opts)[:, :, :20]).abs().max() > 1e-6
+    assert not attnzoo.get("hyperattention").prefix_invariant
+
+
+def test_causal_cross_raises():
+    q, k, v = _qkv(1, 2, 2, 3, 9)
+    with pytest.raises(ValueError, match="causal_cross"):
+        attnzoo.attention(q, k, v, mechanism="hyperattention", causal=True)
+
+
+def test_official_defaults():
+    opts = attnzoo.get("hyperattention").resolve_options({})
+    assert (opts["lsh_num_projs"], opts["block_size"], opts["sample_size"], opts["min_seq_len"]) == (7, 256, 256, 4096)
