@@ -9,9 +9,12 @@ from .base import DecodeState
 from .dense import PositionState, TokenHistoryCache
 from .heads import DiffKVCache, EchoAttentionCache, RoutedKVCache, TokenBuffers
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
+from .moa import PerHeadWindowCache
+from .s2 import S2Cache
 
 __all__ = [
     "DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache",
     "PositionState", "TokenHistoryCache",
     "DiffKVCache", "EchoAttentionCache", "RoutedKVCache", "TokenBuffers",
+    "PerHeadWindowCache", "S2Cache",
 ]
