@@ -171,6 +171,22 @@ def check_shape_dtype(mech: Mechanism, pattern: str) -> None:
         assert torch.isfinite(out).all(), f"{mech.name} {pattern}: non-finite output on finite input"
 
 
+def check_noncontiguous(mech: Mechanism, pattern: str) -> None:
+    """Functional mechanisms accept strided views, e.g. q/k/v as (B, N, H, D).transpose(1, 2) -- the layout
+    Hugging Face models hand to attention functions -- and give the same result as on contiguous tensors."""
+    q, k, v = qkv(mech, pattern)
+    s = Sizes.of(mech)
+    mask = padding_mask(s.batch, k.shape[2]) if mech.supports_key_padding else None
+    base = run_functional(mech, pattern, q, k, v, key_padding_mask=mask)
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert not strided[0].is_contiguous()
+    for backend in ("reference", "auto"):
+        out = run_functional(mech, pattern, *strided, backend=backend, key_padding_mask=mask)
+        ref = base if backend == "auto" else run_functional(mech, pattern, q, k, v, backend="reference",
+                                                             key_padding_mask=mask)
+        assert_close(out, ref, torch.float64, f"{mech.name} {pattern}: transposed-view inputs ({backend})")
+
+
 def check_causality(mech: Mechanism, pattern: str) -> None:
     """Perturbing keys/values after key position t leaves every query at position <= t unchanged."""
     assert pattern.startswith("causal")
@@ -256,6 +272,15 @@ def check_key_padding(mech: Mechanism, pattern: str) -> None:
         assert (unmasked - pert).abs().max().item() > 1e-6, (
             f"{mech.name} {pattern}: the perturbation of masked keys changes nothing even without the mask; "
             "the check cannot see a dropped mask")
+        if pattern.endswith("self"):
+            # Self attention: a padded position is padding as a query too. Its query must not reach the
+            # outputs of real positions (mechanisms that group queries into blocks could leak it).
+            q2 = torch.where((~mask).view(s.batch, 1, nk, 1), q + 5 * torch.randn(q.shape, dtype=q.dtype), q)
+            pert_q = run_functional(mech, pattern, q2, k2, v2, key_padding_mask=mask)
+            keep = mask.view(s.batch, 1, nk, 1)
+            err = ((base - pert_q) * keep).abs().max().item()
+            assert err < 1e-10, (f"{mech.name} {pattern}: changing the queries at padded positions changed real "
+                                 f"outputs by {err:.2e} (padding leaks through query grouping)")
         return
     if mech.kind != "sequence":
         return
@@ -525,6 +550,8 @@ def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
                 ("gradcheck", p, check_gradcheck)]
         if mech.kind == "sequence":
             out.append(("key_padding", p, check_key_padding))
+        if mech.functional:
+            out.append(("noncontiguous", p, check_noncontiguous))
         if p.startswith("causal"):
             out.append(("causality", p, check_causality))
             if mech.prefix_invariant:

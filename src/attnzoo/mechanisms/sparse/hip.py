@@ -247,7 +247,7 @@ def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     index = torch.cat([sink_blk, p.blocks, loc_blk.expand(B, Hq, nb, wl)], dim=-1)  # (B, Hq, nb, Lr)
     slot = torch.cat([sink_ok, sel_ok, loc_ok.expand(B, Hq, nb, wl * bk)], dim=-1)  # (B, Hq, nb, Lr*bk)
     Lr = index.shape[-1]
-    qb = F.pad(q, (0, 0, 0, nb * bq - Nq)).view(B, Hk, G * nb, bq, D)  # (B, Hk, G*nb, bq, D)
+    qb = F.pad(q, (0, 0, 0, nb * bq - Nq)).reshape(B, Hk, G * nb, bq, D)  # (B, Hk, G*nb, bq, D)
     qpos = None
     if causal:
         pos = (Nk - Nq) + torch.arange(nb * bq, device=dev).view(1, nb, bq)

@@ -25,7 +25,8 @@ Choices where the official code is silent or loose (each an option or documented
   (query head, node) and shared by the batch, so results are reproducible and batch rows independent;
 - the last key block may be partial (official pads sorted keys with zero rows that then *count* in the
   block softmax); here padded slots are masked;
-- key padding: padded keys are sorted after every real key (never in a real block), never sampled, and
+- key padding: padded keys (and, in self attention, the queries at padded positions) are sorted after
+  every real one (never in a real block), never sampled, and
   the residual weight is ``n_valid / m`` per batch row;
 - ``sample_size >= Nk`` uses every key exactly once with weight 1 (the residual is then exact, so the
   whole result is exact): the exact limit of the estimator;
@@ -91,14 +92,17 @@ class _Plan:
     log_weight: torch.Tensor | None  # (B,) log of the residual weight n_valid / m (0 when exact)
 
 
-def plan(q, k, kpm, *, block_size, sample_size, lsh_num_projs, seed, node) -> _Plan:
-    """sortLSH blocks and residual samples for q (B, Hq, Nq, D), k (B, Hk, Nk, D), kpm (B, Nk) or None."""
+def plan(q, k, kpm, *, block_size, sample_size, lsh_num_projs, seed, node, qpm=None) -> _Plan:
+    """sortLSH blocks and residual samples for q (B, Hq, Nq, D), k (B, Hk, Nk, D), kpm (B, Nk) or None;
+    ``qpm`` (B, Nq) marks queries at padded positions (self attention), sorted after every real query."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     hq = lsh_hash(q, lsh_num_projs, seed)  # (B, Hq, Nq)
     hk = lsh_hash(k, lsh_num_projs, seed)  # (B, Hk, Nk)
     if kpm is not None:
         hk = torch.where(kpm.view(B, 1, Nk), hk, torch.full_like(hk, 1 << lsh_num_projs))  # padding sorts last
+    if qpm is not None:  # a padded position's query sorts last, so padded content never moves a real query
+        hq = torch.where(qpm.view(B, 1, Nq), hq, torch.full_like(hq, 1 << lsh_num_projs))
     q_order = torch.sort(hq, dim=-1, stable=True).indices  # (B, Hq, Nq)
     k_order = torch.sort(hk, dim=-1, stable=True).indices  # (B, Hk, Nk)
     bk = min(block_size, Nk)
@@ -150,13 +154,14 @@ def _coefficients_noncausal(q, k, kpm, p: _Plan | None) -> torch.Tensor:
     return c
 
 
-def _coefficients(q, k, kpm, *, causal, opts, node) -> torch.Tensor:
-    """Coefficient matrix of the whole (possibly causal, recursive) computation, (B, Hq, Nq, Nk)."""
+def _coefficients(q, k, kpm, *, causal, opts, node, qpm=None) -> torch.Tensor:
+    """Coefficient matrix of the whole (possibly causal, recursive) computation, (B, Hq, Nq, Nk).
+    ``qpm``: padding of the query positions (non-causal calls); causal calls are self attention (kpm)."""
     B, Hq, N, _ = q.shape
     if not causal:
         if N < opts["min_seq_len"]:
             return _coefficients_noncausal(q, k, kpm, None)
-        p = plan(q, k, kpm, node=node, **_plan_opts(opts))
+        p = plan(q, k, kpm, node=node, qpm=qpm, **_plan_opts(opts))
         return _coefficients_noncausal(q, k, kpm, p)
     if N <= opts["min_seq_len"]:
         tril = torch.ones(N, N, dtype=torch.float64, device=q.device).tril()
@@ -170,7 +175,7 @@ def _coefficients(q, k, kpm, *, causal, opts, node) -> torch.Tensor:
     c[:, :, h:, h:] = _coefficients(q[:, :, h:], k[:, :, h:], _slice(kpm, h, n), causal=True, opts=opts,
                                     node=2 * node + 1)
     c[:, :, h:, :h] = _coefficients(q[:, :, h:], k[:, :, :h], _slice(kpm, 0, h), causal=False, opts=opts,
-                                    node=node)
+                                    node=node, qpm=_slice(kpm, h, n))
     return c[:, :, :N, :N] if odd else c
 
 
@@ -198,7 +203,8 @@ def _pad_odd(q, k, v, kpm):
 
 def hyperattention_reference(q, k, v, *, causal, key_padding_mask, scale, **opts):
     """The estimator written densely: softmax(scale q k^T + log c) v with c from :func:`_coefficients`."""
-    c = _coefficients(q, k, key_padding_mask, causal=causal, opts=opts, node=1)  # (B, Hq, Nq, Nk)
+    qpm = key_padding_mask if q.shape[2] == k.shape[2] else None  # self attention: padded query positions
+    c = _coefficients(q, k, key_padding_mask, causal=causal, opts=opts, node=1, qpm=qpm)  # (B, Hq, Nq, Nk)
     keep = c > 0
     bias = torch.where(keep, c.clamp(min=1e-300).log(), torch.zeros_like(c)).to(torch.promote_types(q.dtype,
                                                                                                 torch.float32))
@@ -245,14 +251,14 @@ def _exact_lse(q, k, v, kpm, causal, scale, rows: int = 64):
     return out, lse
 
 
-def _hyper_noncausal(q, k, v, kpm, scale, opts, node):
+def _hyper_noncausal(q, k, v, kpm, scale, opts, node, qpm=None):
     """Non-causal HyperAttention with its log-sum-exp: (B, Hq, Nq, Dv), (B, Hq, Nq)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     G = Hq // Hk
     if Nq < opts["min_seq_len"]:
         return _exact_lse(q, k, v, kpm, False, scale)
-    p = plan(q, k, kpm, node=node, **_plan_opts(opts))
+    p = plan(q, k, kpm, node=node, qpm=qpm, **_plan_opts(opts))
     nb, qbs, bk = p.nblocks, p.qbs, p.bk
     qb = _sorted_blocks(q, p.q_order, nb, qbs, Hk)  # (B, Hk, G*nb, qbs, D)
     # (1) sortLSH block diagonal: query block b <-> sorted key block b
@@ -288,7 +294,8 @@ def _hyper_causal(q, k, v, kpm, scale, opts, node):
     h = n // 2
     o1, l1 = _hyper_causal(q[:, :, :h], k[:, :, :h], v[:, :, :h], _slice(kpm, 0, h), scale, opts, 2 * node)
     o2, l2 = _hyper_causal(q[:, :, h:], k[:, :, h:], v[:, :, h:], _slice(kpm, h, n), scale, opts, 2 * node + 1)
-    o3, l3 = _hyper_noncausal(q[:, :, h:], k[:, :, :h], v[:, :, :h], _slice(kpm, 0, h), scale, opts, node)
+    o3, l3 = _hyper_noncausal(q[:, :, h:], k[:, :, :h], v[:, :, :h], _slice(kpm, 0, h), scale, opts, node,
+                              qpm=_slice(kpm, h, n))
     o_down, l_down = merge_attention([o2, o3], [l2, l3])
     out, lse = torch.cat([o1, o_down], dim=2), torch.cat([l1, l_down], dim=2)
     return (out[:, :, :N], lse[:, :, :N]) if odd else (out, lse)
@@ -298,8 +305,11 @@ def hyperattention_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     """The paper's computation: gathered sortLSH blocks + gathered samples, merged by log-sum-exp."""
     if not causal and q.shape[2] < opts["min_seq_len"]:
         return sdpa(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
-    fn = _hyper_causal if causal else _hyper_noncausal
-    out, _ = fn(q, k, v, key_padding_mask, scale, opts, 1)
+    if causal:
+        out, _ = _hyper_causal(q, k, v, key_padding_mask, scale, opts, 1)
+    else:
+        qpm = key_padding_mask if q.shape[2] == k.shape[2] else None  # self attention: padded query positions
+        out, _ = _hyper_noncausal(q, k, v, key_padding_mask, scale, opts, 1, qpm=qpm)
     return out.to(q.dtype)
 
 
