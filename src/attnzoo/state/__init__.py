@@ -7,5 +7,6 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 
 from .base import DecodeState
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
+from .recurrent import RecurrentState as RecurrentState
 
 __all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache"]
