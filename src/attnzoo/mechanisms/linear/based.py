@@ -33,6 +33,7 @@ Choices where the paper is silent (each an option or a documented convention):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import check_key_padding_mask, check_tensor
+from ...kernels.chunked import chunked_taylor_attention
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import RecurrentState
 from .linear_attention import (
@@ -97,10 +99,14 @@ def _taylor_qk(q, k, scale):
 
 
 def based_fast(q, k, v, *, causal, key_padding_mask, scale, normalize, eps, chunk):
-    """Packed Taylor features, then the chunked causal form / the global summary (never N x N)."""
-    qf, kf = _taylor_qk(q, k, scale)
-    out = fast_linear_attention(qf, kf, v, causal=causal, normalize=normalize, eps=eps,
-                                key_padding_mask=key_padding_mask, chunk=chunk)
+    """Causal: :func:`~attnzoo.kernels.chunked.chunked_taylor_attention` (packed Taylor features for the
+    chunk states, computed piece by piece and never stored, ~10x wider than q, k; the polynomial
+    1 + s + s^2/2 from q.k inside chunks); non-causal: the global summary. Never N x N."""
+    phi = functools.partial(taylor_features, scale=scale)
+    kernel = functools.partial(chunked_taylor_attention, scale=scale)
+    out = fast_linear_attention(q, k, v, causal=causal, normalize=normalize, eps=eps,
+                                key_padding_mask=key_padding_mask, chunk=chunk, q_map=phi, k_map=phi,
+                                causal_kernel=kernel)
     return out.to(q.dtype)
 
 
@@ -258,7 +264,8 @@ class BasedLayer(nn.Module):
         K = self.kernel_size
         past = state["conv"] if state is not None else u1.new_zeros(B, K - 1, self.d_inner)  # (B, K-1, d_inner)
         seq = torch.cat([past.to(u1.dtype), u1], dim=1)  # (B, K-1+N, d_inner): causal left context
-        y = self.conv(seq.transpose(1, 2)).transpose(1, 2)  # (B, N, d_inner)
+        w = self.conv.weight[:, 0]  # (d_inner, K): nn.Conv1d's layout (the official checkpoint's)
+        y = sum(seq[:, i:i + N] * w[:, i] for i in range(K))  # (B, N, d_inner): causal depthwise convolution
         if state is not None:
             state.update(conv=seq[:, seq.shape[1] - (K - 1):].to(past.dtype))
             state.advance(N)

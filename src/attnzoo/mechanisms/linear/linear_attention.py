@@ -141,37 +141,54 @@ def _split_norm(out: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
 
 
 def fast_linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = None, normalize: bool,
-                          eps: float, key_padding_mask=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                          eps: float, key_padding_mask=None, chunk: int = DEFAULT_CHUNK, q_map=None,
+                          k_map=None, causal_kernel=None) -> torch.Tensor:
     """Chunked causal form (bottom-right aligned) or the global key-value summary (non-causal); never an
     Nq x Nk matrix. Same arguments and result as :func:`quadratic_linear_attention` (accumulation dtype).
+
+    With ``q_map``/``k_map``, ``qf``/``kf`` are the raw q, k and the causal kernel applies the maps piece by
+    piece (wide features such as BASED's are then never stored for the backward). ``causal_kernel``
+    replaces :func:`~attnzoo.kernels.chunked.chunked_linear_attention` for the causal part (same keyword
+    arguments except the maps and the decay), e.g. BASED's Taylor kernel.
 
     Causal with Nk > Nq: the first Nk - Nq keys, seen by every query, are summed into the initial state
     ``S_0 = sum_j lambda^(Nk - Nq - 1 - j) phi(k_j) v_j^T``. Causal with Nk < Nq: the first Nq - Nk queries
     see no key and return zeros.
     """
-    B, Hq, Nq, Fd = qf.shape
+    B, Hq, Nq, _ = qf.shape
     Nk = v.shape[2]
     acc = acc_dtype(v.dtype)
-    kf = mask_keys(kf, key_padding_mask)
     vv = _with_ones(v.to(acc)) if normalize else v  # (B, Hk, Nk, Dv [+ 1])
     if not causal:
         if decay is not None:
             raise ValueError("decay: a non-causal linear attention has no order to decay along; expected decay 1")
+        if q_map is not None:
+            qf, kf = q_map(qf.to(acc)), k_map(kf.to(acc))
+        kf = mask_keys(kf, key_padding_mask)
         return _split_norm(global_linear_attention(qf, kf, vv), normalize, eps)
     off = Nk - Nq
     if off < 0:  # the first -off queries see no key at all
         out = fast_linear_attention(qf[:, :, -off:], kf, v, causal=True, decay=decay, normalize=normalize,
-                                    eps=eps, chunk=chunk)
+                                    eps=eps, key_padding_mask=key_padding_mask, chunk=chunk, q_map=q_map,
+                                    k_map=k_map, causal_kernel=causal_kernel)
         return torch.cat([out.new_zeros(B, Hq, -off, out.shape[-1]), out], dim=2)
     s0 = None
     if off > 0:
         kp = kf[:, :, :off].to(acc)  # (B, Hk, off, F)
+        if k_map is not None:
+            kp = k_map(kp)
+        kp = mask_keys(kp, None if key_padding_mask is None else key_padding_mask[:, :off])
         w = decay_weights(decay, off, acc, kf.device)  # (Hk, off, 1) or None
         if w is not None:
             kp = kp * w
         s0 = torch.matmul(kp.transpose(-1, -2), vv[:, :, :off].to(acc))  # (B, Hk, F, Dv [+ 1])
-    out, _ = chunked_linear_attention(qf, kf[:, :, off:], vv[:, :, off:], decay=decay, chunk=chunk,
-                                      initial_state=s0)
+    mask = None if key_padding_mask is None else key_padding_mask[:, off:]
+    if causal_kernel is not None:
+        out, _ = causal_kernel(qf, kf[:, :, off:], vv[:, :, off:], chunk=chunk, initial_state=s0,
+                               key_padding_mask=mask)
+    else:
+        out, _ = chunked_linear_attention(qf, kf[:, :, off:], vv[:, :, off:], decay=decay, chunk=chunk,
+                                          initial_state=s0, q_map=q_map, k_map=k_map, key_padding_mask=mask)
     return _split_norm(out, normalize, eps)
 
 
