@@ -7,6 +7,10 @@
 See ``attnzoo list`` for the registered mechanisms and ARCHITECTURE.md for the contract.
 """
 
+# The subpackage attnzoo.mechanisms must be loaded before the registry function of the same name is bound
+# below: importing a submodule for the first time sets it as an attribute of its parent package, which
+# would otherwise replace the function attnzoo.mechanisms() as soon as any mechanism file is imported.
+from . import mechanisms as _mechanisms_package  # noqa: F401  (isort: keep first)
 from .errors import AttnzooError, OptionError, UnknownMechanismError, UnsupportedPatternError
 from .functional import attention, pattern_of
 from .layers import Attention, build
