@@ -45,7 +45,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
     """phi(x): ``elu(x) + 1`` (positive, the paper's) or the identity."""
     if name == "elu+1":
-        return F.elu(x) + 1
+        return F.elu(x).add_(1)  # in place: elu's backward reads its input, not its output
     if name == "identity":
         return x
     raise ValueError(f"feature_map: expected one of {list(FEATURE_MAPS)}, got {name!r}")
@@ -134,10 +134,31 @@ def _with_ones(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
+class _Normalize(torch.autograd.Function):
+    """(..., Dv + 1) -> (..., Dv): num / (den + eps) with den the last column; one allocation each way
+    (autograd through slicing and division makes several full-size passes)."""
+
+    @staticmethod
+    def forward(ctx, o, eps):
+        den = o[..., -1:] + eps  # (..., 1)
+        out = o[..., :-1] / den  # (..., Dv)
+        ctx.save_for_backward(out, den)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out, den = ctx.saved_tensors
+        r = den.reciprocal()
+        d = torch.empty(*g.shape[:-1], g.shape[-1] + 1, dtype=g.dtype, device=g.device)
+        torch.mul(g, r, out=d[..., :-1])  # d/dnum
+        d[..., -1:] = -(g * out).sum(-1, keepdim=True) * r  # d/dden
+        return d, None
+
+
 def _split_norm(out: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
     if not normalize:
         return out
-    return out[..., :-1] / (out[..., -1:] + eps)
+    return _Normalize.apply(out, eps)
 
 
 def fast_linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | None = None, normalize: bool,
@@ -243,7 +264,9 @@ def linear_state_step(qf, kf, v, state: RecurrentState, *, decay: torch.Tensor |
 # The `linear` mechanism
 # --------------------------------------------------------------------------------------------------------
 def _features(q, k, scale, feature_map_name):
-    qf = feature_map(q, feature_map_name) * scale  # (B, Hq, Nq, D): the score scale rides on the queries
+    qf = feature_map(q, feature_map_name)  # (B, Hq, Nq, D)
+    if scale != 1.0:
+        qf = qf * scale  # the score scale rides on the queries
     kf = feature_map(k, feature_map_name)  # (B, Hk, Nk, D)
     return qf, kf
 
@@ -258,8 +281,13 @@ def linear_reference(q, k, v, *, causal, key_padding_mask, scale, feature_map, n
 
 
 def linear_fast(q, k, v, *, causal, key_padding_mask, scale, feature_map, normalize, eps, chunk):
-    """Chunked causal form / global summary (:func:`fast_linear_attention`)."""
-    qf, kf = _features(q, k, scale, feature_map)
+    """Chunked causal form / global summary (:func:`fast_linear_attention`). Normalised, the scale moves
+    onto eps (s num / (s den + eps) = num / (den + eps / s)), saving a pass over the queries."""
+    if normalize:
+        qf, kf = _features(q, k, 1.0, feature_map)
+        eps = eps / scale
+    else:
+        qf, kf = _features(q, k, scale, feature_map)
     out = fast_linear_attention(qf, kf, v, causal=causal, normalize=normalize, eps=eps,
                                 key_padding_mask=key_padding_mask, chunk=chunk)
     return out.to(q.dtype)
