@@ -50,11 +50,36 @@ def _maxrss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: reset this process's peak RSS (VmHWM) to its current RSS. ru_maxrss cannot be used after a
+    fork/vfork + exec: the kernel carries the parent's high-water mark into the child, so a child started
+    by a large parent (one that has run other cases) reports that mark and a peak of 0."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _child(target: str, kwargs_json: str) -> None:  # runs in the fresh process
     run = load_case(target, json.loads(kwargs_json))
-    before = _maxrss_bytes()
-    run()
-    after = _maxrss_bytes()
+    if _reset_peak_rss():
+        before = _proc_status_kb("VmRSS") * 1024
+        run()
+        after = _proc_status_kb("VmHWM") * 1024
+    else:
+        before = _maxrss_bytes()
+        run()
+        after = _maxrss_bytes()
     print(json.dumps({"peak_bytes": max(0, after - before), "setup_bytes": before}))
 
 
