@@ -95,7 +95,8 @@ def test_causal_cross_is_bottom_right(nq, nk):
 # The chunked kernel: outputs, final states and their gradients against the explicit sums
 # ---------------------------------------------------------------------------------------------------------
 def explicit(q, k, v, decay, s0):
-    """o_i = sum_{j<=i} lambda^(i-j) q_i.k_j v_j + lambda^(i+1) q_i S0; S_N = sum_j lambda^(N-1-j) k_j v_j^T + lambda^N S0."""
+    """o_i = sum_{j<=i} lambda^(i-j) q_i.k_j v_j + lambda^(i+1) q_i S0;
+    S_N = sum_j lambda^(N-1-j) k_j v_j^T + lambda^N S0."""
     B, Hq, N, Fd = q.shape
     G = Hq // k.shape[1]
     lam = decay.to(F64)
@@ -256,3 +257,23 @@ def test_kernel_feature_maps_and_mask_in_pieces(monkeypatch, fused):
     want = torch.autograd.grad((want_out * go).sum() + (want_fin * gf).sum(), (q, k, v, s0))
     for name, a, b in zip(("q", "k", "v", "initial_state"), got, want):
         assert_close(a, b, F64, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("mech", ["linear", "lightning", "based"])
+def test_fast_form_never_allocates_n_by_n(mech):
+    """Forward and backward of the fast form at N = 2048: no single operation allocates as much as one
+    N x N float32 matrix (16 MiB); the quadratic reference does (a control that the probe sees it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 2048
+    d = 16 if mech == "based" else 32
+    q, k, v = (rand(1, 1, n, d, seed=s, dtype=torch.float32).requires_grad_(True) for s in range(3))
+
+    def biggest(backend):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = attnzoo.attention(q, k, v, mechanism=mech, causal=True, backend=backend)
+            out.backward(torch.ones_like(out))
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    assert biggest("fast") < n * n * 4
+    assert biggest("reference") >= n * n * 4

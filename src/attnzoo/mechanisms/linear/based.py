@@ -24,7 +24,9 @@ Choices where the paper is silent (each an option or a documented convention):
   ``phi(q).phi(k) = 1 + s + s^2 / 2``. attnzoo's default scale 1/sqrt(D), with D = d', is the paper's.
 - The fast form uses the symmetric half of vec(x x^T): ``x_i x_j`` for i < j and ``x_i^2 / sqrt(2)`` on the
   diagonal (1 + d' + d'(d'+1)/2 = 153 features for d' = 16 instead of 273). The inner products, hence the
-  outputs and gradients, are identical; the decode state is the packed one.
+  outputs and gradients, are identical; the decode state is the packed one. Inside each chunk the fast form
+  evaluates the kernel 1 + s + s^2/2 from q.k directly (as the paper's IO-aware kernels do), so the features
+  only carry the state between chunks (:func:`attnzoo.kernels.chunked.chunked_taylor_attention`).
 - ``eps`` = 1e-12 is added to the denominator as in the official code; a row that sees no key returns 0.
 - The window mixer has no rotary embedding (positions belong to the model, not the attention function).
 - ``key_padding_mask`` in the conv mixer zeroes masked tokens before the convolution, so they cannot leak
