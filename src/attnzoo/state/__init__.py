@@ -10,11 +10,12 @@ from .dense import PositionState, TokenHistoryCache
 from .heads import DiffKVCache, EchoAttentionCache, RoutedKVCache, TokenBuffers
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 from .moa import PerHeadWindowCache
+from .recurrent import RecurrentState
 from .s2 import S2Cache
 
 __all__ = [
     "DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache",
     "PositionState", "TokenHistoryCache",
     "DiffKVCache", "EchoAttentionCache", "RoutedKVCache", "TokenBuffers",
-    "PerHeadWindowCache", "S2Cache",
+    "PerHeadWindowCache", "S2Cache", "RecurrentState",
 ]
