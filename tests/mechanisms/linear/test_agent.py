@@ -24,9 +24,19 @@ def test_two_chained_softmax_attentions(nq, nk, agents, backend):
     mask = torch.rand(2, nk, generator=torch.Generator().manual_seed(3)) > 0.3
     mask[:, 0] = True
     out = attnzoo.attention(q, k, v, mechanism="agent", agents=agents, key_padding_mask=mask, backend=backend)
-    A = pool_agents(q, agents)
+    A = pool_agents(q, agents, mask if nq == nk else None)  # self attention pools only unpadded queries
     v_agents = softmax_attention(A, k, v, key_padding_mask=mask)
     assert_close(out, softmax_attention(q, A, v_agents), F64, f"{backend} vs two chained softmax attentions")
+
+
+def test_masked_pooling_equals_pooling_the_unpadded_sequence():
+    q = rand(1, 2, 11, 3)
+    valid = torch.tensor([[True] * 8 + [False] * 3])
+    for m in (1, 3, 4, 8, 9):
+        assert_close(pool_agents(q, m, valid), pool_agents(q[:, :, :8], m), F64, f"{m} agents")
+    holes = torch.tensor([[True, False, True, True, False, True, True, True, True, False, True]])
+    keep = holes[0].nonzero().flatten()
+    assert_close(pool_agents(q, 3, holes), pool_agents(q[:, :, keep], 3), F64, "holes")
 
 
 def test_agents_are_bin_averages_of_the_queries():

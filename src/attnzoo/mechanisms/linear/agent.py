@@ -17,9 +17,10 @@ Two records:
 
 Choices where the paper is silent (each an option or a documented convention):
 - ``scale`` (default 1/sqrt(D)) scales both softmaxes, as the official ``head_dim ** -0.5``.
-- Functional agents are pooled from *all* queries; ``key_padding_mask`` masks keys in the agent
-  aggregation (a query row's output depends only on unmasked keys); a batch row with every key masked
-  returns zeros.
+- Functional agents are pooled from all queries; ``key_padding_mask`` masks keys in the agent
+  aggregation, and in self attention (Nq == Nk) the queries at padded positions are left out of the
+  pooling too (the valid queries are cut into adaptive bins of their own length), so a padded batch row
+  gives what the unpadded sequence gives; a batch row with every key masked returns zeros.
 - Causal patterns are not supported (agents pool every query, so the first query would see the future).
 - Module: the per-row/column bias tables are sized for a ``grid`` x ``grid`` token grid (the official
   ``window``); another grid size resizes them linearly, as the official code resizes the 7 x 7 tables.
@@ -40,11 +41,26 @@ from ...registry import Mechanism, Option, register
 from .linear_attention import acc_dtype
 
 
-def pool_agents(q: torch.Tensor, agents: int) -> torch.Tensor:
-    """Agent tokens: q (B, H, N, D) average-pooled along N into (B, H, agents, D) (adaptive bins)."""
+def pool_agents(q: torch.Tensor, agents: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Agent tokens: q (B, H, N, D) average-pooled along N into (B, H, agents, D) (adaptive bins).
+
+    With ``valid`` (B, N) bool, only the valid queries are pooled: they are taken in order and cut into the
+    same adaptive bins as a sequence of their own length (so a padded row pools exactly what the unpadded
+    sequence would)."""
     B, H, N, D = q.shape
-    a = F.adaptive_avg_pool1d(q.reshape(B * H, N, D).transpose(1, 2), agents)  # (B*H, D, m)
-    return a.transpose(1, 2).reshape(B, H, agents, D)
+    if valid is None:
+        a = F.adaptive_avg_pool1d(q.reshape(B * H, N, D).transpose(1, 2), agents)  # (B*H, D, m)
+        return a.transpose(1, 2).reshape(B, H, agents, D)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # (B, N): valid positions first
+    qc = q.gather(2, order.view(B, 1, N, 1).expand(B, H, N, D))  # (B, H, N, D) compacted
+    n = valid.sum(dim=1).view(B, 1)  # (B, 1)
+    i = torch.arange(agents, device=q.device).view(1, agents)
+    start = torch.div(i * n, agents, rounding_mode="floor")  # (B, m): adaptive bins over n valid queries
+    end = -torch.div(-(i + 1) * n, agents, rounding_mode="floor")  # ceil((i + 1) n / m)
+    cs = F.pad(qc.cumsum(dim=2), (0, 0, 1, 0))  # (B, H, N + 1, D) prefix sums
+    idx = lambda t: t.view(B, 1, agents, 1).expand(B, H, agents, D)
+    sums = cs.gather(2, idx(end)) - cs.gather(2, idx(start))  # (B, H, m, D)
+    return sums / (end - start).clamp(min=1).view(B, 1, agents, 1).to(q.dtype)
 
 
 def _softmax_rows(scores: torch.Tensor) -> torch.Tensor:
@@ -65,7 +81,7 @@ def agent_reference(q, k, v, *, causal, key_padding_mask, scale, agents):
     acc = acc_dtype(q.dtype)
     qa = q.to(acc)
     kk, vv = repeat_kv(k, Hq // Hk).to(acc), repeat_kv(v, Hq // Hk).to(acc)  # (B, Hq, Nk, D|Dv)
-    A = pool_agents(qa, agents)  # (B, Hq, m, D)
+    A = pool_agents(qa, agents, key_padding_mask if Nq == Nk else None)  # (B, Hq, m, D)
     s1 = torch.matmul(A, kk.transpose(-1, -2)) * scale  # (B, Hq, m, Nk)
     if key_padding_mask is not None:
         s1 = s1.masked_fill(~key_padding_mask.view(B, 1, 1, Nk), float("-inf"))
@@ -79,7 +95,8 @@ def agent_fast(q, k, v, *, causal, key_padding_mask, scale, agents):
     """The same two stages on PyTorch's fused SDPA (no N x m matrix kept for backward)."""
     if causal:
         raise ValueError("causal: agent attention pools every query into its agents; causal patterns are unsupported")
-    A = pool_agents(q, agents)  # (B, Hq, m, D)
+    self_attention = q.shape[2] == k.shape[2]
+    A = pool_agents(q, agents, key_padding_mask if self_attention else None)  # (B, Hq, m, D)
     v_agents = sdpa(A, k, v, key_padding_mask=key_padding_mask, scale=scale)  # (B, Hq, m, Dv)
     return sdpa(q, A, v_agents, scale=scale)  # (B, Hq, Nq, Dv)
 
