@@ -6,7 +6,7 @@
     attnzoo bench real [--quick] [options]             # training-free mechanisms in real pretrained models
     attnzoo bench report RESULTS [--out DIR]           # re-render summary.md, plots, report.html
     attnzoo bench compare A B [--threshold 1.2]        # what changed between two runs
-    attnzoo bench readme RESULTS --update README.md    # the README's generated headline block
+    attnzoo bench readme RESULTS... --update README.md # the README's generated headline block
 
 ``python -m attnzoo`` is the same command.
 """
@@ -158,7 +158,8 @@ def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
 def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="attnzoo bench", description="Measure every registered mechanism beside dense attention: speed, "
-        "memory, decoding and quality, with a correctness gate first. Subcommands: report, compare, readme.")
+        "memory, decoding and quality, with a correctness gate first. Subcommands: real (real pretrained models), "
+        "report, compare, readme.")
     prof = p.add_mutually_exclusive_group()
     prof.add_argument("--quick", action="store_true", help="the quick profile (default): under 5 minutes on 2 cores")
     prof.add_argument("--full", action="store_true", help="the thorough profile (hours for a large registry)")
@@ -189,6 +190,10 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--no-quality", action="store_true", help="skip the quality stage")
     p.add_argument("--no-efficiency", action="store_true", help="skip the efficiency stage")
+    real = p.add_mutually_exclusive_group()
+    real.add_argument("--real", action="store_true", help="add the real pretrained-model stage (`bench real`; "
+                      "quick profile: its --quick settings)")
+    real.add_argument("--no-real", action="store_true", help="full profile: skip the real pretrained-model stage")
     p.add_argument("--no-plots", action="store_true", help="write results.json and summary.md only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
@@ -230,6 +235,8 @@ def bench_config(args: argparse.Namespace, argv: Sequence[str]):
     o["memory"] = not args.no_memory
     o["quality"] = not args.no_quality
     o["efficiency"] = not args.no_efficiency
+    if args.real or args.no_real:
+        o["real"] = bool(args.real)
     o["progress"] = not args.no_progress
     o["imports"] = list(args.imports)
     return (full if args.full else quick)(**o)
@@ -260,6 +267,8 @@ def _real_parser() -> argparse.ArgumentParser:
                    help="override a row's option in MiniLM (repeatable)")
     p.add_argument("--prefill", type=int, help="tokens prefilled before decoding (default 1024)")
     p.add_argument("--new-tokens", type=int, help="tokens decoded greedily and timed (default 32)")
+    p.add_argument("--stages", help="comma-separated decoder-row measurements (default perplexity,passkey,decode)")
+    p.add_argument("--decode-threads", type=int, help="torch threads while decoding token by token (default 1)")
     p.add_argument("--no-minilm", action="store_true", help="skip the MiniLM embedding table")
     p.add_argument("--no-share-prefix", action="store_true",
                    help="one perplexity forward per length even for prefix-invariant rows")
@@ -282,7 +291,9 @@ def real_config(args: argparse.Namespace):
     mechs = [n for item in args.mechanisms for n in _csv(item)]
     if mechs:
         o["mechanisms"] = tuple(mechs)
-    for name in ("passkey_seeds", "prefill", "new_tokens", "deadline"):
+    if args.stages:
+        o["stages"] = tuple(_csv(args.stages))
+    for name in ("passkey_seeds", "prefill", "new_tokens", "deadline", "decode_threads"):
         if getattr(args, name) is not None:
             o[name] = getattr(args, name)
     if args.option:
@@ -404,11 +415,12 @@ def _bench_sub(cmd: str, argv: list[str]) -> int:
                 f.write(text + "\n")
         return 0
     p = argparse.ArgumentParser(prog="attnzoo bench readme", description="The README headline block, generated "
-                                "from a results.json (between <!-- bench:start --> and <!-- bench:end -->).")
-    p.add_argument("results", help="results.json (or its directory)")
+                                "from one or more results.json (between <!-- bench:start --> and "
+                                "<!-- bench:end -->), e.g. a registry benchmark run and a `bench real` run.")
+    p.add_argument("results", nargs="+", help="results.json (or its directory); several are concatenated")
     p.add_argument("--update", metavar="README", help="replace the block in this file instead of printing it")
     a = p.parse_args(argv)
-    block = report.readme_block(load(a.results))
+    block = report.readme_block([load(r) for r in a.results])
     if a.update:
         changed = report.update_block(a.update, BENCH_START, BENCH_END, block)
         print(f"{a.update}: bench block {'updated' if changed else 'already up to date'}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,7 @@ ROWS: list[Row] = [
              "depends on its later queries, so each length is its own forward"),
 ]
 
+STAGES = ("perplexity", "passkey", "decode")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to float32)"
 MINILM_NAME = "all-MiniLM-L6-v2"
@@ -121,6 +123,8 @@ class RealConfig:
     minilm: bool = True
     minilm_sentences: int = 64
     share_prefix: bool = True  # read shorter perplexity windows from the longest for prefix-invariant rows
+    stages: tuple[str, ...] = STAGES  # which decoder-row measurements run
+    decode_threads: int | None = 1  # torch threads while decoding one token at a time (None: torch's default)
     deadline: float | None = None  # seconds: rows (and MiniLM) not started by then are recorded as skipped
     checkpoint: Any = None  # called with the section after every row (the CLI saves results.json)
     dtype: torch.dtype = torch.float32
@@ -132,6 +136,13 @@ class RealConfig:
         self.lengths = tuple(sorted(set(self.lengths)))
         if not self.passkey_depths or any(not 0 <= d <= 1 for d in self.passkey_depths):
             raise ValueError(f"passkey_depths: expected relative depths in [0, 1], got {list(self.passkey_depths)}")
+        bad = [x for x in self.stages if x not in STAGES]
+        if bad or not self.stages:
+            raise ValueError(f"stages: expected some of {list(STAGES)}, got {list(self.stages)}")
+        self.stages = tuple(x for x in STAGES if x in self.stages)
+        if self.decode_threads is not None and (isinstance(self.decode_threads, bool)
+                                                or not isinstance(self.decode_threads, int) or self.decode_threads < 1):
+            raise ValueError(f"decode_threads: expected an int >= 1 or None, got {self.decode_threads!r}")
         for name in ("passkey_seeds", "prefill", "new_tokens", "minilm_sentences"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -155,7 +166,8 @@ class RealConfig:
                 "mechanisms": None if self.mechanisms is None else list(self.mechanisms),
                 "options": self.options, "encoder_options": self.encoder_options, "minilm": self.minilm,
                 "minilm_sentences": self.minilm_sentences, "share_prefix": self.share_prefix,
-                "deadline": self.deadline, "dtype": str(self.dtype).replace("torch.", "")}
+                "deadline": self.deadline, "stages": list(self.stages), "decode_threads": self.decode_threads,
+                "dtype": str(self.dtype).replace("torch.", "")}
 
 
 def quick_config(**overrides: Any) -> RealConfig:
@@ -268,39 +280,59 @@ def passkey_correct(model, ids: torch.Tensor, n_answer: int) -> bool:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a transformers cache: attnzoo decode states (their nbytes) or key/value tensors."""
+    """Bytes of storage held by a transformers cache: attnzoo decode states (their ``nbytes``, allocated
+    capacity included) or the key/value tensors of the model's own cache layers."""
     total = 0
     for layer in getattr(cache, "layers", []):
         state = getattr(layer, "state", None)
         if state is not None:
-            total += state.nbytes()
+            total += state.nbytes()  # allocated storage, as below
         else:
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
+                    total += t.untyped_storage().nbytes()
     return total
 
 
-def decode_speed(model, ids: torch.Tensor, new_tokens: int, warmup: int = 2) -> dict[str, Any]:
-    """Greedy decoding after a prefill of ``ids``: ``warmup`` untimed steps, then ``new_tokens`` timed ones.
-    Returns tokens/s, prefill seconds and the cache bytes at the end (prefill + warmup + new tokens)."""
+DECODE_WARMUP = 2
+
+
+def decode_speed(model, ids: torch.Tensor, new_tokens: int, warmup: int = DECODE_WARMUP,
+                 threads: int | None = 1) -> dict[str, Any]:
+    """Greedy decoding after a prefill of ``ids``: ``warmup`` untimed steps, then ``new_tokens`` timed ones,
+    each timed on its own. tokens/s = 1 / the median step time (robust to bursts of other processes on a
+    shared machine); ``threads`` torch threads while decoding (1 by default: one-token steps are too small
+    to gain from threads, and on a busy machine threads waiting for each other dominate). Returns tokens/s,
+    the mean-based tokens/s, prefill seconds, the greedy token ids and the cache bytes at the end."""
     from transformers import DynamicCache
 
+    before = torch.get_num_threads()
     cache = DynamicCache()
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill = time.perf_counter() - t0
-        nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(warmup):  # first steps pay one-off costs (lazy initialisation, allocator growth)
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-        dt = time.perf_counter() - t0
-    return {"decode_tokens_per_s": new_tokens / dt, "prefill_s": prefill, "cache_bytes": cache_bytes(cache)}
+    steps, tokens = [], []
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)  # all threads
+            prefill = time.perf_counter() - t0
+            nxt = out.logits[:, -1:].argmax(-1)  # (1, 1)
+            if threads is not None:
+                torch.set_num_threads(threads)
+            for i in range(warmup + new_tokens):  # first steps pay one-off costs (lazy initialisation, allocator)
+                tokens.append(int(nxt))
+                t0 = time.perf_counter()
+                out = model(nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                if i >= warmup:
+                    steps.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return {"decode_tokens_per_s": 1.0 / statistics.median(steps), "decode_tokens_per_s_mean": len(steps) / sum(steps),
+            "decode_threads": before if threads is None else threads, "prefill_s": prefill,
+            "decoded_ids": tokens + [int(nxt)], "cache_bytes": cache_bytes(cache)}
+
+
+class _NotRun(Exception):
+    """A stage left out by ``RealConfig.stages``."""
 
 
 def _err(e: BaseException) -> str:
@@ -350,9 +382,9 @@ def run_real(cfg: RealConfig | None = None) -> dict[str, Any]:
         "model": MODEL_NAME, "encoder": MINILM_NAME if cfg.minilm else None, "corpus": corpus_name,
         "corpus_tokens": int(all_ids.shape[1]), "config": cfg.as_dict(), "lengths": list(cfg.lengths),
         "passkey_depths": list(cfg.passkey_depths), "prefill": cfg.prefill, "new_tokens": cfg.new_tokens,
-        "dtype": str(cfg.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-        "exact_max_abs_logit_diff": None, "rows": rows, "minilm": [], "not_evaluated": unevaluated(),
-        "duration_s": 0.0, "interrupted": False, "stopped": None,
+        "decode_warmup": DECODE_WARMUP, "dtype": str(cfg.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "exact_max_abs_logit_diff": None, "rows": rows, "minilm": [],
+        "not_evaluated": unevaluated(), "duration_s": 0.0, "interrupted": False, "stopped": None,
     }
 
     def save() -> None:
@@ -419,9 +451,18 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
     invariant = name == "sdpa" or (row_spec.prefix_invariant and getattr(mech, "prefix_invariant", True))
     shared = cfg.share_prefix and invariant
 
+    if "perplexity" not in cfg.stages:
+        pr.tick(len(cfg.lengths))
+    if "passkey" not in cfg.stages:
+        pr.tick(n_passkey)
+    if "decode" not in cfg.stages:
+        pr.tick()
+
     # 1. perplexity
     t0 = time.monotonic()
     try:
+        if "perplexity" not in cfg.stages:
+            raise _NotRun
         ppl, nll_all, hid_all = {}, {}, {}
         windows = [max_len] if shared else list(cfg.lengths)
         for n in windows:
@@ -448,6 +489,8 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
             row["max_abs_logit_diff_vs_sdpa"] = diff
             row["logit_diff_tokens"] = n
             section["exact_max_abs_logit_diff"] = diff
+    except _NotRun:
+        pass
     except Exception as e:  # noqa: BLE001 - a mechanism that fails on the real model is reported, not hidden
         row["errors"]["perplexity"] = _err(e)
         pr.tick(len(cfg.lengths))
@@ -456,6 +499,8 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
     # 2. passkey
     t0 = time.monotonic()
     try:
+        if "passkey" not in cfg.stages:
+            raise _NotRun
         acc, cases = {}, []
         for n in cfg.lengths:
             hits = total = 0
@@ -472,6 +517,8 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
             acc[str(n)] = hits / total
         row["passkey_accuracy"] = acc
         row["passkey_cases"] = cases
+    except _NotRun:
+        pass
     except Exception as e:  # noqa: BLE001
         row["errors"]["passkey"] = _err(e)
     row["seconds"]["passkey"] = time.monotonic() - t0
@@ -480,6 +527,8 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
     t0 = time.monotonic()
     pr.message(f"{name}: decoding")
     try:
+        if "decode" not in cfg.stages:
+            raise _NotRun
         if name == "sdpa":
             m, row["decode_mode"] = model, "transformers DynamicCache"
         elif mech.step is not None and "causal_self" in mech.patterns:
@@ -493,11 +542,19 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
             row["decode_skipped"] = (f"no decode form (patterns {list(mech.patterns)}, no decode step): "
                                      "a prefill-only method")
         if m is not None:
-            row.update(decode_speed(m, all_ids[:, : cfg.prefill], cfg.new_tokens))
+            row.update(decode_speed(m, all_ids[:, : cfg.prefill], cfg.new_tokens, threads=cfg.decode_threads))
+            if name == "sdpa":
+                state["sdpa_decoded"] = row["decoded_ids"]
+            elif state.get("sdpa_decoded"):
+                row["decode_matches_sdpa"] = row["decoded_ids"] == state["sdpa_decoded"]
         del m
+    except _NotRun:
+        pass
     except Exception as e:  # noqa: BLE001
         row["errors"]["decode"] = _err(e)
-    pr.tick()
+        pr.tick()
+    else:
+        pr.tick()
     row["seconds"]["decode"] = time.monotonic() - t0
     return row
 
