@@ -308,6 +308,15 @@ def real_markdown(results: dict[str, Any], images: list[dict[str, str]]) -> list
     return parts
 
 
+def _inline(text: str) -> str:
+    """Escaped HTML of a line with Markdown `code` and **bold** spans."""
+    import re
+
+    out = _h(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+
+
 def real_html(results: dict[str, Any], images: list[dict[str, str]], out_dir: str) -> list[str]:
     sec = real_section(results)
     if sec is None:
@@ -317,7 +326,7 @@ def real_html(results: dict[str, Any], images: list[dict[str, str]], out_dir: st
         return body + [f'<p class="note">Not run: {_h(sec.get("skipped") or sec.get("error"))}</p>']
     head, rows = real_decoder_table(sec)
     n = len(sec["lengths"])
-    body += [f"<p>{_h(real_intro(sec)).replace('**', '')}</p>", f'<p class="note">{_h(real_fidelity_line(sec))}</p>',
+    body += [f"<p>{_inline(real_intro(sec))}</p>", f'<p class="note">{_inline(real_fidelity_line(sec))}</p>',
              f"<h3>{_h(sec['model'])}</h3>", _html_table(head, rows, numeric=set(range(1, 2 * n + 4)))]
     notes = _real_notes(sec)
     if notes:
