@@ -180,6 +180,9 @@ def test_readme_block_has_real_headline(make_real_results, tmp_path, capsys):
     assert "error in passkey" in text
     assert text.startswith("x\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\ny\n")
     capsys.readouterr()
+    zero = make_real_results()
+    zero["real_model"]["rows"][1]["max_abs_logit_diff_vs_sdpa"] = 0.0
+    assert "bit-identical to the model's own SDPA over 4096 tokens" in report.real_fidelity_line(zero["real_model"])
     with pytest.raises(ValueError, match="nothing measured"):
         report.readme_block({**res, "real_model": {"skipped": "packages"}})
 

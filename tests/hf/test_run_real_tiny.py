@@ -79,9 +79,20 @@ def _cfg(**kw):
     return real.RealConfig(**base)
 
 
-def test_run_real_tiny(tiny_models):
+def test_run_real_tiny(tiny_models, monkeypatch):
+    import attnzoo.hf as azhf
+
+    calls = []
+    attention = azhf.attention
+
+    def counting(*a, mechanism, **k):  # the rows really run attnzoo inside the model
+        calls.append(mechanism)
+        return attention(*a, mechanism=mechanism, **k)
+
+    monkeypatch.setattr(azhf, "attention", counting)
     saved = []
     sec = real.run_real(_cfg(checkpoint=lambda s: saved.append(len(s["rows"]))))
+    assert {"softmax", "sliding_window", "sink_window"} <= set(calls)
     rows = {r["mechanism"]: r for r in sec["rows"]}
     assert list(rows) == ["sdpa", "softmax", "sliding_window", "sink_window", "bench_real_broken",
                           "not_registered_yet"]
@@ -132,7 +143,8 @@ def test_run_real_tiny(tiny_models):
                                          "cpu": {"model": "m", "flags": [], "logical_cores": 1}, "python": "3"},
                                    command="pytest", profile="real", duration_s=1.0))
     # without sharing: the same perplexities from one forward per length (the rows are prefix-invariant)
-    again = real.run_real(_cfg(mechanisms=("sliding_window",), share_prefix=False, minilm=False))
+    again = real.run_real(_cfg(mechanisms=("sliding_window",), share_prefix=False, minilm=False,
+                               stages=("perplexity",)))
     row = again["rows"][1]
     assert row["perplexity_forwards"] == "one forward per length"
     for n in ("64", "128"):

@@ -337,8 +337,9 @@ def real_model_plots(results: dict[str, Any], out_dir: str) -> list[dict[str, st
     axes[1].set_ylabel("passkey accuracy (fraction of cases; higher is better)")
     axes[1].set_ylim(-0.05, 1.05)
     axes[1].set_title(f"Passkey retrieval vs length (depths {', '.join(f'{d:g}' for d in sec['passkey_depths'])})")
-    tokens = sec["prefill"] + sec.get("decode_warmup", 0) + sec["new_tokens"]
-    axes[2].set_xlabel(f"decode cache after {tokens} tokens (MiB allocated, all layers)")
+    tokens = (f"{sec['prefill'] + sec['decode_warmup'] + sec['new_tokens']} tokens" if "decode_warmup" in sec
+              else f"{sec['prefill']} + warm-up + {sec['new_tokens']} tokens")
+    axes[2].set_xlabel(f"decode cache after {tokens} (MiB allocated, all layers)")
     axes[2].set_ylabel("greedy decoding speed (tokens/s)")
     axes[2].set_title("Decoding: speed vs cache size")
     axes[2].grid(True, alpha=0.3)

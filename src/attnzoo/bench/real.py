@@ -494,7 +494,8 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
     except Exception as e:  # noqa: BLE001 - a mechanism that fails on the real model is reported, not hidden
         row["errors"]["perplexity"] = _err(e)
         pr.tick(len(cfg.lengths))
-    row["seconds"]["perplexity"] = time.monotonic() - t0
+    if "perplexity" in cfg.stages:
+        row["seconds"]["perplexity"] = time.monotonic() - t0
 
     # 2. passkey
     t0 = time.monotonic()
@@ -521,7 +522,8 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
         pass
     except Exception as e:  # noqa: BLE001
         row["errors"]["passkey"] = _err(e)
-    row["seconds"]["passkey"] = time.monotonic() - t0
+    if "passkey" in cfg.stages:
+        row["seconds"]["passkey"] = time.monotonic() - t0
 
     # 3. decoding (a copy of the model when attention modules are swapped, so nothing leaks into later rows)
     t0 = time.monotonic()
@@ -555,7 +557,8 @@ def _decoder_row(cfg: RealConfig, model, all_ids, prompts, row_spec: Row, dec: d
         pr.tick()
     else:
         pr.tick()
-    row["seconds"]["decode"] = time.monotonic() - t0
+    if "decode" in cfg.stages:
+        row["seconds"]["decode"] = time.monotonic() - t0
     return row
 
 

@@ -232,10 +232,16 @@ def real_minilm_table(sec: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def real_fidelity_line(sec: dict[str, Any]) -> str:
     soft = next((r for r in sec["rows"] if r["mechanism"] == "softmax" and "max_abs_logit_diff_vs_sdpa" in r), None)
     if soft is None:
-        return "The exact softmax row did not run, so the adapter's fidelity was not measured in this run."
-    return (f"Fidelity of the adapter: attnzoo's exact `softmax` inside the model gives logits within "
-            f"{soft['max_abs_logit_diff_vs_sdpa']:.3g} (max absolute difference) of the model's own SDPA over "
-            f"{soft['logit_diff_tokens']} tokens.")
+        stages = (sec.get("config") or {}).get("stages")
+        why = ("the perplexity stage was not run" if stages is not None and "perplexity" not in stages
+               else "the exact softmax row did not run")
+        return f"The adapter's fidelity (exact softmax vs SDPA logits) was not measured in this run: {why}."
+    d = soft["max_abs_logit_diff_vs_sdpa"]
+    if d == 0:
+        return (f"Fidelity of the adapter: attnzoo's exact `softmax` inside the model gives logits bit-identical to "
+                f"the model's own SDPA over {soft['logit_diff_tokens']} tokens (max absolute difference 0).")
+    return (f"Fidelity of the adapter: attnzoo's exact `softmax` inside the model gives logits within {d:.3g} (max "
+            f"absolute difference) of the model's own SDPA over {soft['logit_diff_tokens']} tokens.")
 
 
 def real_intro(sec: dict[str, Any]) -> str:
@@ -246,7 +252,8 @@ def real_intro(sec: dict[str, Any]) -> str:
             f"its first token). Passkey: the key hidden at depths {', '.join(f'{d:g}' for d in sec['passkey_depths'])}"
             f" of a filler prompt, teacher-forced, correct when every key token is the greedy choice. Decoding: "
             f"greedy, {sec['new_tokens']} timed tokens after a {sec['prefill']}-token prefill and "
-            f"{sec.get('decode_warmup', 0)} untimed tokens"
+            + (f"{sec['decode_warmup']} untimed tokens" if "decode_warmup" in sec else
+               "untimed warm-up tokens (their number is not recorded in this results file)")
             + (f", each step timed alone with {threads} thread(s), tokens/s = 1 / median step time"
                if threads else ", tokens/s = timed tokens / their total time")
             + "; cache = bytes allocated by the decode cache of all layers "
@@ -713,7 +720,8 @@ def real_readme(results: dict[str, Any]) -> str:
     rows = []
     for x in ratio_rows(sec):
         r = x["row"]
-        if r.get("skipped") or not (r.get("perplexity") or r.get("passkey_accuracy")):
+        if r.get("skipped") or not (r.get("perplexity") or r.get("passkey_accuracy") or r.get("decode_tokens_per_s")
+                                    or r.get("errors")):
             continue
         base = r["mechanism"] == "sdpa"
         ppl = (r.get("perplexity") or {}).get(n)
@@ -733,8 +741,9 @@ def real_readme(results: dict[str, Any]) -> str:
         f"layer replaced, no training, on {sec['corpus']}. " + real_fidelity_line(sec),
         "",
         _md_table(["mechanism (options)", f"perplexity @{n} (×SDPA)", f"passkey @{n}",
-                   f"decode cache after {sec['prefill'] + sec.get('decode_warmup', 0) + sec['new_tokens']} tokens "
-                   "(×SDPA)",
+                   "decode cache after "
+                   + (f"{sec['prefill'] + sec['decode_warmup'] + sec['new_tokens']} tokens" if "decode_warmup" in sec
+                      else f"{sec['prefill']} + warm-up + {sec['new_tokens']} tokens") + " (×SDPA)",
                    "decode tok/s (×SDPA)", "note"], rows),
     ]
     return "\n".join(lines)
