@@ -287,3 +287,23 @@ def test_full_profile_includes_the_real_stage(monkeypatch, capsys):
     monkeypatch.setattr(real, "run_real", boom)
     section, _ = runner.run_real_stage(full(progress=False), lambda m: None)
     assert section["error"] == "OSError: the GGUF file is truncated"
+
+
+def test_bench_run_with_the_real_stage_writes_one_results_file(monkeypatch, make_real_results, tmp_path):
+    """runner.run with real=True: the registry stages and the real_model section in one valid results.json."""
+    from attnzoo.bench import quick
+    from attnzoo.bench.runner import run, write_outputs
+
+    monkeypatch.setattr(real, "packages_missing", lambda: None)
+    monkeypatch.setattr(real, "run_real", lambda cfg: copy.deepcopy(make_real_results()["real_model"]))
+    cfg = quick(mechanisms=["softmax"], efficiency=False, quality=False, real=True, progress=False,
+                out=str(tmp_path), command="pytest bench with real stage")
+    results = run(cfg)
+    assert results["real_model"]["rows"][2]["label"] == "sliding_window(window=256)"
+    assert "real_model" in results["environment"]["stages_s"]
+    write_outputs(results, str(tmp_path), plots=False)
+    back = load(str(tmp_path))
+    md = (tmp_path / "summary.md").read_text()
+    assert back["real_model"] == results["real_model"]
+    assert "## Correctness gate" in md and "## Real pretrained models" in md
+    assert "real pretrained models:" in report.terminal_table(back)
