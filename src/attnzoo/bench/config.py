@@ -5,7 +5,8 @@ registered mechanism: it measures each mechanism's primary pattern at two short 
 with short repeat budgets, and gives the efficiency stage and each mechanism an explicit time budget that
 shrinks as the registry grows (``deadline``), so ~70 mechanisms still fit. Every case that a budget cut is
 recorded as ``skipped`` with the reason, never silently dropped. ``full`` is the thorough run: every
-pattern, lengths 256..8192, all peers, every quality task with three seeds.
+pattern, lengths 256..8192, all peers, every quality task with three seeds, and the real pretrained-model
+stage (``attnzoo bench real``) when its model packages are installed (a missing one is recorded and printed).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class BenchConfig:
     quality_steps: int = 200
     quality_budget: float = 3.0  # seconds of training per quality case (upper bound)
     seeds: tuple[int, ...] = (0,)
+    real: bool = False  # the real pretrained-model stage (attnzoo.bench.real); full: on when its packages exist
     imports: list[str] = field(default_factory=list)
     isolate: bool = True  # every probe in a forked fresh process with a hard timeout (where fork exists)
     out: str = "bench-results"
@@ -118,6 +120,7 @@ def full(**overrides: Any) -> BenchConfig:
         quality_steps=1500,
         quality_budget=90.0,
         seeds=(0, 1, 2),
+        real=True,
     )
     return replace(base, **overrides).validate()
 

@@ -115,7 +115,15 @@ def _quality_label(q: dict[str, Any] | None) -> str:
 
 
 def terminal_table(results: dict[str, Any]) -> str:
-    """One screen: a line per mechanism with its headline ratios at the largest length measured."""
+    """One screen: a line per mechanism with its headline ratios at the largest length measured (and the
+    real-model table when the run has one)."""
+    real = real_terminal(results)
+    if not has_bench(results):
+        return real or "no measurements in this run"
+    return _bench_terminal(results) + ("\n\n" + real if real else "")
+
+
+def _bench_terminal(results: dict[str, Any]) -> str:
     rows = headline_rows(results)
     head = ["mechanism", "gate", "pattern", "N", "fwd", "fwd+bwd", "decode", "mem", "eff.len", "quality"]
     lines = []
@@ -138,6 +146,227 @@ def terminal_table(results: dict[str, Any]) -> str:
                f"{cnt.get('efficiency_contaminated', 0)} contaminated by other processes; "
                f"quality: {cnt.get('quality_ok', 0)} trained, {cnt.get('quality_skipped', 0)} skipped; "
                f"{results['duration_s']:.0f} s")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Real pretrained models (the real_model section, schema version 2)
+# --------------------------------------------------------------------------------------------------------
+def has_bench(results: dict[str, Any]) -> bool:
+    """True when the run has the registry benchmark stages (a `bench real` run has only real_model)."""
+    return bool(results["mechanisms"] or results["records"])
+
+
+def real_section(results: dict[str, Any]) -> dict[str, Any] | None:
+    return results.get("real_model")
+
+
+def _real_measured(sec: dict[str, Any] | None) -> bool:
+    return bool(sec) and "rows" in sec
+
+
+def _x(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}×"
+
+
+def _mib(v: float | None) -> str:
+    return "—" if v is None else f"{v / 2 ** 20:.3g}"
+
+
+def _row_status(r: dict[str, Any]) -> str:
+    if r.get("skipped"):
+        return f"skipped: {r['skipped']}"
+    errs = r.get("errors") or {}
+    parts = [f"error in {stage}" for stage in errs]
+    if r.get("decode_skipped"):
+        parts.append("no decode form")
+    return "; ".join(parts) or "ok"
+
+
+def real_decoder_table(sec: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Rows = mechanisms (with options); columns = perplexity and passkey accuracy at each length, decode
+    tokens/s, cache MiB -- each with its ratio to the SDPA row of the same run -- the exact row's max
+    |logit difference| to SDPA, and the row's status."""
+    from .real import ratio_rows
+
+    lengths = [str(n) for n in sec["lengths"]]
+    head = (["mechanism (options)"] + [f"perplexity @{n} (×SDPA)" for n in lengths]
+            + [f"passkey @{n} (×SDPA)" for n in lengths]
+            + ["decode tok/s (×SDPA)", "cache MiB (×SDPA)", "max abs logit diff vs SDPA", "status"])
+    rows = []
+    for x in ratio_rows(sec):
+        r = x["row"]
+        base = r["mechanism"] == "sdpa"
+        cells = [r["label"]]
+        for n in lengths:
+            v = (r.get("perplexity") or {}).get(n)
+            cells.append("—" if v is None else f"{v:.4g}" + ("" if base else f" ({_x(x['perplexity_ratio'][n])})"))
+        for n in lengths:
+            v = (r.get("passkey_accuracy") or {}).get(n)
+            cells.append("—" if v is None else f"{v:.2f}" + ("" if base else f" ({_x(x['passkey_ratio'][n], 2)})"))
+        tps = r.get("decode_tokens_per_s")
+        cells.append("—" if tps is None else f"{tps:.3g}" + ("" if base else f" ({_x(x['decode_speedup'], 2)})"))
+        cb = r.get("cache_bytes")
+        cells.append("—" if cb is None else _mib(cb) + ("" if base else f" ({_x(x['cache_ratio'])})"))
+        d = r.get("max_abs_logit_diff_vs_sdpa")
+        cells.append("—" if d is None else f"{d:.3g} (over {r.get('logit_diff_tokens', '?')} tokens)")
+        cells.append(_row_status(r))
+        rows.append(cells)
+    return head, rows
+
+
+def real_minilm_table(sec: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["mechanism (options)", "sentences", "tokens (mean / max)", "cosine to exact (mean)", "cosine (min)",
+            "status"]
+    rows = []
+    for r in sec.get("minilm") or []:
+        toks = f"{r['tokens_mean']:.3g} / {r['tokens_max']}" if r.get("tokens_max") is not None else "—"
+        cm, cn = r.get("cosine_mean"), r.get("cosine_min")
+        status = f"skipped: {r['skipped']}" if r.get("skipped") else (f"error: {r['error'][:160]}" if r.get("error")
+                                                                     else "ok")
+        rows.append([r["label"], str(r.get("sentences", "—")), toks, "—" if cm is None else f"{cm:.4f}",
+                     "—" if cn is None else f"{cn:.4f}", status])
+    return head, rows
+
+
+def real_fidelity_line(sec: dict[str, Any]) -> str:
+    soft = next((r for r in sec["rows"] if r["mechanism"] == "softmax" and "max_abs_logit_diff_vs_sdpa" in r), None)
+    if soft is None:
+        stages = (sec.get("config") or {}).get("stages")
+        why = ("the perplexity stage was not run" if stages is not None and "perplexity" not in stages
+               else "the exact softmax row did not run")
+        return f"The adapter's fidelity (exact softmax vs SDPA logits) was not measured in this run: {why}."
+    d = soft["max_abs_logit_diff_vs_sdpa"]
+    if d == 0:
+        return (f"Fidelity of the adapter: attnzoo's exact `softmax` inside the model gives logits bit-identical to "
+                f"the model's own SDPA over {soft['logit_diff_tokens']} tokens (max absolute difference 0).")
+    return (f"Fidelity of the adapter: attnzoo's exact `softmax` inside the model gives logits within {d:.3g} (max "
+            f"absolute difference) of the model's own SDPA over {soft['logit_diff_tokens']} tokens.")
+
+
+def real_intro(sec: dict[str, Any]) -> str:
+    lengths = ", ".join(str(n) for n in sec["lengths"])
+    threads = next((r["decode_threads"] for r in sec["rows"] if r.get("decode_threads")), None)
+    return (f"{sec['model']}, every attention layer replaced by the mechanism without any training, on "
+            f"{sec['corpus']} ({sec.get('corpus_tokens', '?')} tokens; perplexity windows of {lengths} tokens from "
+            f"its first token). Passkey: the key hidden at depths {', '.join(f'{d:g}' for d in sec['passkey_depths'])}"
+            f" of a filler prompt, teacher-forced, correct when every key token is the greedy choice. Decoding: "
+            f"greedy, {sec['new_tokens']} timed tokens after a {sec['prefill']}-token prefill and "
+            + (f"{sec['decode_warmup']} untimed tokens" if "decode_warmup" in sec else
+               "untimed warm-up tokens (their number is not recorded in this results file)")
+            + (f", each step timed alone with {threads} thread(s), tokens/s = 1 / median step time"
+               if threads else ", tokens/s = timed tokens / their total time")
+            + "; cache = bytes allocated by the decode cache of all layers "
+            "at the end (the model's DynamicCache, or the mechanism's own decode state). "
+            "Ratios are against the SDPA row measured in the same run: perplexity ×SDPA > 1 is worse, passkey "
+            "×SDPA < 1 is worse, decode ×SDPA > 1 is faster, cache ×SDPA < 1 is smaller. Decoding speed on a "
+            f"shared machine is noisy. The run took {sec['duration_s']:.0f} s"
+            + (f"; **{sec['stopped']}**" if sec.get("stopped") else "") + ".")
+
+
+def _real_notes(sec: dict[str, Any]) -> list[str]:
+    out = [f"{r['label']}: {r['note']}" + (f" (perplexity: {r['perplexity_forwards']})"
+                                            if r.get("perplexity_forwards") else "")
+           for r in sec["rows"] if r.get("note")]
+    match = [(r["label"], r["decode_matches_sdpa"]) for r in sec["rows"] if "decode_matches_sdpa" in r]
+    if match:
+        out.append("greedy decoded tokens identical to SDPA's: "
+                   + ", ".join(f"{label} {'yes' if ok else 'no'}" for label, ok in match))
+    return out
+
+
+def _real_problems(sec: dict[str, Any]) -> list[str]:
+    out = []
+    for r in sec["rows"]:
+        for stage, msg in (r.get("errors") or {}).items():
+            out.append(f"{r['label']} — {stage}: {msg}")
+        if r.get("decode_skipped"):
+            out.append(f"{r['label']} — decoding not measured: {r['decode_skipped']}")
+    for r in sec.get("minilm") or []:
+        if r.get("error"):
+            out.append(f"MiniLM {r['label']}: {r['error']}")
+    out += [f"not evaluated: {x['mechanism']} — {x['reason']}" for x in sec.get("not_evaluated") or []]
+    return out
+
+
+def real_markdown(results: dict[str, Any], images: list[dict[str, str]]) -> list[str]:
+    sec = real_section(results)
+    if sec is None:
+        return []
+    parts = ["## Real pretrained models", ""]
+    if not _real_measured(sec):
+        return parts + [f"Not run: {sec.get('skipped') or sec.get('error')}", ""]
+    head, rows = real_decoder_table(sec)
+    parts += [real_intro(sec), "", real_fidelity_line(sec), "", f"### {sec['model']}", "", _md_table(head, rows), ""]
+    notes = _real_notes(sec)
+    if notes:
+        parts += ["Options:", "", *[f"- {n}" for n in notes], ""]
+    probs = _real_problems(sec)
+    if probs:
+        parts += ["Errors, skipped stages and unevaluated mechanisms:", "", *[f"- {p}" for p in probs], ""]
+    if sec.get("minilm"):
+        head, rows = real_minilm_table(sec)
+        parts += [f"### {sec.get('encoder') or 'MiniLM'}: sentence embeddings", "",
+                  "Cosine similarity of each sentence's mean-pooled embedding with the mechanism against exact "
+                  "attention (SDPA) on the same padded batch (1 = identical).", "", _md_table(head, rows), ""]
+    for im in images:
+        if im["file"].startswith("real_"):
+            parts += [f"![{im['title']}]({im['file']})", "", im["caption"], ""]
+    return parts
+
+
+def _inline(text: str) -> str:
+    """Escaped HTML of a line with Markdown `code` and **bold** spans."""
+    import re
+
+    out = _h(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+
+
+def real_html(results: dict[str, Any], images: list[dict[str, str]], out_dir: str) -> list[str]:
+    sec = real_section(results)
+    if sec is None:
+        return []
+    body = ["<h2>Real pretrained models</h2>"]
+    if not _real_measured(sec):
+        return body + [f'<p class="note">Not run: {_h(sec.get("skipped") or sec.get("error"))}</p>']
+    head, rows = real_decoder_table(sec)
+    n = len(sec["lengths"])
+    body += [f"<p>{_inline(real_intro(sec))}</p>", f'<p class="note">{_inline(real_fidelity_line(sec))}</p>',
+             f"<h3>{_h(sec['model'])}</h3>", _html_table(head, rows, numeric=set(range(1, 2 * n + 4)))]
+    notes = _real_notes(sec)
+    if notes:
+        body.append("<p>Options:</p><ul>" + "".join(f"<li>{_h(x)}</li>" for x in notes) + "</ul>")
+    probs = _real_problems(sec)
+    if probs:
+        body.append("<p>Errors, skipped stages and unevaluated mechanisms:</p><ul>"
+                    + "".join(f"<li>{_h(x)}</li>" for x in probs) + "</ul>")
+    body += [_img(out_dir, im) for im in images if im["file"].startswith("real_")]
+    if sec.get("minilm"):
+        head, rows = real_minilm_table(sec)
+        body += [f"<h3>{_h(sec.get('encoder') or 'MiniLM')}: sentence embeddings</h3>",
+                 "<p>Cosine similarity of each sentence's mean-pooled embedding with the mechanism against exact "
+                 "attention (SDPA) on the same padded batch (1 = identical).</p>",
+                 _html_table(head, rows, numeric={1, 2, 3, 4})]
+    return body
+
+
+def real_terminal(results: dict[str, Any]) -> str:
+    sec = real_section(results)
+    if sec is None:
+        return ""
+    if not _real_measured(sec):
+        return f"real pretrained models: not run ({sec.get('skipped') or sec.get('error')})"
+    head, rows = real_decoder_table(sec)
+    keep = [i for i, h in enumerate(head) if h != "max abs logit diff vs SDPA"]
+    head = [head[i].replace(" (×SDPA)", "") for i in keep]
+    rows = [[r[i][:40] for i in keep] for r in rows]
+    widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
+    out = [f"real pretrained models: {sec['model']} ({sec['duration_s']:.0f} s)"]
+    out += ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in rows]
+    out.append(real_fidelity_line(sec).replace("`", ""))
     return "\n".join(out)
 
 
@@ -242,6 +471,15 @@ def _hygiene(results: dict[str, Any]) -> str:
 
 
 def markdown_summary(results: dict[str, Any], images: list[dict[str, str]]) -> str:
+    if not has_bench(results):
+        return "\n".join([
+            "# attnzoo bench results", "",
+            f"`{results['command']}` — profile **{results['profile']}**, {results['duration_s']:.0f} s"
+            + (" (**interrupted**)" if results["interrupted"] else ""), "",
+            f"Environment: {_env_line(results)}"
+            + (f", transformers {results['environment']['transformers']}"
+               if results["environment"].get("transformers") else "") + ".", "",
+            *real_markdown(results, images)])
     head, rows = _headline_table(results)
     parts = [
         "# attnzoo bench results",
@@ -282,9 +520,11 @@ def markdown_summary(results: dict[str, Any], images: list[dict[str, str]]) -> s
     probs = _problem_rows(results)
     if probs:
         parts += ["## Errors and failures", "", _md_table(["stage", "what", "where", "status", "message"], probs), ""]
+    parts += real_markdown(results, images)
     peers = [[p["name"], "yes" if p["available"] else "no", p.get("version") or "—", p["reason"]]
              for p in results["peers"]]
     parts += ["## Peers", "", _md_table(["peer", "available", "version", "note"], peers), ""]
+    images = [im for im in images if not im["file"].startswith("real_")]  # shown in their own section
     if images:
         parts += ["## Plots", ""]
         for im in images:
@@ -337,8 +577,21 @@ def _img(out_dir: str, im: dict[str, str]) -> str:
 
 
 def html_report(results: dict[str, Any], images: list[dict[str, str]], out_dir: str) -> str:
-    head, rows = _headline_table(results)
     env = results["environment"]
+    if not has_bench(results):
+        body = [
+            "<h1>attnzoo bench — real pretrained models</h1>",
+            f'<p class="meta"><code>{_h(results["command"])}</code> · profile <b>{_h(results["profile"])}</b> · '
+            f'{results["duration_s"]:.0f} s · {_h(env["date"])}'
+            + (" · <b>interrupted</b>" if results["interrupted"] else "") + "</p>",
+            f'<p class="meta">{_h(_env_line(results))}'
+            + (f", transformers {_h(env['transformers'])}" if env.get("transformers") else "") + "</p>",
+            *real_html(results, images, out_dir),
+            "<h2>Configuration</h2>",
+            _html_table(["setting", "value"], [[k, str(v)] for k, v in results["config"].items()]),
+        ]
+        return _html_page(results, body)
+    head, rows = _headline_table(results)
     cnt = results["summary"]["counts"]
     groups = {"efficiency": [i for i in images if i["file"].startswith(("time_", "memory_", "speedup_"))],
               "quality": [i for i in images if i["file"].startswith("quality_")]}
@@ -382,12 +635,18 @@ def html_report(results: dict[str, Any], images: list[dict[str, str]], out_dir: 
     if probs:
         body += ["<h2>Errors and failures</h2>",
                  _html_table(["stage", "what", "where", "status", "message"], probs)]
+    body += real_html(results, images, out_dir)
     body += ["<h2>Peers</h2>",
              _html_table(["peer", "available", "version", "note"],
                          [[p["name"], "yes" if p["available"] else "no", p.get("version") or "—", p["reason"]]
                           for p in results["peers"]]),
              "<h2>Configuration</h2>",
              _html_table(["setting", "value"], [[k, str(v)] for k, v in results["config"].items()])]
+    return _html_page(results, body)
+
+
+def _html_page(results: dict[str, Any], body: list[str]) -> str:
+    env = results["environment"]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>attnzoo bench — {_h(results['profile'])} — {_h(env['date'])}</title>"
@@ -434,8 +693,63 @@ def update_block(path: str, start: str, end: str, content: str) -> bool:
     return new != text
 
 
-def readme_block(results: dict[str, Any]) -> str:
-    """The README's headline block: generated from a results.json, never typed by hand."""
+def readme_block(results: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """The README's headline block: generated from one or more results.json, never typed by hand (e.g. the
+    registry benchmark and a `bench real` run)."""
+    if isinstance(results, list):
+        return "\n\n".join(readme_block(r) for r in results)
+    parts = [_bench_readme(results)] if has_bench(results) else []
+    real = real_readme(results)
+    if real:
+        parts.append(real)
+    if not parts:
+        raise ValueError(f"results of `{results['command']}`: nothing measured to put in the README")
+    return "\n\n".join(parts)
+
+
+def real_readme(results: dict[str, Any]) -> str:
+    """Headline real-model numbers: the exact softmax fidelity, and at the longest length each measured row's
+    perplexity, passkey accuracy, cache and decoding speed against SDPA in the same run."""
+    from .real import ratio_rows
+
+    sec = real_section(results)
+    if not _real_measured(sec):
+        return ""
+    env = results["environment"]
+    n = str(max(sec["lengths"]))
+    rows = []
+    for x in ratio_rows(sec):
+        r = x["row"]
+        if r.get("skipped") or not (r.get("perplexity") or r.get("passkey_accuracy") or r.get("decode_tokens_per_s")
+                                    or r.get("errors")):
+            continue
+        base = r["mechanism"] == "sdpa"
+        ppl = (r.get("perplexity") or {}).get(n)
+        acc = (r.get("passkey_accuracy") or {}).get(n)
+        cb, tps = r.get("cache_bytes"), r.get("decode_tokens_per_s")
+        rows.append([
+            f"`{r['label']}`",
+            "—" if ppl is None else f"{ppl:.4g}" + ("" if base else f" ({_x(x['perplexity_ratio'][n])})"),
+            "—" if acc is None else f"{acc:.2f}",
+            "—" if cb is None else f"{_mib(cb)} MiB" + ("" if base else f" ({_x(x['cache_ratio'])})"),
+            "—" if tps is None else f"{tps:.3g}" + ("" if base else f" ({_x(x['decode_speedup'], 2)})"),
+            _row_status(r) if _row_status(r) != "ok" else ""])
+    lines = [
+        f"Real pretrained models, generated by `attnzoo bench readme` from a `{results['command']}` run "
+        f"({env['date'][:10]}, {sec['duration_s'] / 60:.0f} min on {env['cpu']['model']}, "
+        f"{sec.get('threads', env['threads'])} thread(s), a shared machine). {sec['model']} with every attention "
+        f"layer replaced, no training, on {sec['corpus']}. " + real_fidelity_line(sec),
+        "",
+        _md_table(["mechanism (options)", f"perplexity @{n} (×SDPA)", f"passkey @{n}",
+                   "decode cache after "
+                   + (f"{sec['prefill'] + sec['decode_warmup'] + sec['new_tokens']} tokens" if "decode_warmup" in sec
+                      else f"{sec['prefill']} + warm-up + {sec['new_tokens']} tokens") + " (×SDPA)",
+                   "decode tok/s (×SDPA)", "note"], rows),
+    ]
+    return "\n".join(lines)
+
+
+def _bench_readme(results: dict[str, Any]) -> str:
     env = results["environment"]
     rows = []
     for r in headline_rows(results):
@@ -474,6 +788,8 @@ def compare(a: dict[str, Any], b: dict[str, Any], *, threshold: float = 1.2) -> 
     if a["environment"]["cpu"]["model"] != b["environment"]["cpu"]["model"]:
         diffs.append(f"- cpu: {a['environment']['cpu']['model']} → {b['environment']['cpu']['model']}")
     out += (["Environment differences:", *diffs, ""] if diffs else ["Same environment (torch, threads, CPU).", ""])
+    if not (has_bench(a) or has_bench(b)):  # two `bench real` runs
+        return "\n".join(out + compare_real(a, b, threshold=threshold))
     ga = {m["name"]: m["gate"]["status"] for m in a["mechanisms"]}
     gb = {m["name"]: m["gate"]["status"] for m in b["mechanisms"]}
     gate_rows = [[n, ga.get(n, "absent"), gb.get(n, "absent")] for n in sorted(set(ga) | set(gb))
@@ -520,7 +836,76 @@ def compare(a: dict[str, Any], b: dict[str, Any], *, threshold: float = 1.2) -> 
         qrows.append([k[0], k[1], k[2], fmt_metric(x), fmt_metric(y), delta])
     if qrows:
         out += ["## Quality", "", _md_table(["mechanism", "task", "config", "A", "B", "B − A"], qrows), ""]
+    out += compare_real(a, b, threshold=threshold)
     return "\n".join(out)
+
+
+def compare_real(a: dict[str, Any], b: dict[str, Any], *, threshold: float = 1.2) -> list[str]:
+    """Markdown lines: the real-model rows of two runs side by side (perplexity and passkey at every common
+    length, decoding speed and cache), with changes beyond ``threshold`` flagged; the fidelity of both."""
+    sa, sb = real_section(a), real_section(b)
+    if sa is None and sb is None:
+        return []
+    out = ["## Real pretrained models", ""]
+    if not (_real_measured(sa) and _real_measured(sb)):
+        def state(sec):
+            return "absent" if sec is None else ("measured" if _real_measured(sec) else
+                                                 f"not run ({sec.get('skipped') or sec.get('error')})")
+        return out + [f"A: {state(sa)}; B: {state(sb)}.", ""]
+    fa, fb = sa.get("exact_max_abs_logit_diff"), sb.get("exact_max_abs_logit_diff")
+    out += [f"Exact softmax max abs logit difference vs SDPA: A {fa if fa is None else f'{fa:.3g}'}, "
+            f"B {fb if fb is None else f'{fb:.3g}'}.", ""]
+    if sa["model"] != sb["model"] or sa["corpus"] != sb["corpus"]:
+        out += [f"Different setups: A {sa['model']} on {sa['corpus']}; B {sb['model']} on {sb['corpus']}.", ""]
+    ra = {r["label"]: r for r in sa["rows"]}
+    rb = {r["label"]: r for r in sb["rows"]}
+    lengths = [str(n) for n in sa["lengths"] if n in sb["lengths"]]
+    rows, changed = [], 0
+    for label in [x for x in ra if x in rb]:
+        x, y = ra[label], rb[label]
+        for what, key, fmt, factor in (("perplexity", "perplexity", "{:.4g}", True),
+                                       ("passkey", "passkey_accuracy", "{:.2f}", False)):
+            for n in lengths:
+                va, vb = (x.get(key) or {}).get(n), (y.get(key) or {}).get(n)
+                if va is None and vb is None:
+                    continue
+                flag = ""
+                if va is not None and vb is not None:
+                    if factor and va > 0 and (vb / va >= threshold or vb / va <= 1 / threshold):
+                        flag = "worse" if vb > va else "better"
+                    if not factor and abs(vb - va) >= 0.2:
+                        flag = "better" if vb > va else "worse"
+                changed += bool(flag)
+                rows.append([label, f"{what} @{n}", "—" if va is None else fmt.format(va),
+                             "—" if vb is None else fmt.format(vb), flag])
+        for what, key, fmt in (("decode tok/s", "decode_tokens_per_s", "{:.3g}"), ("cache MiB", "cache_bytes", None)):
+            va, vb = x.get(key), y.get(key)
+            if va is None and vb is None:
+                continue
+            show = (lambda v: _mib(v)) if fmt is None else (lambda v, f=fmt: f.format(v))
+            flag = ""
+            if va and vb and (vb / va >= threshold or vb / va <= 1 / threshold):
+                flag = ("faster" if vb > va else "slower") if key == "decode_tokens_per_s" else (
+                    "larger" if vb > va else "smaller")
+                changed += 1
+            rows.append([label, what, "—" if va is None else show(va), "—" if vb is None else show(vb), flag])
+        if _row_status(x) != _row_status(y):
+            rows.append([label, "status", _row_status(x), _row_status(y), "changed"])
+            changed += 1
+    out += [f"{changed} change(s) (perplexity, speed or cache beyond {threshold:g}×, passkey by 0.2 or more, "
+            "status).", ""]
+    if rows:
+        out += [_md_table(["mechanism (options)", "measure", "A", "B", "change"], rows), ""]
+    only = [f"only in A: {', '.join(x for x in ra if x not in rb)}" if any(x not in rb for x in ra) else "",
+            f"only in B: {', '.join(x for x in rb if x not in ra)}" if any(x not in ra for x in rb) else ""]
+    out += [f"- {o}" for o in only if o]
+    ma = {r["label"]: r for r in sa.get("minilm") or []}
+    mb = {r["label"]: r for r in sb.get("minilm") or []}
+    mrows = [[k, "—" if ma[k].get("cosine_mean") is None else f"{ma[k]['cosine_mean']:.4f}",
+              "—" if mb[k].get("cosine_mean") is None else f"{mb[k]['cosine_mean']:.4f}"] for k in ma if k in mb]
+    if any(r[1] != "—" or r[2] != "—" for r in mrows):
+        out += ["", "MiniLM cosine to exact (mean):", "", _md_table(["mechanism (options)", "A", "B"], mrows), ""]
+    return out
 
 
 def baseline_series() -> tuple[str, ...]:

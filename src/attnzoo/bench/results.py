@@ -10,7 +10,9 @@ from collections import Counter
 from typing import Any
 
 SCHEMA = "attnzoo-bench"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 2 added the optional ``real_model`` section; version-1 files (no such section) still load."""
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.schema.json")
 
 
@@ -27,9 +29,11 @@ def validate(results: dict[str, Any]) -> None:
     if results.get("schema") != SCHEMA:
         raise ValueError(f"results: 'schema' is {results.get('schema')!r}, expected {SCHEMA!r}: not attnzoo bench "
                          "results")
-    if results.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"results: schema_version {results.get('schema_version')!r}; this attnzoo reads version "
-                         f"{SCHEMA_VERSION}")
+    if results.get("schema_version") not in READABLE_VERSIONS:
+        raise ValueError(f"results: schema_version {results.get('schema_version')!r}; this attnzoo reads versions "
+                         f"{list(READABLE_VERSIONS)}")
+    if results.get("schema_version") == 1 and "real_model" in results:
+        raise ValueError("results: a real_model section needs schema_version 2, got 1")
     try:
         import jsonschema
     except ImportError:

@@ -300,10 +300,14 @@ def run(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict[s
     finally:
         progress.close()
         exe.close()
+    real_model = None
+    if cfg.real and not interrupted:
+        real_model, interrupted = run_real_stage(cfg, log)
+        stages["real_model"] = real_model.get("duration_s", 0.0)
     attach_ratios(records)
     entries = [mechanism_entry(m, gates.get(m.name, {"status": "error", "checks": [], "blocks":
                                                       {"fast": "not gated (interrupted)"}}), cfg) for m in mechs]
-    return {
+    out = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": env["date"],
         "command": cfg.command or " ".join(["attnzoo", *sys.argv[1:]]), "profile": cfg.profile,
         "config": cfg.as_dict(), "environment": {**env, "stages_s": stages},
@@ -312,6 +316,33 @@ def run(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict[s
         "summary": {"efficiency_length": efficiency_lengths(records), "quality": quality_summary(records),
                     "counts": counts(records), "notes": notes},
     }
+    if real_model is not None:
+        out["real_model"] = real_model
+    return out
+
+
+def run_real_stage(cfg: BenchConfig, log: Callable[[str], None]) -> tuple[dict[str, Any], bool]:
+    """The real pretrained-model stage of a bench run: (its real_model section, interrupted). Missing model
+    packages are recorded (and printed), never an error; a crash of the stage is recorded as its error."""
+    from . import real
+
+    missing = real.packages_missing()
+    if missing:
+        msg = f"{missing}; then `attnzoo bench real` (or bench --full) runs it"
+        print(f"attnzoo bench: real pretrained-model stage skipped: {msg}", file=sys.stderr)
+        return {"skipped": msg}, False
+    progress = Progress(cfg.progress)
+    rcfg = real.quick_config() if cfg.profile == "quick" else real.RealConfig()
+    rcfg.progress = progress
+    t0 = time.monotonic()
+    try:
+        section = real.run_real(rcfg)
+    except Exception as e:  # noqa: BLE001 - e.g. a model file that fails to load: recorded, the run is kept
+        section = {"error": f"{type(e).__name__}: {e}"[:1000], "duration_s": time.monotonic() - t0}
+    finally:
+        progress.close()
+    log(f"real-model stage: {time.monotonic() - t0:.0f} s")
+    return section, bool(section.get("interrupted"))
 
 
 def write_outputs(results: dict[str, Any], out: str, *, plots: bool = True) -> dict[str, str]:
