@@ -12,7 +12,8 @@ class KVCache(DecodeState):
     """Every key and value seen so far, k (B, Hk, L, D) and v (B, Hk, L, Dv), plus an optional
     key-padding mask (B, L).
 
-    Storage grows by doubling, so appending one token at a time costs amortised O(1) copies per token.
+    Storage grows geometrically (by 25%), so appending one token at a time costs amortised O(1) copies per
+    token while the allocation stays within 1.25x of what is filled (``nbytes`` reports the allocation).
     When autograd is recording through the new keys, appends concatenate instead of writing in place.
     """
 
@@ -73,8 +74,8 @@ class KVCache(DecodeState):
                 new = key_padding_mask if key_padding_mask is not None else k.new_ones(self.batch, T, dtype=torch.bool)
                 self._mask = torch.cat([self.mask, new], dim=1)
         else:
-            if L + T > self._k.shape[2]:
-                self._grow(max(L + T, 2 * self._k.shape[2], 16))
+            if L + T > self._k.shape[2]:  # grow by 25%: amortised O(1) copies per token, at most 1.25x slack
+                self._grow(max(L + T, self._k.shape[2] + self._k.shape[2] // 4, 16))
             self._k[:, :, L : L + T] = k
             self._v[:, :, L : L + T] = v
             if self._mask is not None:
