@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import DecodeState
 from .kv import KVCache
 
 
@@ -37,3 +38,155 @@ class LandmarkCache(KVCache):
     def landmark_keys(self) -> torch.Tensor:
         """Keys of the landmarks of completed blocks, (B, Hk, n_blocks, D) (a strided view)."""
         return self.keys[:, :, self.block_size :: self.block_size + 1]
+
+
+class NeuralMemoryState(DecodeState):
+    """Titans' neural memory: MLP weights M_t, momentum S_t and the chunk-start weights M_{t'}.
+
+    ``weights``, ``momentum``, ``anchor``: lists over the MLP's layers of (B, H, out, in). ``pos`` counts
+    the tokens the memory has consumed (its stream position; chunk boundaries are multiples of
+    ``chunk_size``). Inside a chunk the gradients are taken at ``anchor`` (mini-batch gradient descent,
+    arXiv 2501.00663 eq. 16), so decoding keeps it next to the running weights. Memory O(1) in the
+    sequence length: 3 x the memory's parameters per sequence.
+    """
+
+    _tensor_fields = ("weights", "momentum", "anchor")
+
+    def __init__(self, weights: list[torch.Tensor], *, chunk_size: int) -> None:
+        super().__init__()
+        self.chunk_size = _check_pos_int("chunk_size", chunk_size)
+        if not weights or any(not isinstance(w, torch.Tensor) or w.dim() != 4 for w in weights):
+            raise ValueError("weights: expected a non-empty list of (B, H, out, in) tensors")
+        self.batch = weights[0].shape[0]
+        self.weights = list(weights)
+        self.momentum = [torch.zeros_like(w) for w in weights]
+        self.anchor = list(weights)
+
+    @property
+    def pos(self) -> int:
+        """Tokens consumed (the memory's stream position); the same as ``seq_len``."""
+        return self.seq_len
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        self.seq_len = value
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_index(index, self.batch)
+        for name in self._tensor_fields:
+            setattr(self, name, [t.index_select(0, index.to(t.device)) for t in getattr(self, name)])
+        self.batch = index.numel()
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        if length != self.seq_len:
+            raise ValueError(f"length: a neural memory cannot forget tokens it has learned from (holds {self.seq_len}, "
+                             f"asked {length}); build the TitansState with history >= {self.seq_len - length}")
+
+
+class TitansState(DecodeState):
+    """Decode state of a Titans layer: its :class:`NeuralMemoryState` plus what its attention needs.
+
+    ``attn``: MAG a :class:`SinkWindowCache` (persistent tokens as sinks), MAL a :class:`SlidingWindowCache`
+    over the memory's outputs, LMM/MAC None; it holds ``prefix`` persistent tokens before the inputs. MAC
+    keeps the current segment: the memory weights at the segment start (``seg_weights``) and the keys and
+    values of the segment's retrieved tokens h and of its tokens (``seg_k``, ``seg_v``: (B, Hk, 2 T, D),
+    ``seg_mask`` (B, 2 T)). ``seq_len`` counts input tokens (not the persistent prefix).
+
+    ``history = r`` keeps the memory as it was before each of the last r tokens (and the attention cache
+    is built with ``extra = r``), so ``crop`` can roll back up to r tokens (speculative decoding); the layer
+    then feeds a multi-token chunk one token at a time. Memory O(1) in the sequence length
+    (window/segment sized), plus r copies of the memory.
+    """
+
+    _tensor_fields = ("_mem_tensors", "_attn_tensors", "seg_weights", "seg_k", "seg_v", "seg_mask")
+
+    def __init__(self, memory: NeuralMemoryState, attn: DecodeState | None = None, *, prefix: int = 0,
+                 history: int = 0) -> None:
+        super().__init__()
+        self.memory, self.attn = memory, attn
+        self.prefix = _check_pos_int("prefix", prefix, low=0)
+        self.history = _check_pos_int("history", history, low=0)
+        self.seg_weights: list[torch.Tensor] | None = None
+        self.seg_k = self.seg_v = self.seg_mask = None
+        self._snapshots: list[tuple[int, dict]] = []
+
+    @property
+    def batch(self) -> int:
+        return self.memory.batch
+
+    @property
+    def _mem_tensors(self):
+        return self.memory.tensors()
+
+    @property
+    def _attn_tensors(self):
+        return [] if self.attn is None else self.attn.tensors()
+
+    def nbytes(self) -> int:
+        total = super().nbytes()
+        seen = {t.untyped_storage().data_ptr() for t in self.tensors()}
+        for _, snap in self._snapshots:
+            for t in _flatten(snap):
+                key = t.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+        return total
+
+    # -- snapshots for crop (the layer replaces tensors, never writes them in place) ------------------
+    def snapshot(self) -> None:
+        """Remember the memory and segment before the next token (called by the layer when history > 0)."""
+        if self.history == 0:
+            return
+        mem = self.memory
+        snap = {"weights": list(mem.weights), "momentum": list(mem.momentum), "anchor": list(mem.anchor),
+                "pos": mem.pos, "seg_weights": self.seg_weights, "seg_k": self.seg_k,
+                "seg_v": self.seg_v, "seg_mask": self.seg_mask}
+        self._snapshots.append((self.seq_len, snap))
+        del self._snapshots[: -self.history]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_index(index, self.batch)
+        self.memory.reorder(index)
+        if self.attn is not None:
+            self.attn.reorder(index)
+        sel = lambda t: None if t is None else t.index_select(0, index.to(t.device))
+        sel_list = lambda ts: None if ts is None else [sel(t) for t in ts]
+        self.seg_weights = sel_list(self.seg_weights)
+        self.seg_k, self.seg_v, self.seg_mask = sel(self.seg_k), sel(self.seg_v), sel(self.seg_mask)
+        for _, snap in self._snapshots:
+            for key in ("weights", "momentum", "anchor", "seg_weights"):
+                snap[key] = sel_list(snap[key])
+            for key in ("seg_k", "seg_v", "seg_mask"):
+                snap[key] = sel(snap[key])
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        if length == self.seq_len:
+            return
+        for i, (n, snap) in enumerate(self._snapshots):
+            if n == length:
+                if self.attn is not None:
+                    self.attn.crop(self.prefix + length)
+                mem = self.memory
+                mem.weights, mem.momentum, mem.anchor = snap["weights"], snap["momentum"], snap["anchor"]
+                mem.pos = snap["pos"]
+                self.seg_weights, self.seg_k, self.seg_v, self.seg_mask = (
+                    snap["seg_weights"], snap["seg_k"], snap["seg_v"], snap["seg_mask"])
+                self.seq_len = length
+                del self._snapshots[i:]
+                return
+        held = [n for n, _ in self._snapshots]
+        raise ValueError(f"length: cannot crop this TitansState to {length} tokens: it holds {self.seq_len} and "
+                         f"snapshots at {held}; build it with history >= {self.seq_len - length}")
+
+
+def _flatten(snap: dict) -> list[torch.Tensor]:
+    out = []
+    for val in snap.values():
+        if isinstance(val, torch.Tensor):
+            out.append(val)
+        elif isinstance(val, list):
+            out += [t for t in val if isinstance(t, torch.Tensor)]
+    return out
