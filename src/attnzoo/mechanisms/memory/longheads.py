@@ -1,0 +1,277 @@
+"""LongHeads: every head attends to a few chunks it selects, within the pre-trained length.
+
+Paper: "LongHeads: Multi-Head Attention is Secretly a Long Context Processor", Lu et al., arXiv 2402.10685.
+Official code: https://github.com/LuLuLuyi/LongHeads (formulas confirmed against it in CATALOG.md).
+The sequence is cut into chunks of ``chunk_size`` (w) tokens. Each complete chunk gets, per head, a
+summary: bidirectional attention among the chunk's tokens, mean-pooled to ``c_v``, and the chunk key
+``c_k = softmax(c_v K_chunk^T / sqrt(d)) K_chunk``. A query in chunk c attends (causally, one softmax) to
+``max_chunks`` (A = L / w) chunks: all of them while c < A; otherwise the first chunk, the previous and
+its own chunk, and the A - 3 others with the highest ``q . c_k`` -- per query and per head. Training-free:
+``max_chunks * chunk_size >= N`` is exact causal attention, anything shorter an approximation of it.
+
+Choices where the paper is silent (checked against the official code where it speaks):
+- Selection ties go to the earlier chunk; chunks whose keys are all padded are never selected by score.
+- The mean pooling of ``c_v`` is over the chunk's unpadded tokens (the official code zeroes padded
+  rows and averages over the whole chunk). Requires value dim == head dim (c_v is used as a query).
+- The official prefill truncates the query's own chunk just before the query; we keep the query's own
+  key (causal attention, as its decoding path does).
+- Positions inside [0, L) are remapped by the model adapter (RoPE), not by this function.
+- With grouped-query attention the summaries are per query head.
+Decoding keeps every key (O(N), offloadable in the paper) and one summary per chunk; a step scores the
+N / w summaries and attends to A * w keys: O((N / w + A w) d) per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...reference import repeat_kv, softmax_attention
+from ...registry import Mechanism, Option, register
+from ...state.memory import LongHeadsState
+from ._common import check_step_inputs, masked_lse, query_positions, rows_per_tile
+from .landmark import top_k_indices
+
+
+def chunk_summaries(q, k, v, key_padding_mask, scale, chunk_size):
+    """Summary key c_k (B, Hq, C, D) of each complete chunk, and valid (B|1, C).
+
+    q (B, Hq, C*w, D) the chunks' queries, k/v (B, Hk, C*w, D) their keys/values (Dv == D)."""
+    B, Hq, n, D = q.shape
+    w = chunk_size
+    C = n // w
+    G = Hq // k.shape[1]
+    qc = q[:, :, : C * w].reshape(B, Hq, C, w, D)
+    kc = repeat_kv(k[:, :, : C * w], G).reshape(B, Hq, C, w, D)  # (B, Hq, C, w, D)
+    vc = repeat_kv(v[:, :, : C * w], G).reshape(B, Hq, C, w, v.shape[-1])
+    m = None if key_padding_mask is None else key_padding_mask[:, : C * w].reshape(B, 1, C, 1, w)
+    s = torch.einsum("bhcid,bhcjd->bhcij", qc, kc) * scale  # bidirectional inside the chunk (B, Hq, C, w, w)
+    mm = torch.ones_like(s, dtype=torch.bool) if m is None else m.expand_as(s)
+    lse, _ = masked_lse(s, mm)
+    o = torch.einsum("bhcij,bhcje->bhcie", torch.exp(s.masked_fill(~mm, float("-inf")) - lse.unsqueeze(-1)), vc)
+    if m is None:
+        c_v = o.mean(3)  # (B, Hq, C, Dv)
+        valid = torch.ones(1, C, dtype=torch.bool, device=q.device)
+    else:
+        rows = m.view(B, 1, C, w, 1).to(o.dtype)
+        cnt = rows.sum(3)
+        c_v = (o * rows).sum(3) / cnt.clamp(min=1)
+        valid = cnt.view(B, C) > 0
+    sk = torch.einsum("bhce,bhcje->bhcj", c_v, kc) * scale  # (B, Hq, C, w)
+    km = torch.ones_like(sk, dtype=torch.bool) if m is None else m.view(B, 1, C, w).expand_as(sk)
+    lse_k, _ = masked_lse(sk, km)
+    c_k = torch.einsum("bhcj,bhcjd->bhcd", torch.exp(sk.masked_fill(~km, float("-inf")) - lse_k.unsqueeze(-1)), kc)
+    return c_k, valid
+
+
+def select_chunks(q, c_k, valid, pos, chunk_size, max_chunks):
+    """Selected chunk ids (B, Hq, T, A), -1 where fewer than A chunks exist.
+
+    q (B, Hq, T, D) at absolute positions pos (T,); c_k (B, Hq, C', D) summaries of chunks 0..C'-1."""
+    B, Hq, T, _ = q.shape
+    A, w = max_chunks, chunk_size
+    cq = (pos // w).view(1, 1, T, 1)  # the query's own chunk
+    C = c_k.shape[2]
+    if C == 0 or int(pos.max()) // w + 1 <= A:
+        ids = torch.arange(A, device=q.device).view(1, 1, 1, A).expand(B, Hq, T, A)
+        return torch.where(ids <= cq, ids, torch.full_like(ids, -1))
+    score = torch.einsum("bhtd,bhcd->bhtc", q, c_k.to(q.dtype))  # (B, Hq, T, C)
+    cid = torch.arange(C, device=q.device).view(1, 1, 1, C)
+    middle = (cid >= 1) & (cid <= cq - 2) & valid.view(-1, 1, 1, C)  # candidates for the A - 3 free slots
+    top = top_k_indices(score.masked_fill(~middle, float("-inf")), A - 3)  # (B, Hq, T, A - 3)
+    top_ok = middle.expand(B, Hq, T, C).gather(-1, top)
+    cq = cq.expand(B, Hq, T, 1)
+    fixed = torch.cat([torch.zeros_like(cq), cq - 1, cq], -1)  # first, previous and own chunk
+    sel = torch.cat([fixed, torch.where(top_ok, top, torch.full_like(top, -1))], -1)  # (B, Hq, T, A)
+    few = (cq + 1 <= A).expand_as(sel)  # a query still inside the first A chunks sees all of them
+    ids = torch.arange(A, device=q.device).view(1, 1, 1, A).expand_as(sel)
+    return torch.where(few, torch.where(ids <= cq, ids, -1), sel)
+
+
+def _selection(q, k, v, key_padding_mask, scale, chunk_size, max_chunks):
+    with torch.no_grad():  # the selection is discrete: no gradient flows through the summaries
+        c_k, valid = chunk_summaries(q, k, v, key_padding_mask, scale, chunk_size)
+        pos = torch.arange(q.shape[2], device=q.device)
+        return select_chunks(q, c_k, valid, pos, chunk_size, max_chunks)
+
+
+def longheads_reference(q, k, v, *, causal, key_padding_mask, scale, chunk_size, max_chunks):
+    """Dense: the per-query, per-head chunk selection as a (B, Hq, N, N) mask over causal attention."""
+    _check_dims(q, v)
+    N = q.shape[2]
+    sel = _selection(q, k, v, key_padding_mask, scale, chunk_size, max_chunks)  # (B, Hq, N, A)
+    chunk_of_key = (torch.arange(N, device=q.device) // chunk_size).view(1, 1, 1, 1, N)
+    picked = (sel.unsqueeze(-1) == chunk_of_key).any(-2)  # (B, Hq, N, N): key j's chunk is selected
+    return softmax_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, attn_mask=picked, scale=scale)
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """Causal softmax over gathered key chunks: q (B, Hq, Nq, D) attends to chunks idx (B, Hq, Nq, A) of
+    size w; memory O(tile * A * w) beyond the inputs, the backward recomputes and scatters into dk, dv."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, w, scale, key_padding_mask):
+        out, lse = _chunk_attention(q, k, v, idx, w, scale, key_padding_mask)
+        ctx.save_for_backward(q, k, v, idx, out, lse, key_padding_mask)
+        ctx.args = (w, scale, key_padding_mask is not None)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, idx, out, lse, key_padding_mask = ctx.saved_tensors
+        w, scale, has_mask = ctx.args
+        dq, dk, dv = _chunk_attention_backward(q, k, v, idx, w, scale, key_padding_mask if has_mask else None,
+                                               out, lse, dout)
+        return dq, dk, dv, None, None, None, None
+
+
+def _gather_plan(q, k, v, idx, w, key_padding_mask):
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    C = -(-Nk // w)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    pad = C * w - Nk
+    kflat = F.pad(k.to(acc), (0, 0, 0, pad)).reshape(B * Hk * C, w, D)  # one row per (batch, kv head, chunk)
+    vflat = F.pad(v.to(acc), (0, 0, 0, pad)).reshape(B * Hk * C, w, v.shape[-1])
+    valid = torch.zeros(B, C * w, dtype=torch.bool, device=q.device)
+    valid[:, :Nk] = True if key_padding_mask is None else key_padding_mask
+    base = ((torch.arange(B, device=q.device).view(B, 1) * Hk
+             + torch.arange(Hq, device=q.device).view(1, Hq) // (Hq // Hk)) * C).view(B, Hq, 1, 1)
+    return kflat, vflat, valid.view(B, C, w), base, acc
+
+
+def _tile(q, idx, kflat, vflat, valid, base, w, r0, r1, off, acc):
+    B = q.shape[0]
+    it = idx[:, :, r0:r1]  # (B, Hq, T, A)
+    fi = (base + it.clamp(min=0)).flatten()  # rows of kflat
+    T = it.shape[2]
+    ks = kflat[fi].view(*it.shape, w, -1)  # (B, Hq, T, A, w, D)
+    vs = vflat[fi].view(*it.shape, w, -1)
+    pos = torch.arange(r0, r1, device=q.device).view(1, 1, T, 1, 1) + off
+    kpos = it.unsqueeze(-1) * w + torch.arange(w, device=q.device)  # (B, Hq, T, A, w)
+    ok = (it >= 0).unsqueeze(-1) & (kpos <= pos)
+    bidx = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    ok = ok & valid[bidx, it.clamp(min=0)]  # padding / beyond the end
+    return fi, ks, vs, ok
+
+
+def _chunk_attention(q, k, v, idx, w, scale, key_padding_mask):
+    B, Hq, Nq, D = q.shape
+    kflat, vflat, valid, base, acc = _gather_plan(q, k, v, idx, w, key_padding_mask)
+    off = k.shape[2] - Nq
+    out = torch.zeros(B, Hq, Nq, v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.zeros(B, Hq, Nq, dtype=acc, device=q.device)
+    A = idx.shape[-1]
+    step = rows_per_tile(B * Hq * A * w * (D + v.shape[-1] + 2))
+    for r0 in range(0, Nq, step):
+        r1 = min(Nq, r0 + step)
+        _, ks, vs, ok = _tile(q, idx, kflat, vflat, valid, base, w, r0, r1, off, acc)
+        s = torch.einsum("bhtd,bhtawd->bhtaw", q[:, :, r0:r1].to(acc), ks) * scale
+        l, _ = masked_lse(s.flatten(-2), ok.flatten(-2))
+        p = torch.exp(s.masked_fill(~ok, float("-inf")) - l[..., None, None])
+        out[:, :, r0:r1] = torch.einsum("bhtaw,bhtawe->bhte", p, vs)
+        lse[:, :, r0:r1] = l
+    return out, lse
+
+
+def _chunk_attention_backward(q, k, v, idx, w, scale, key_padding_mask, out, lse, dout):
+    B, Hq, Nq, D = q.shape
+    kflat, vflat, valid, base, acc = _gather_plan(q, k, v, idx, w, key_padding_mask)
+    off = k.shape[2] - Nq
+    do = dout.to(acc)
+    delta = (do * out).sum(-1)  # (B, Hq, Nq)
+    dq = torch.zeros(B, Hq, Nq, D, dtype=acc, device=q.device)
+    dkf, dvf = torch.zeros_like(kflat), torch.zeros_like(vflat)
+    A = idx.shape[-1]
+    step = rows_per_tile(B * Hq * A * w * (D + v.shape[-1] + 2))
+    for r0 in range(0, Nq, step):
+        r1 = min(Nq, r0 + step)
+        fi, ks, vs, ok = _tile(q, idx, kflat, vflat, valid, base, w, r0, r1, off, acc)
+        qt, dot = q[:, :, r0:r1].to(acc), do[:, :, r0:r1]
+        s = torch.einsum("bhtd,bhtawd->bhtaw", qt, ks) * scale
+        p = torch.exp(s.masked_fill(~ok, float("-inf")) - lse[:, :, r0:r1, None, None])
+        dp = torch.einsum("bhte,bhtawe->bhtaw", dot, vs)
+        ds = p * (dp - delta[:, :, r0:r1, None, None])
+        dq[:, :, r0:r1] = torch.einsum("bhtaw,bhtawd->bhtd", ds, ks) * scale
+        dkf.index_add_(0, fi, (torch.einsum("bhtaw,bhtd->bhtawd", ds, qt) * scale).reshape(-1, w, D))
+        dvf.index_add_(0, fi, torch.einsum("bhtaw,bhte->bhtawe", p, dot).reshape(-1, w, v.shape[-1]))
+    Hk, Nk = k.shape[1], k.shape[2]
+    dk = dkf.view(B, Hk, -1, D)[:, :, :Nk]
+    dv = dvf.view(B, Hk, -1, v.shape[-1])[:, :, :Nk]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def longheads_fast(q, k, v, *, causal, key_padding_mask, scale, chunk_size, max_chunks):
+    """Gathered chunks: each query multiplies only its A selected chunks (O(N A w d) time, linear in N),
+    with a hand-written backward that recomputes per tile and scatters into dk, dv."""
+    _check_dims(q, v)
+    sel = _selection(q, k, v, key_padding_mask, scale, chunk_size, max_chunks)
+    return _ChunkAttention.apply(q, k, v, sel, chunk_size, scale, key_padding_mask)
+
+
+def _check_dims(q, v):
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"v: LongHeads uses the chunks' pooled values as queries, so the value dim must equal the "
+                         f"head dim {q.shape[-1]}, got v of shape {tuple(v.shape)}")
+
+
+def init_longheads_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, chunk_size, max_chunks):
+    return LongHeadsState(batch, kv_heads, head_dim, value_dim, chunk_size=chunk_size, dtype=dtype, device=device)
+
+
+def longheads_step(q, k, v, state: LongHeadsState, *, scale, chunk_size, max_chunks, key_padding_mask=None):
+    """Append T tokens; chunks they complete get their summary (from the chunk's buffered queries); each
+    new query selects its chunks from the summaries and attends to them."""
+    B, Hq, Hk, T, _, D, Dv = check_step_inputs(q, k, v, state, key_padding_mask)
+    _check_dims(q, v)
+    if state.chunk_size != chunk_size:
+        raise ValueError(f"chunk_size: this LongHeadsState was built for {state.chunk_size}, got {chunk_size}")
+    keys, values, kmask = state.kv.append(k, v, key_padding_mask)  # (B, Hk, L, D)
+    state.push_queries(q)
+    w = chunk_size
+    done = state.kv.seq_len // w
+    while state.summaries_count(Hq) < done:  # summarise every chunk completed by the new tokens
+        c = state.summaries_count(Hq)
+        qc = state.chunk_queries(c)  # (B, Hq, w, D)
+        sl = slice(c * w, (c + 1) * w)
+        ck, ok = chunk_summaries(qc, keys[:, :, sl], values[:, :, sl], None if kmask is None else kmask[:, sl],
+                                 scale, w)
+        state.add_summary(ck, ok.expand(B, 1))
+    state.trim_queries()
+    pos = query_positions(T, state.kv.seq_len, q.device)
+    sums = state.summaries
+    valid = torch.ones(1, sums.length, dtype=torch.bool, device=q.device) if sums.mask is None else sums.mask
+    idx = select_chunks(q, sums.keys, valid, pos, w, max_chunks)  # (B, Hq, T, A)
+    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
+        return _ChunkAttention.apply(q, keys, values, idx, w, scale, kmask)
+    out, _ = _chunk_attention(q, keys, values, idx, w, scale, kmask)
+    return out.to(q.dtype)
+
+
+LONGHEADS = register(Mechanism(
+    name="longheads",
+    aliases=("long_heads",),
+    family="memory",
+    catalog="P050",
+    title="LongHeads: Multi-Head Attention is Secretly a Long Context Processor",
+    arxiv="2402.10685",
+    code="https://github.com/LuLuLuyi/LongHeads",
+    summary="Training-free: each head and query attends to max_chunks chunks (first, local, and the best by "
+            "q . chunk-summary key), keeping every head within the pre-trained length.",
+    patterns=("causal_self",),
+    exact=False,
+    state="longheads",
+    complexity="time O(N A w d) = O(N L d); decode O((N/w + A w) d) per token, KV store O(N)",
+    reference=longheads_reference,
+    fast=longheads_fast,
+    step=longheads_step,
+    init_state=init_longheads_state,
+    options=(
+        Option("chunk_size", 256, int, low=1, doc="tokens per chunk (w)"),
+        Option("max_chunks", 16, int, low=3, doc="chunks per query and head (A = L / w, L the pre-trained length)"),
+    ),
+    test_options={"chunk_size": 2, "max_chunks": 3},
+    test_sizes={"n": 13, "value_dim": 8},
+    notes="max_chunks * chunk_size >= N is exact causal attention. causal_cross is not a functional pattern "
+          "(chunk summaries need the chunks' queries); decode with step().",
+))
