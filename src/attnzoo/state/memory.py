@@ -331,3 +331,65 @@ class LongHeadsState(DecodeState):
             self.summaries.crop(min(self.summaries.length, length // self.chunk_size))
         if self._q is not None:
             self._q = self._q[:, :, : length - self.q_start]
+
+
+class RecycledState(DecodeState):
+    """Recycled Attention's decode state: the full key/value cache (the paper does not reduce memory) and
+    the recycled top-K sets recorded at the last ``keep`` full steps (indices (B, Hk, K) into the cache,
+    and whether each index is a real key). ``crop`` can roll back to any length whose anchor (the last
+    full step before it) is still held.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
+                 stride: int, start: int = 0, keep: int = 2, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        self.stride = _check_pos_int("stride", stride)
+        self.start = _check_pos_int("start", start, low=0)
+        self.keep = _check_pos_int("keep", keep)
+        self.kv = KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+        self._sets: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def seq_len(self) -> int:
+        return self.kv.seq_len
+
+    @seq_len.setter
+    def seq_len(self, value: int) -> None:
+        if value != 0:
+            raise AttributeError("seq_len of a RecycledState follows its key/value cache")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.kv.tensors() + [t for _, i, o in self._sets for t in (i, o)]
+
+    def record(self, anchor: int, idx: torch.Tensor, ok: torch.Tensor) -> None:
+        """Keep the recycled set of the full step at position ``anchor``: idx, ok (B, Hk, K')."""
+        self._sets = [s for s in self._sets if s[0] < anchor] + [(anchor, idx, ok)]
+        del self._sets[: -self.keep]
+
+    def current(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        if not self._sets:
+            raise RuntimeError("no full attention step has been recorded yet")
+        return self._sets[-1]
+
+    def _anchor(self, p: int) -> int | None:
+        a = max(self.start - 1, 0)
+        if p <= a or (p - a) % self.stride == 0:
+            return None  # a full step: needs no recycled set
+        return a + ((p - a) // self.stride) * self.stride
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_index(index, self.kv.batch)
+        self.kv.reorder(index)
+        self._sets = [(a, i.index_select(0, index.to(i.device)), o.index_select(0, index.to(o.device)))
+                      for a, i, o in self._sets]
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        need = self._anchor(length)
+        held = [a for a, _, _ in self._sets if a < length]
+        if need is not None and need not in held:
+            raise ValueError(f"length: cannot crop this RecycledState to {length} tokens: position {length} "
+                             f"recycles the set of step {need}, which is not held (held: {held}); build it with a "
+                             f"larger keep")
+        self._sets = [s for s in self._sets if s[0] < length]
+        self.kv.crop(length)
