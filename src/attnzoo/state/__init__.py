@@ -9,4 +9,4 @@ from .base import DecodeState
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 
 __all__ = ["DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache"]
-from .memory import CCAState, LandmarkCache, LongHeadsState, NeuralMemoryState, RecycledState, TitansState  # noqa: E402,F401
+from .memory import CCAState, FITState, LandmarkCache, LongHeadsState, NeuralMemoryState, RecycledState, TitansState  # noqa: E402,F401

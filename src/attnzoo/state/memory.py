@@ -393,3 +393,59 @@ class RecycledState(DecodeState):
                              f"larger keep")
         self._sets = [s for s in self._sets if s[0] < length]
         self.kv.crop(length)
+
+
+class FITState(DecodeState):
+    """Causal FIT's decode state: the current group's local keys/values, its tokens after local attention
+    (``g_h``, read by the group's latents once it completes), the latents' keys/values of the completed
+    groups (``latent_kv``) and the latents of the last completed group (``prev_latents``, the write context
+    of the current group). Memory O(group_size + N * latents / group_size).
+    """
+
+    def __init__(self, batch: int, dim: int, heads: int, kv_heads: int, group_size: int, latents: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.batch, self.dim, self.group_size = batch, dim, _check_pos_int("group_size", group_size)
+        hd = dim // heads
+        self._empty = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device=device)
+        self.g_k, self.g_v = self._empty(batch, kv_heads, 0, hd), self._empty(batch, kv_heads, 0, hd)
+        self.g_mask = self._empty(batch, 0, dt=torch.bool)
+        self.g_h = self._empty(batch, 0, dim)
+        self.latent_kv = KVCache(batch, heads, hd, hd, dtype=dtype, device=device)
+        self.prev_latents: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.g_k, self.g_v, self.g_mask, self.g_h] + self.latent_kv.tensors()
+        return out + ([] if self.prev_latents is None else [self.prev_latents])
+
+    def push_group(self, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor) -> None:
+        self.g_k, self.g_v = torch.cat([self.g_k, k], 2), torch.cat([self.g_v, v], 2)
+        self.g_mask = torch.cat([self.g_mask, ok], 1)
+
+    def push_h(self, h: torch.Tensor) -> None:
+        self.g_h = torch.cat([self.g_h, h], 1)
+
+    def clear_group(self) -> None:
+        self.g_k, self.g_v = self.g_k[:, :, :0], self.g_v[:, :, :0]
+        self.g_mask, self.g_h = self.g_mask[:, :0], self.g_h[:, :0]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_index(index, self.batch)
+        sel = lambda t: t.index_select(0, index.to(t.device))
+        self.g_k, self.g_v, self.g_mask, self.g_h = map(sel, (self.g_k, self.g_v, self.g_mask, self.g_h))
+        self.latent_kv.reorder(index)
+        if self.prev_latents is not None:
+            self.prev_latents = sel(self.prev_latents)
+        self.batch = index.numel()
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        start = (self.seq_len // self.group_size) * self.group_size
+        if length < start:
+            raise ValueError(f"length: cannot crop this FITState to {length} tokens: the latents of the completed "
+                             f"group ending at {start} already include later tokens (crop within the current group, "
+                             f"positions >= {start})")
+        keep = length - start
+        self.g_k, self.g_v = self.g_k[:, :, :keep], self.g_v[:, :, :keep]
+        self.g_mask, self.g_h = self.g_mask[:, :keep], self.g_h[:, :keep]
+        self.seq_len = length
