@@ -106,8 +106,10 @@ def longheads_reference(q, k, v, *, causal, key_padding_mask, scale, chunk_size,
 
 
 class _ChunkAttention(torch.autograd.Function):
-    """Causal softmax over gathered key chunks: q (B, Hq, Nq, D) attends to chunks idx (B, Hq, Nq, A) of
-    size w; memory O(tile * A * w) beyond the inputs, the backward recomputes and scatters into dk, dv."""
+    """Causal softmax over selected key chunks: q (B, Hq, Nq, D) attends to chunks idx (B, Hq, Nq, A) of
+    size w. Query tiles lie inside one query chunk; a tile gathers the union of the chunks its rows and
+    heads selected once (shared by every row, as a dense tile would) and masks per row and head. Memory
+    O(tile) beyond the inputs; the backward recomputes each tile and adds into dk, dv."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, w, scale, key_padding_mask):
@@ -125,85 +127,100 @@ class _ChunkAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _gather_plan(q, k, v, idx, w, key_padding_mask):
-    B, Hq, Nq, D = q.shape
-    Hk, Nk = k.shape[1], k.shape[2]
+def _blocks(q, k, v, w, key_padding_mask):
+    B, Nk = k.shape[0], k.shape[2]
     C = -(-Nk // w)
     acc = torch.promote_types(q.dtype, torch.float32)
     pad = C * w - Nk
-    kflat = F.pad(k.to(acc), (0, 0, 0, pad)).reshape(B * Hk * C, w, D)  # one row per (batch, kv head, chunk)
-    vflat = F.pad(v.to(acc), (0, 0, 0, pad)).reshape(B * Hk * C, w, v.shape[-1])
+    kb = F.pad(k.to(acc), (0, 0, 0, pad)).view(B, k.shape[1], C, w, k.shape[3])  # (B, Hk, C, w, D)
+    vb = F.pad(v.to(acc), (0, 0, 0, pad)).view(B, v.shape[1], C, w, v.shape[3])
     valid = torch.zeros(B, C * w, dtype=torch.bool, device=q.device)
     valid[:, :Nk] = True if key_padding_mask is None else key_padding_mask
-    base = ((torch.arange(B, device=q.device).view(B, 1) * Hk
-             + torch.arange(Hq, device=q.device).view(1, Hq) // (Hq // Hk)) * C).view(B, Hq, 1, 1)
-    return kflat, vflat, valid.view(B, C, w), base, acc
+    return kb, vb, valid.view(B, C, w), acc
 
 
-def _tile(q, idx, kflat, vflat, valid, base, w, r0, r1, off, acc):
-    B = q.shape[0]
-    it = idx[:, :, r0:r1]  # (B, Hq, T, A)
-    fi = (base + it.clamp(min=0)).flatten()  # rows of kflat
-    T = it.shape[2]
-    ks = kflat[fi].view(*it.shape, w, -1)  # (B, Hq, T, A, w, D)
-    vs = vflat[fi].view(*it.shape, w, -1)
-    pos = torch.arange(r0, r1, device=q.device).view(1, 1, T, 1, 1) + off
-    kpos = it.unsqueeze(-1) * w + torch.arange(w, device=q.device)  # (B, Hq, T, A, w)
-    ok = (it >= 0).unsqueeze(-1) & (kpos <= pos)
-    bidx = torch.arange(B, device=q.device).view(B, 1, 1, 1)
-    ok = ok & valid[bidx, it.clamp(min=0)]  # padding / beyond the end
-    return fi, ks, vs, ok
+def _tiles(idx, Nq, off, w, B, Hq):
+    """(r0, r1, union of selected chunks) per query tile; tiles never cross a query chunk."""
+    pos = torch.arange(Nq, device=idx.device) + off
+    bounds = torch.nonzero(torch.diff(pos // w)).flatten().tolist()
+    starts = [0] + [b + 1 for b in bounds]
+    ends = starts[1:] + [Nq]
+    for c0, c1 in zip(starts, ends):
+        union = torch.unique(idx[:, :, c0:c1])
+        union = union[union >= 0]
+        step = rows_per_tile(B * Hq * max(1, union.numel()) * w * 3)
+        for r0 in range(c0, c1, step):
+            yield r0, min(c1, r0 + step), union
+
+
+def _tile_scores(q, kb, valid, idx, union, r0, r1, off, w, scale, acc):
+    B, Hq, _, D = q.shape
+    Hk = kb.shape[1]
+    G = Hq // Hk
+    T, nU = r1 - r0, union.numel()
+    ku = kb[:, :, union].reshape(B, Hk, nU * w, D)  # the tile's keys, shared by its rows and heads
+    qt = q[:, :, r0:r1].to(acc).view(B, Hk, G, T, D)
+    s = torch.matmul(qt, ku.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hk, G, T, nU*w)
+    sel = (idx[:, :, r0:r1].unsqueeze(-1) == union).any(-2)  # (B, Hq, T, nU): chunk picked by row and head
+    kpos = (union.view(nU, 1) * w + torch.arange(w, device=q.device)).view(1, nU * w)
+    pos = (torch.arange(r0, r1, device=q.device) + off).view(T, 1)
+    ok = sel.repeat_interleave(w, -1) & (kpos <= pos) & valid[:, union].reshape(B, 1, 1, nU * w)
+    return s, ok.view(B, Hk, G, T, nU * w), ku
 
 
 def _chunk_attention(q, k, v, idx, w, scale, key_padding_mask):
-    B, Hq, Nq, D = q.shape
-    kflat, vflat, valid, base, acc = _gather_plan(q, k, v, idx, w, key_padding_mask)
+    B, Hq, Nq, _ = q.shape
+    Hk, Dv = k.shape[1], v.shape[3]
+    kb, vb, valid, acc = _blocks(q, k, v, w, key_padding_mask)
     off = k.shape[2] - Nq
-    out = torch.zeros(B, Hq, Nq, v.shape[-1], dtype=acc, device=q.device)
-    lse = torch.zeros(B, Hq, Nq, dtype=acc, device=q.device)
-    A = idx.shape[-1]
-    step = rows_per_tile(B * Hq * A * w * (D + v.shape[-1] + 2))
-    for r0 in range(0, Nq, step):
-        r1 = min(Nq, r0 + step)
-        _, ks, vs, ok = _tile(q, idx, kflat, vflat, valid, base, w, r0, r1, off, acc)
-        s = torch.einsum("bhtd,bhtawd->bhtaw", q[:, :, r0:r1].to(acc), ks) * scale
-        l, _ = masked_lse(s.flatten(-2), ok.flatten(-2))
-        p = torch.exp(s.masked_fill(~ok, float("-inf")) - l[..., None, None])
-        out[:, :, r0:r1] = torch.einsum("bhtaw,bhtawe->bhte", p, vs)
-        lse[:, :, r0:r1] = l
-    return out, lse
+    out = torch.zeros(B, Hk, Hq // Hk, Nq, Dv, dtype=acc, device=q.device)
+    lse = torch.zeros(B, Hk, Hq // Hk, Nq, dtype=acc, device=q.device)
+    for r0, r1, union in _tiles(idx, Nq, off, w, B, Hq):
+        if union.numel() == 0:
+            continue
+        s, ok, _ = _tile_scores(q, kb, valid, idx, union, r0, r1, off, w, scale, acc)
+        lt, _ = masked_lse(s, ok)  # (B, Hk, G, T)
+        p = torch.exp(s.masked_fill(~ok, float("-inf")) - lt.unsqueeze(-1))
+        out[:, :, :, r0:r1] = torch.matmul(p, vb[:, :, union].reshape(B, Hk, 1, -1, Dv))
+        lse[:, :, :, r0:r1] = lt
+    return out.view(B, Hq, Nq, Dv), lse
 
 
 def _chunk_attention_backward(q, k, v, idx, w, scale, key_padding_mask, out, lse, dout):
     B, Hq, Nq, D = q.shape
-    kflat, vflat, valid, base, acc = _gather_plan(q, k, v, idx, w, key_padding_mask)
-    off = k.shape[2] - Nq
-    do = dout.to(acc)
-    delta = (do * out).sum(-1)  # (B, Hq, Nq)
-    dq = torch.zeros(B, Hq, Nq, D, dtype=acc, device=q.device)
-    dkf, dvf = torch.zeros_like(kflat), torch.zeros_like(vflat)
-    A = idx.shape[-1]
-    step = rows_per_tile(B * Hq * A * w * (D + v.shape[-1] + 2))
-    for r0 in range(0, Nq, step):
-        r1 = min(Nq, r0 + step)
-        fi, ks, vs, ok = _tile(q, idx, kflat, vflat, valid, base, w, r0, r1, off, acc)
-        qt, dot = q[:, :, r0:r1].to(acc), do[:, :, r0:r1]
-        s = torch.einsum("bhtd,bhtawd->bhtaw", qt, ks) * scale
-        p = torch.exp(s.masked_fill(~ok, float("-inf")) - lse[:, :, r0:r1, None, None])
-        dp = torch.einsum("bhte,bhtawe->bhtaw", dot, vs)
-        ds = p * (dp - delta[:, :, r0:r1, None, None])
-        dq[:, :, r0:r1] = torch.einsum("bhtaw,bhtawd->bhtd", ds, ks) * scale
-        dkf.index_add_(0, fi, (torch.einsum("bhtaw,bhtd->bhtawd", ds, qt) * scale).reshape(-1, w, D))
-        dvf.index_add_(0, fi, torch.einsum("bhtaw,bhte->bhtawe", p, dot).reshape(-1, w, v.shape[-1]))
-    Hk, Nk = k.shape[1], k.shape[2]
-    dk = dkf.view(B, Hk, -1, D)[:, :, :Nk]
-    dv = dvf.view(B, Hk, -1, v.shape[-1])[:, :, :Nk]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hk
+    kb, vb, valid, acc = _blocks(q, k, v, w, key_padding_mask)
+    off = Nk - Nq
+    do = dout.to(acc).view(B, Hk, G, Nq, Dv)
+    delta = (do * out.to(acc).view(B, Hk, G, Nq, Dv)).sum(-1)  # (B, Hk, G, Nq)
+    lse = lse.view(B, Hk, G, Nq)
+    dq = torch.zeros(B, Hk, G, Nq, D, dtype=acc, device=q.device)
+    dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+    for r0, r1, union in _tiles(idx, Nq, off, w, B, Hq):
+        if union.numel() == 0:
+            continue
+        nU = union.numel()
+        s, ok, ku = _tile_scores(q, kb, valid, idx, union, r0, r1, off, w, scale, acc)
+        p = torch.exp(s.masked_fill(~ok, float("-inf")) - lse[:, :, :, r0:r1].unsqueeze(-1))  # (B, Hk, G, T, U)
+        vu = vb[:, :, union].reshape(B, Hk, 1, nU * w, Dv)
+        dot = do[:, :, :, r0:r1]
+        dp = torch.matmul(dot, vu.transpose(-1, -2))  # (B, Hk, G, T, U)
+        ds = p * (dp - delta[:, :, :, r0:r1].unsqueeze(-1))
+        dq[:, :, :, r0:r1] = torch.matmul(ds, ku.unsqueeze(2)) * scale
+        qt = q[:, :, r0:r1].to(acc).view(B, Hk, G, r1 - r0, D)
+        dku = torch.einsum("bhgtu,bhgtd->bhud", ds, qt) * scale  # (B, Hk, U, D)
+        dvu = torch.einsum("bhgtu,bhgte->bhue", p, dot)
+        dkb[:, :, union] += dku.view(B, Hk, nU, w, D)  # union is unique: a plain indexed add
+        dvb[:, :, union] += dvu.view(B, Hk, nU, w, Dv)
+    dk = dkb.reshape(B, Hk, -1, D)[:, :, :Nk]
+    dv = dvb.reshape(B, Hk, -1, Dv)[:, :, :Nk]
+    return dq.view(B, Hq, Nq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def longheads_fast(q, k, v, *, causal, key_padding_mask, scale, chunk_size, max_chunks):
-    """Gathered chunks: each query multiplies only its A selected chunks (O(N A w d) time, linear in N),
-    with a hand-written backward that recomputes per tile and scatters into dk, dv."""
+    """Gathered chunks with a hand-written backward: a tile of queries multiplies only the chunks its rows
+    selected (O(N A w d) when selections agree, at most the causal dense cost), O(N) memory."""
     _check_dims(q, v)
     sel = _selection(q, k, v, key_padding_mask, scale, chunk_size, max_chunks)
     return _ChunkAttention.apply(q, k, v, sel, chunk_size, scale, key_padding_mask)
@@ -261,7 +278,8 @@ LONGHEADS = register(Mechanism(
     patterns=("causal_self",),
     exact=False,
     state="longheads",
-    complexity="time O(N A w d) = O(N L d); decode O((N/w + A w) d) per token, KV store O(N)",
+    complexity="time O(N A w d) to O(N^2 d) (union of a tile's selections); decode O((N/w + A w) d) per token, "
+               "KV store O(N)",
     reference=longheads_reference,
     fast=longheads_fast,
     step=longheads_step,

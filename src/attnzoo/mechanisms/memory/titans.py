@@ -45,6 +45,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ...errors import check_key_padding_mask, check_tensor
@@ -196,30 +197,72 @@ def _chunk(W, S, A, q, k, v, la, le, th, g, q_after):
     return reads, after, W_new, S_new
 
 
-def memory_fast(mem: NeuralMemoryState, q, k, v, alpha, eta, theta, *, active=None, q_after=None):
-    """The same computation as :func:`memory_reference`, chunk by chunk (Sec. 3.2): per chunk the
-    gradients at the chunk-start weights are rank-one factors, the decay/momentum products form (T x T)
-    matrices, and reads of ``M_{t-1}`` inside the chunk are matmuls. Cost per chunk O(T^2 (d + h) + T d h)."""
-    alpha, eta, theta, g = _gates(alpha, eta, theta, active)
-    la, le = torch.log1p(-alpha), torch.log(eta)
-    W, S, A = list(mem.weights), list(mem.momentum), list(mem.anchor)
-    T = k.shape[2]
-    reads, after = [], []
-    t0 = 0
+def _pieces(pos: int, T: int, chunk: int) -> list[tuple[int, int]]:
+    """Split T tokens starting at stream position ``pos`` at the chunk boundaries."""
+    out, t0 = [], 0
     while t0 < T:
-        t1 = min(T, t0 + mem.chunk_size - mem.pos % mem.chunk_size)  # stop at the next chunk boundary
-        sl = slice(t0, t1)
+        t1 = min(T, t0 + chunk - (pos + t0) % chunk)
+        out.append((t0, t1))
+        t0 = t1
+    return out
+
+
+def _run_pieces(pieces, pos0, chunk, nW, *tensors):
+    """Run consecutive pieces; ``tensors`` = W.., S.., A.., q, k, v, la, le, th, g, q_after (None allowed)."""
+    W, S, A = list(tensors[:nW]), list(tensors[nW : 2 * nW]), list(tensors[2 * nW : 3 * nW])
+    q, k, v, la, le, th, g, q_after = tensors[3 * nW :]
+    reads, after = [], []
+    base = pieces[0][0]
+    for t0, t1 in pieces:
+        sl = slice(t0 - base, t1 - base)
         piece = lambda x, sl=sl: None if x is None else x[:, :, sl]
-        r, ra, W, S = _chunk(W, S, A, piece(q), k[:, :, sl], v[:, :, sl], la[..., sl], le[..., sl], theta[..., sl],
+        r, ra, W, S = _chunk(W, S, A, piece(q), k[:, :, sl], v[:, :, sl], la[..., sl], le[..., sl], th[..., sl],
                              g[..., sl], piece(q_after))
         reads.append(r)
         after.append(ra)
-        mem.pos += t1 - t0
-        if mem.pos % mem.chunk_size == 0:
+        if (pos0 + t1) % chunk == 0:
             A = list(W)
-        t0 = t1
-    mem.weights, mem.momentum, mem.anchor = W, S, A
-    return (torch.cat(reads, 2) if q is not None else None), (torch.cat(after, 2) if q_after is not None else None)
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs, 2)
+    return (cat(reads), cat(after), *W, *S, *A)
+
+
+def memory_fast(mem: NeuralMemoryState, q, k, v, alpha, eta, theta, *, active=None, q_after=None,
+                checkpoint_chunks: int | None = None):
+    """The same computation as :func:`memory_reference`, chunk by chunk (Sec. 3.2): per chunk the
+    gradients at the chunk-start weights are rank-one factors, the decay/momentum products form (T x T)
+    matrices, and reads of ``M_{t-1}`` inside the chunk are matmuls. Cost per chunk O(T^2 (d + h) + T d h).
+
+    When autograd records, groups of ``checkpoint_chunks`` chunks (default about sqrt(#chunks)) are
+    recomputed in the backward, so training keeps the memory state at group boundaries only: O(sqrt(N / b))
+    copies of the weights instead of O(N / b)."""
+    alpha, eta, theta, g = _gates(alpha, eta, theta, active)
+    la, le = torch.log1p(-alpha), torch.log(eta)
+    nW = len(mem.weights)
+    T, chunk, pos0 = k.shape[2], mem.chunk_size, mem.pos
+    pieces = _pieces(pos0, T, chunk)
+    args = [q, k, v, la, le, theta, g, q_after]
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in [*args, *mem.weights, *mem.momentum, *mem.anchor])
+    per = checkpoint_chunks or max(1, int(math.isqrt(len(pieces))))
+    if not grad or len(pieces) <= per:
+        res = _run_pieces(pieces, pos0, chunk, nW, *mem.weights, *mem.momentum, *mem.anchor, *args)
+        outs = [res]
+    else:
+        outs, state = [], [*mem.weights, *mem.momentum, *mem.anchor]
+        for i in range(0, len(pieces), per):
+            grp = pieces[i : i + per]
+            lo, hi = grp[0][0], grp[-1][1]
+            sl = lambda x, lo=lo, hi=hi: None if x is None else x[..., lo:hi, :] if x.dim() == 4 else x[..., lo:hi]
+            res = torch.utils.checkpoint.checkpoint(_run_pieces, grp, pos0, chunk, nW, *state, *map(sl, args),
+                                                    use_reentrant=False)
+            outs.append(res)
+            state = list(res[2:])
+    last = outs[-1]
+    mem.weights, mem.momentum = list(last[2 : 2 + nW]), list(last[2 + nW : 2 + 2 * nW])
+    mem.anchor = list(last[2 + 2 * nW :])
+    mem.pos = pos0 + T
+    cat = lambda i: None if outs[0][i] is None else torch.cat([o[i] for o in outs], 2)
+    return cat(0), cat(1)
 
 
 def memory_forms(backend: str):
@@ -396,6 +439,16 @@ class Titans(nn.Module):
 
     def _window_attention(self, q, k, v, mask, cache, sinks):
         keys, values, kmask = cache.append(k, v, mask)
+        T = q.shape[2]
+        if self.backend != "reference" and T <= 64:  # decoding: a (T, cache) mask, no blocked kernel
+            S = min(sinks, cache.seq_len) if sinks else 0
+            kpos = torch.cat([torch.arange(S), torch.arange(cache.start, cache.seq_len)]).to(q.device).view(1, -1)
+            qpos = torch.arange(cache.seq_len - T, cache.seq_len, device=q.device).view(-1, 1)
+            vis = (kpos <= qpos) & ((qpos - kpos < self.window) | (kpos < S))  # (T, L)
+            vis = vis.view(1, 1, T, -1) if kmask is None else vis.view(1, 1, T, -1) & kmask.view(-1, 1, 1, kpos.numel())
+            out = sdpa(q, keys, values, attn_mask=vis, scale=self.scale)
+            cache.evict()
+            return self._merge(out)
         kw = dict(causal=True, key_padding_mask=kmask, scale=self.scale, window=self.window)
         if sinks is not None:
             kw["sinks"] = min(sinks, cache.seq_len)
