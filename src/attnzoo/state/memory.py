@@ -348,6 +348,8 @@ class RecycledState(DecodeState):
         self.keep = _check_pos_int("keep", keep)
         self.kv = KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
         self._sets: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._cr: KVCache | None = None  # the paper's recycled cache C_r: the set, then the tokens since
+        self._cr_anchor = self._cr_upto = -1
 
     @property
     def seq_len(self) -> int:
@@ -359,7 +361,25 @@ class RecycledState(DecodeState):
             raise AttributeError("seq_len of a RecycledState follows its key/value cache")
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.kv.tensors() + [t for _, i, o in self._sets for t in (i, o)]
+        out = self.kv.tensors() + [t for _, i, o in self._sets for t in (i, o)]
+        return out + ([] if self._cr is None else self._cr.tensors())
+
+    def recycled_kv(self, anchor: int, idx: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recycled cache C_r: keys/values (B, Hk, K' + upto - anchor - 1, D) of the set recorded at
+        ``anchor`` (gathered once) followed by the tokens ``anchor + 1 .. upto - 1`` (appended as they come)."""
+        kv = self.kv
+        if self._cr is None or self._cr_anchor != anchor or self._cr_upto > upto:
+            B, Hk, cap, D = kv._k.shape
+            flat = (torch.arange(B * Hk, device=idx.device).view(B, Hk, 1) * cap + idx).flatten()
+            gk = kv._k.reshape(B * Hk * cap, D).index_select(0, flat).view(B, Hk, -1, D)
+            gv = kv._v.reshape(B * Hk * cap, kv.value_dim).index_select(0, flat).view(B, Hk, -1, kv.value_dim)
+            self._cr = KVCache(B, Hk, D, kv.value_dim, dtype=kv.dtype, device=kv.device)
+            self._cr.append(gk, gv)
+            self._cr_anchor, self._cr_upto = anchor, anchor + 1
+        if upto > self._cr_upto:
+            self._cr.append(kv.keys[:, :, self._cr_upto : upto], kv.values[:, :, self._cr_upto : upto])
+            self._cr_upto = upto
+        return self._cr.keys, self._cr.values
 
     def record(self, anchor: int, idx: torch.Tensor, ok: torch.Tensor) -> None:
         """Keep the recycled set of the full step at position ``anchor``: idx, ok (B, Hk, K')."""
@@ -382,6 +402,7 @@ class RecycledState(DecodeState):
         self.kv.reorder(index)
         self._sets = [(a, i.index_select(0, index.to(i.device)), o.index_select(0, index.to(o.device)))
                       for a, i, o in self._sets]
+        self._cr = None
 
     def crop(self, length: int) -> None:
         length = self._check_crop(length)
@@ -393,6 +414,7 @@ class RecycledState(DecodeState):
                              f"larger keep")
         self._sets = [s for s in self._sets if s[0] < length]
         self.kv.crop(length)
+        self._cr = None
 
 
 class FITState(DecodeState):

@@ -43,3 +43,33 @@ def check_step_inputs(q, k, v, state, key_padding_mask) -> tuple[int, int, int, 
         raise ValueError(f"q, k: a decode step takes as many new queries as new keys, got {T} and {Tk}")
     check_key_padding_mask(key_padding_mask, B, T)
     return B, Hq, Hk, T, Tk, D, Dv
+
+
+def attend_parts(q: torch.Tensor, parts, scale: float) -> torch.Tensor:
+    """Softmax attention of q (B, Hq, T, D) over the union of key sets given separately, without
+    concatenating the keys (only the (T, L_i) score rows are concatenated): for decoding, where copying a
+    long key set into one tensor costs more than attending to it.
+
+    parts: [(k (B, H_i, L_i, D), v (B, H_i, L_i, Dv), mask (B|1, H_i|1, T, L_i) bool or None)], each
+    H_i dividing Hq (query head h reads head h // (Hq // H_i)). Rows that see no key return zeros.
+    """
+    B, Hq, T, D = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores, masks = [], []
+    for k, _v, m in parts:
+        Hi, L = k.shape[1], k.shape[2]
+        qg = q.to(acc).view(B, Hi, Hq // Hi, T, D)
+        s = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hi, G, T, L)
+        mm = torch.ones(1, 1, 1, T, L, dtype=torch.bool, device=q.device) if m is None else m.unsqueeze(2)
+        scores.append(s.reshape(B, Hq, T, L))
+        masks.append(mm.expand(B, Hi, Hq // Hi, T, L).reshape(B, Hq, T, L))
+    s, m = torch.cat(scores, -1), torch.cat(masks, -1)  # (B, Hq, T, sum L)
+    lse, _ = masked_lse(s, m)
+    p = torch.exp(s.masked_fill(~m, float("-inf")) - lse.unsqueeze(-1))
+    out, i = 0, 0
+    for k, v, _ in parts:
+        Hi, L = k.shape[1], k.shape[2]
+        pi = p[..., i : i + L].reshape(B, Hi, Hq // Hi, T, L)
+        out = out + torch.matmul(pi, v.to(acc).unsqueeze(2)).reshape(B, Hq, T, -1)
+        i += L
+    return out.to(q.dtype)

@@ -22,7 +22,7 @@ from ...kernels.sdpa import sdpa
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state.memory import CCAState
-from ._common import check_step_inputs, masked_lse
+from ._common import attend_parts, check_step_inputs, masked_lse
 
 
 def compressed_groups(pos: torch.Tensor, window: int, group_size: int) -> torch.Tensor:
@@ -135,11 +135,15 @@ def cca_step(q, k, v, state: CCAState, *, scale, group_size, window, key_padding
     C = state.cores.length
     core_mask = state.cores.mask
     core_ok = torch.ones(1, C, dtype=torch.bool, device=q.device) if core_mask is None else core_mask
-    all_k = torch.cat([state.cores.keys, repeat_kv(keys, Hq // Hk)], 2)  # (B, Hq, C + L, D)
-    all_v = torch.cat([state.cores.values, repeat_kv(values, Hq // Hk)], 2)
     pos = torch.arange(first, state.seq_len, device=q.device)
     mask = _cca_mask(pos, C, torch.arange(start, start + keys.shape[2], device=q.device), window, g, core_ok, kmask)
-    out = sdpa(q, all_k, all_v, attn_mask=mask, scale=scale)  # (B, Hq, T, Dv)
+    if T <= 64:  # decoding: attend to [cores; raw window] without copying them into one tensor
+        parts = [(state.cores.keys, state.cores.values, mask[..., :C]), (keys, values, mask[..., C:])]
+        out = attend_parts(q, parts, scale)
+    else:
+        all_k = torch.cat([state.cores.keys, repeat_kv(keys, Hq // Hk)], 2)  # (B, Hq, C + L, D)
+        all_v = torch.cat([state.cores.values, repeat_kv(values, Hq // Hk)], 2)
+        out = sdpa(q, all_k, all_v, attn_mask=mask, scale=scale)  # (B, Hq, T, Dv)
     state.raw.evict()
     return out
 

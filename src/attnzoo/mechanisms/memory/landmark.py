@@ -40,7 +40,7 @@ from ...layers import _check_int
 from ...reference import repeat_kv
 from ...registry import Mechanism, Option, register
 from ...state.memory import LandmarkCache
-from ._common import masked_lse, query_positions, rows_per_tile
+from ._common import check_step_inputs, masked_lse, query_positions, rows_per_tile
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -315,6 +315,7 @@ def _decode_one(q, state: LandmarkCache, scale, block_size, top_k):
 def landmark_step(q, k, v, state: LandmarkCache, *, scale, block_size, top_k, key_padding_mask=None):
     """Append T tokens to the block store; one query retrieves its top_k blocks by landmark score, a
     chunk of queries runs the tiled grouped softmax over the whole store (the same computation)."""
+    check_step_inputs(q, k, v, state, key_padding_mask)
     if state.block_size != block_size:
         raise ValueError(f"block_size: this LandmarkCache was built for {state.block_size}, got {block_size}")
     keys, values, mask = state.append(k, v, key_padding_mask)

@@ -24,7 +24,6 @@ N / w summaries and attends to A * w keys: O((N / w + A w) d) per token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
@@ -127,16 +126,10 @@ class _ChunkAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _blocks(q, k, v, w, key_padding_mask):
-    B, Nk = k.shape[0], k.shape[2]
-    C = -(-Nk // w)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    pad = C * w - Nk
-    kb = F.pad(k.to(acc), (0, 0, 0, pad)).view(B, k.shape[1], C, w, k.shape[3])  # (B, Hk, C, w, D)
-    vb = F.pad(v.to(acc), (0, 0, 0, pad)).view(B, v.shape[1], C, w, v.shape[3])
-    valid = torch.zeros(B, C * w, dtype=torch.bool, device=q.device)
-    valid[:, :Nk] = True if key_padding_mask is None else key_padding_mask
-    return kb, vb, valid.view(B, C, w), acc
+def _union_positions(union, w, nk):
+    """Key positions of the chunks in ``union`` (nU*w,), clamped to the sequence, and which are real."""
+    pos = (union.view(-1, 1) * w + torch.arange(w, device=union.device)).flatten()
+    return pos.clamp(max=nk - 1), pos < nk
 
 
 def _tiles(idx, Nq, off, w, B, Hq):
@@ -153,35 +146,39 @@ def _tiles(idx, Nq, off, w, B, Hq):
             yield r0, min(c1, r0 + step), union
 
 
-def _tile_scores(q, kb, valid, idx, union, r0, r1, off, w, scale, acc):
+def _tile_scores(q, k, key_padding_mask, idx, union, r0, r1, off, w, scale, acc):
+    """Scores of rows r0:r1 against the tile's chunks (gathered once, shared by rows and heads) and the
+    mask: chunk picked by that row and head, causal, real and unpadded."""
     B, Hq, _, D = q.shape
-    Hk = kb.shape[1]
+    Hk, Nk = k.shape[1], k.shape[2]
     G = Hq // Hk
     T, nU = r1 - r0, union.numel()
-    ku = kb[:, :, union].reshape(B, Hk, nU * w, D)  # the tile's keys, shared by its rows and heads
+    kpos, real = _union_positions(union, w, Nk)  # (nU*w,)
+    ku = k.index_select(2, kpos).to(acc)  # (B, Hk, nU*w, D)
     qt = q[:, :, r0:r1].to(acc).view(B, Hk, G, T, D)
     s = torch.matmul(qt, ku.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hk, G, T, nU*w)
     sel = (idx[:, :, r0:r1].unsqueeze(-1) == union).any(-2)  # (B, Hq, T, nU): chunk picked by row and head
-    kpos = (union.view(nU, 1) * w + torch.arange(w, device=q.device)).view(1, nU * w)
     pos = (torch.arange(r0, r1, device=q.device) + off).view(T, 1)
-    ok = sel.repeat_interleave(w, -1) & (kpos <= pos) & valid[:, union].reshape(B, 1, 1, nU * w)
-    return s, ok.view(B, Hk, G, T, nU * w), ku
+    ok = sel.repeat_interleave(w, -1) & (kpos.view(1, -1) <= pos) & real.view(1, -1)
+    if key_padding_mask is not None:
+        ok = ok & key_padding_mask[:, kpos].view(B, 1, 1, nU * w)
+    return s, ok.view(B, Hk, G, T, nU * w), ku, kpos
 
 
 def _chunk_attention(q, k, v, idx, w, scale, key_padding_mask):
     B, Hq, Nq, _ = q.shape
     Hk, Dv = k.shape[1], v.shape[3]
-    kb, vb, valid, acc = _blocks(q, k, v, w, key_padding_mask)
+    acc = torch.promote_types(q.dtype, torch.float32)
     off = k.shape[2] - Nq
     out = torch.zeros(B, Hk, Hq // Hk, Nq, Dv, dtype=acc, device=q.device)
     lse = torch.zeros(B, Hk, Hq // Hk, Nq, dtype=acc, device=q.device)
     for r0, r1, union in _tiles(idx, Nq, off, w, B, Hq):
         if union.numel() == 0:
             continue
-        s, ok, _ = _tile_scores(q, kb, valid, idx, union, r0, r1, off, w, scale, acc)
+        s, ok, _, kpos = _tile_scores(q, k, key_padding_mask, idx, union, r0, r1, off, w, scale, acc)
         lt, _ = masked_lse(s, ok)  # (B, Hk, G, T)
         p = torch.exp(s.masked_fill(~ok, float("-inf")) - lt.unsqueeze(-1))
-        out[:, :, :, r0:r1] = torch.matmul(p, vb[:, :, union].reshape(B, Hk, 1, -1, Dv))
+        out[:, :, :, r0:r1] = torch.matmul(p, v.index_select(2, kpos).to(acc).unsqueeze(2))
         lse[:, :, :, r0:r1] = lt
     return out.view(B, Hq, Nq, Dv), lse
 
@@ -190,31 +187,28 @@ def _chunk_attention_backward(q, k, v, idx, w, scale, key_padding_mask, out, lse
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hk
-    kb, vb, valid, acc = _blocks(q, k, v, w, key_padding_mask)
+    acc = torch.promote_types(q.dtype, torch.float32)
     off = Nk - Nq
     do = dout.to(acc).view(B, Hk, G, Nq, Dv)
     delta = (do * out.to(acc).view(B, Hk, G, Nq, Dv)).sum(-1)  # (B, Hk, G, Nq)
     lse = lse.view(B, Hk, G, Nq)
     dq = torch.zeros(B, Hk, G, Nq, D, dtype=acc, device=q.device)
-    dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+    dk = torch.zeros(B, Hk, Nk, D, dtype=acc, device=q.device)
+    dv = torch.zeros(B, Hk, Nk, Dv, dtype=acc, device=q.device)
     for r0, r1, union in _tiles(idx, Nq, off, w, B, Hq):
         if union.numel() == 0:
             continue
-        nU = union.numel()
-        s, ok, ku = _tile_scores(q, kb, valid, idx, union, r0, r1, off, w, scale, acc)
+        s, ok, ku, kpos = _tile_scores(q, k, key_padding_mask, idx, union, r0, r1, off, w, scale, acc)
         p = torch.exp(s.masked_fill(~ok, float("-inf")) - lse[:, :, :, r0:r1].unsqueeze(-1))  # (B, Hk, G, T, U)
-        vu = vb[:, :, union].reshape(B, Hk, 1, nU * w, Dv)
+        vu = v.index_select(2, kpos).to(acc).unsqueeze(2)  # (B, Hk, 1, U, Dv)
         dot = do[:, :, :, r0:r1]
         dp = torch.matmul(dot, vu.transpose(-1, -2))  # (B, Hk, G, T, U)
         ds = p * (dp - delta[:, :, :, r0:r1].unsqueeze(-1))
         dq[:, :, :, r0:r1] = torch.matmul(ds, ku.unsqueeze(2)) * scale
         qt = q[:, :, r0:r1].to(acc).view(B, Hk, G, r1 - r0, D)
-        dku = torch.einsum("bhgtu,bhgtd->bhud", ds, qt) * scale  # (B, Hk, U, D)
-        dvu = torch.einsum("bhgtu,bhgte->bhue", p, dot)
-        dkb[:, :, union] += dku.view(B, Hk, nU, w, D)  # union is unique: a plain indexed add
-        dvb[:, :, union] += dvu.view(B, Hk, nU, w, Dv)
-    dk = dkb.reshape(B, Hk, -1, D)[:, :, :Nk]
-    dv = dvb.reshape(B, Hk, -1, Dv)[:, :, :Nk]
+        # clamped positions past the end carry p = 0, so their (zero) gradients may land on the last key
+        dk.index_add_(2, kpos, torch.einsum("bhgtu,bhgtd->bhud", ds, qt) * scale)
+        dv.index_add_(2, kpos, torch.einsum("bhgtu,bhgte->bhue", p, dot))
     return dq.view(B, Hq, Nq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -261,7 +255,55 @@ def longheads_step(q, k, v, state: LongHeadsState, *, scale, chunk_size, max_chu
     idx = select_chunks(q, sums.keys, valid, pos, w, max_chunks)  # (B, Hq, T, A)
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
         return _ChunkAttention.apply(q, keys, values, idx, w, scale, kmask)
+    if T <= 4:  # decoding: each head gathers only its own A chunks
+        return _gather_per_head(q, keys, values, idx, w, scale, kmask)
     out, _ = _chunk_attention(q, keys, values, idx, w, scale, kmask)
+    return out.to(q.dtype)
+
+
+def _gather_per_head(q, k, v, idx, w, scale, key_padding_mask):
+    """A few queries: per query head, gather its A selected chunks as whole blocks (A w keys) plus the
+    own, possibly partial, chunk as a slice, and attend; O(A w d) per query and head."""
+    B, Hq, T, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Cf = Nk // w  # complete chunks: a strided view (B, Hk, Cf, w, D), no copy
+    own = (Nk - T) // w  # the queries' own chunk (T <= 4 never spans more than the last two chunks)
+    lo = min(own, Cf) * w
+    acc = torch.promote_types(q.dtype, torch.float32)
+    bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    hi = (torch.arange(Hq, device=q.device) // (Hq // Hk)).view(1, Hq, 1, 1)
+    sel = (idx >= 0) & (idx * w < lo)  # selected complete chunks before the own chunk's start
+    ic = idx.clamp(min=0, max=max(Cf - 1, 0))
+    parts_s, parts_v, parts_ok = [], [], []
+    qa = q.to(acc)
+    if Cf > 0 and lo > 0:
+        kb, vb = k[:, :, : Cf * w].view(B, Hk, Cf, w, D), v[:, :, : Cf * w].view(B, Hk, Cf, w, Dv)
+        kg, vg = kb[bi, hi, ic].to(acc), vb[bi, hi, ic].to(acc)  # (B, Hq, T, A, w, D|Dv)
+        ok = sel.unsqueeze(-1).expand(*sel.shape, w)
+        if key_padding_mask is not None:
+            ok = ok & key_padding_mask[:, : Cf * w].view(B, Cf, w)[bi, ic]
+        parts_s.append(torch.einsum("bhtd,bhtawd->bhtaw", qa, kg).flatten(-2))
+        parts_v.append(vg.flatten(-3, -2))
+        parts_ok.append(ok.flatten(-2))
+    kt, vt = k[:, :, lo:].to(acc), v[:, :, lo:].to(acc)  # the own chunk (and any later keys): a slice
+    qpos = (torch.arange(T, device=q.device) + Nk - T).view(T, 1)
+    ok = (torch.arange(lo, Nk, device=q.device).view(1, -1) <= qpos).view(1, 1, T, -1)
+    if key_padding_mask is not None:
+        ok = ok & key_padding_mask[:, lo:].view(B, 1, 1, -1)
+    G = Hq // Hk
+    parts_s.append(torch.matmul(qa.view(B, Hk, G, T, D), kt.unsqueeze(2).transpose(-1, -2)).view(B, Hq, T, -1))
+    parts_v.append(vt.unsqueeze(2).expand(B, Hk, G, Nk - lo, Dv).reshape(B, Hq, 1, Nk - lo, Dv)
+                   .expand(B, Hq, T, Nk - lo, Dv))
+    parts_ok.append(ok.expand(B, Hq, T, -1))
+    s = torch.cat(parts_s, -1) * scale
+    m = torch.cat(parts_ok, -1)
+    lse, _ = masked_lse(s, m)
+    p = torch.exp(s.masked_fill(~m, float("-inf")) - lse.unsqueeze(-1))
+    out, i = 0, 0
+    for vv in parts_v:
+        n = vv.shape[-2]
+        out = out + torch.einsum("bhtk,bhtke->bhte", p[..., i : i + n], vv)
+        i += n
     return out.to(q.dtype)
 
 

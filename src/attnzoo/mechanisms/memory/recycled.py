@@ -161,9 +161,7 @@ def recycled_step(q, k, v, state: RecycledState, *, scale, stride, top_k, start,
                 raise RuntimeError(f"recycled step at {int(pos[t])} needs the set of step {int(anchor[t])}, "
                                    f"the state holds step {f}")
             end = first + run
-            gk = keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, D))  # (B, Hk, K', D)
-            gv = values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, Dv))
-            lk, lv = keys[:, :, f + 1 : end], values[:, :, f + 1 : end]  # tokens since the anchor
+            ck, cv = state.recycled_kv(f, idx, end)  # C_r: the set (gathered once) + tokens since the anchor
             L = end - f - 1
             qp = pos[t:run].view(-1, 1)
             lp = torch.arange(f + 1, end, device=q.device).view(1, L)
@@ -172,8 +170,7 @@ def recycled_step(q, k, v, state: RecycledState, *, scale, stride, top_k, start,
                 local = local & kmask[:, f + 1 : end].view(B, 1, 1, L)
             mask = torch.cat([ok.view(B, Hk, 1, -1).expand(B, Hk, run - t, -1),
                               local.expand(B, Hk, run - t, L)], -1)  # (B, Hk, T', K' + L)
-            outs.append(sdpa(q[:, :, t:run], torch.cat([gk, lk], 2), torch.cat([gv, lv], 2),
-                             attn_mask=repeat_kv(mask, Hq // Hk), scale=scale))
+            outs.append(sdpa(q[:, :, t:run], ck, cv, attn_mask=repeat_kv(mask, Hq // Hk), scale=scale))
         t = run
     return torch.cat(outs, 2)
 
