@@ -251,6 +251,15 @@ def _status_bytes(key: str) -> int | None:
 
 
 def _maxrss_bytes() -> int:
+    # Linux: the process's own high-water mark (VmHWM). getrusage's ru_maxrss is not usable there: exec
+    # keeps the parent's peak RSS in it, so a child spawned by a large parent reports the parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 
