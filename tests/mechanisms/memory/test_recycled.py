@@ -25,7 +25,8 @@ def _qkv(B=2, Hq=4, Hk=2, n=26, D=5, Dv=3, seed=0):
 
 def _loop_oracle(q, k, v, scale, S, K, start, agg="sum", mask=None):
     """Walk the positions in order like a decoder: full steps record per KV head the top-K keys of their
-    aggregated attention probabilities; recycled steps attend to that set plus the keys since."""
+    aggregated attention probabilities (an empty set if the full step's query is padding); recycled steps
+    attend to that set plus the keys since."""
     B, Hq, N, _ = q.shape
     Hk = k.shape[1]
     G = Hq // Hk
@@ -40,6 +41,9 @@ def _loop_oracle(q, k, v, scale, S, K, start, agg="sum", mask=None):
             if full:
                 sets, anchor = [], p
                 for hk in range(Hk):
+                    if not ok[p]:  # a padded query records an empty set
+                        sets.append(set())
+                        continue
                     probs = []
                     for h in range(hk * G, (hk + 1) * G):
                         probs.append(torch.softmax(torch.stack([q[b, h, p] @ k[b, hk, j] * scale for j in allowed]), 0))
@@ -48,6 +52,8 @@ def _loop_oracle(q, k, v, scale, S, K, start, agg="sum", mask=None):
                     sets.append({allowed[i] for i in order[:K]})
             for h in range(Hq):
                 keys = allowed if full else sorted(sets[h // G] | {j for j in allowed if j > anchor})
+                if not keys:  # no visible key: zeros, as in the reference
+                    continue
                 w = torch.softmax(torch.stack([q[b, h, p] @ k[b, h // G, j] * scale for j in keys]), 0)
                 out[b, h, p] = sum(wj * v[b, h // G, j] for wj, j in zip(w, keys))
     return out
@@ -145,3 +151,20 @@ def test_errors():
     with pytest.raises(ValueError, match="stride"):
         recycled_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], st, scale=0.5, stride=5, top_k=3, start=0,
                       aggregate="sum")
+
+
+def test_decode_with_padding_equals_parallel():
+    """Padded positions (including padded full steps, which record an empty set) decode as in the parallel form."""
+    q, k, v = _qkv(n=24)
+    mask = torch.rand(2, 24, generator=torch.Generator().manual_seed(1)) > 0.35
+    mask[:, 0] = False  # left padding: the first full step (start 0) is padding
+    mask[0, 8] = False  # a padded full step in the middle
+    kw = dict(scale=0.5, stride=4, top_k=3, start=0, aggregate="sum")
+    want = recycled_fast(q, k, v, causal=True, key_padding_mask=mask, tile=5, **kw)
+    assert_close(recycled_reference(q, k, v, causal=True, key_padding_mask=mask, **kw), want, F64, "reference")
+    st = init_recycled_state(batch=2, kv_heads=2, head_dim=5, value_dim=3, dtype=F64, device="cpu", stride=4, top_k=3,
+                             start=0, aggregate="sum")
+    outs = [recycled_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st, key_padding_mask=mask[:, t:t + 1],
+                          **kw) for t in range(24)]
+    keep = mask.view(2, 1, 24, 1)
+    assert_close(torch.cat(outs, 2) * keep, want * keep, F64, "decode with padding")

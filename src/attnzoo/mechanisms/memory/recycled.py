@@ -16,7 +16,8 @@ recycled step at p uses the set recorded at its anchor ``f`` (the last full step
 
 Choices where the paper is silent (the (?) of CATALOG.md): the per-KV-head score is the ``sum`` (or
 ``max``, option ``aggregate``) over its query heads of their attention probabilities; ties go to the
-earlier token; padded keys are never recycled; the recycled set does not change between full steps (the
+earlier token; padded keys are never recycled; a full step whose query is padding records an empty set
+(until the next full step its successors attend to the tokens since it: with left padding, to every real key); the recycled set does not change between full steps (the
 paper also describes evicting the lowest-scored recycled token for each new one; not confirmed, not done).
 The dynamic (query-similarity) schedule and continued pre-training are not implemented.
 Memory is not reduced (the full cache is kept): the saving is per-token compute, O(top_k + stride).
@@ -77,6 +78,8 @@ def recycled_reference(q, k, v, *, causal, key_padding_mask, scale, stride, top_
     with torch.no_grad():  # the selection is discrete
         seen = _keys_mask(N, key_padding_mask, q.device)  # (B|1, 1, N, N)
         probs = _kv_head_probs(q, k, seen, scale, aggregate)  # (B, Hk, N, N): row f = query f's probabilities
+        if key_padding_mask is not None:  # a padded query records an empty set
+            seen = seen & key_padding_mask.view(-1, 1, N, 1)
         idx, ok = recycled_sets(probs, seen, top_k)  # (B, Hk, N, K')
         recycled = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, ok)  # (B, Hk, N, N)
         rows = recycled[:, :, anchor]  # the set recorded at each query's anchor
@@ -104,6 +107,8 @@ def recycled_fast(q, k, v, *, causal, key_padding_mask, scale, stride, top_k, st
             if key_padding_mask is not None:
                 seen = seen & key_padding_mask[:, :kv_end].view(-1, 1, 1, kv_end)
             probs = _kv_head_probs(q[:, :, anc], k[:, :, :kv_end], seen, scale, aggregate)  # (B, Hk, |anc|, L)
+            if key_padding_mask is not None:  # a padded query records an empty set
+                seen = seen & key_padding_mask[:, anc].view(-1, 1, anc.numel(), 1)
             idx, ok = recycled_sets(probs, seen, top_k)
             sets = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, ok)  # (B, Hk, |anc|, L)
             which = torch.searchsorted(anc, anchor[r0:r1])  # row -> its anchor among anc
@@ -151,6 +156,8 @@ def recycled_step(q, k, v, state: RecycledState, *, scale, stride, top_k, start,
                 if kmask is not None:
                     seen = seen & kmask[:, :end].view(-1, 1, 1, end)
                 probs = _kv_head_probs(q[:, :, run - 1 : run], keys[:, :, :end], seen, scale, aggregate)
+                if kmask is not None:  # a padded query records an empty set
+                    seen = seen & kmask[:, f].view(-1, 1, 1, 1)
                 idx, ok = recycled_sets(probs, seen, top_k)  # (B, Hk, 1, K')
             state.record(f, idx[:, :, 0], ok[:, :, 0])
         else:
