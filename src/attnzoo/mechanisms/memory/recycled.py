@@ -17,7 +17,8 @@ recycled step at p uses the set recorded at its anchor ``f`` (the last full step
 Choices where the paper is silent (the (?) of CATALOG.md): the per-KV-head score is the ``sum`` (or
 ``max``, option ``aggregate``) over its query heads of their attention probabilities; ties go to the
 earlier token; padded keys are never recycled; a full step whose query is padding records an empty set
-(until the next full step its successors attend to the tokens since it: with left padding, to every real key); the recycled set does not change between full steps (the
+(until the next full step its successors attend to the tokens since it: with left padding, to every real key);
+the recycled set does not change between full steps (the
 paper also describes evicting the lowest-scored recycled token for each new one; not confirmed, not done).
 The dynamic (query-similarity) schedule and continued pre-training are not implemented.
 Memory is not reduced (the full cache is kept): the saving is per-token compute, O(top_k + stride).
