@@ -179,3 +179,17 @@ def test_causal_cross_raises():
 def test_official_defaults():
     opts = attnzoo.get("hyperattention").resolve_options({})
     assert (opts["lsh_num_projs"], opts["block_size"], opts["sample_size"], opts["min_seq_len"]) == (7, 256, 256, 4096)
+
+
+def test_hf_layout_views_with_block_multiple_lengths():
+    """Regression: q/k/v as (B, N, H, D).transpose(1, 2) views (Hugging Face's layout) whose exact leaves
+    need no padding (N a multiple of the row block) used to fail in a .view of the exact leaf."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 512, h, 16, generator=g, dtype=torch.float64) for h in (6, 2, 2))
+    opts = dict(block_size=32, sample_size=32, min_seq_len=256, lsh_num_projs=3)  # causal leaves: 2 row blocks
+    views = [t.transpose(1, 2) for t in (q, k, v)]
+    dense = [t.contiguous() for t in views]
+    for causal in (True, False):
+        got = attnzoo.attention(*views, mechanism="hyperattention", causal=causal, **opts)
+        want = attnzoo.attention(*dense, mechanism="hyperattention", causal=causal, **opts)
+        assert torch.equal(got, want)

@@ -239,7 +239,7 @@ def _exact_lse(q, k, v, kpm, causal, scale, rows: int = 64):
     G = Hq // Hk
     rows = min(rows, Nq)
     nb = -(-Nq // rows)
-    qb = torch.nn.functional.pad(q, (0, 0, 0, nb * rows - Nq)).view(B, Hk, G * nb, rows, D)
+    qb = torch.nn.functional.pad(q, (0, 0, 0, nb * rows - Nq)).reshape(B, Hk, G * nb, rows, D)
     index = torch.arange(Nk, device=q.device).view(1, 1, 1, Nk).expand(1, 1, G * nb, Nk)
     qpos = None
     if causal:
