@@ -27,6 +27,7 @@ Memory is not reduced (the full cache is kept): the saving is per-token compute,
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 from ...kernels.sdpa import sdpa
 from ...reference import repeat_kv, softmax_attention
@@ -90,39 +91,55 @@ def recycled_reference(q, k, v, *, causal, key_padding_mask, scale, stride, top_
     return softmax_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, attn_mask=mask, scale=scale)
 
 
+def _recycled_tile(q, k, v, idx, ok, which, anchor, full, key_padding_mask, r0, scale):
+    """One query tile: the recycled mask rebuilt from the compact sets, then fused SDPA.
+
+    q (B, Hq, T, D) rows r0.., k/v (B, Hk, L, D) keys 0..L-1, idx/ok (B, Hk, |anc|, K') the sets of the
+    tile's anchors, which/anchor/full (T,) per row -> (B, Hq, T, Dv)."""
+    Hq, T, L = q.shape[1], q.shape[2], k.shape[2]
+    with torch.no_grad():
+        sets = torch.zeros(*idx.shape[:3], L, dtype=torch.bool, device=q.device).scatter(-1, idx, ok)  # (B, Hk, A, L)
+        rows = torch.arange(r0, r0 + T, device=q.device).view(-1, 1)
+        kp = torch.arange(L, device=q.device).view(1, L)
+        local = (kp > anchor.view(-1, 1)) & (kp <= rows)  # keys since the row's anchor
+        causal_rows = kp <= rows
+        mask = torch.where(full.view(1, 1, -1, 1), causal_rows.view(1, 1, T, L),
+                           (sets[:, :, which] | local) & causal_rows)  # (B, Hk, T, L)
+        mask = repeat_kv(mask, Hq // k.shape[1])
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask.view(-1, 1, 1, L)
+    return sdpa(q, k, v, attn_mask=mask, scale=scale)
+
+
 def recycled_fast(q, k, v, *, causal, key_padding_mask, scale, stride, top_k, start, aggregate, tile: int = 256):
     """Query tiles through fused SDPA with the recycled mask; only the anchor rows' probabilities are
-    formed. O(N) memory beyond a tile; the per-token saving of the paper is in ``step``."""
+    formed. Each tile's (T x L) mask is rebuilt from the compact top-K sets in the backward
+    (activation checkpointing), so training memory is O(N (K + d)) beyond one tile, never N x N. The
+    per-token saving of the paper is in ``step``."""
     B, Hq, N, D = q.shape
-    Hk = k.shape[1]
     pos = torch.arange(N, device=q.device)
     full, anchor = schedule(pos, stride, start)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
     for r0 in range(0, N, tile):
         r1 = min(N, r0 + tile)
-        rows = torch.arange(r0, r1, device=q.device)
         anc = torch.unique(anchor[r0:r1])  # anchor rows this tile needs
+        kpm = None if key_padding_mask is None else key_padding_mask[:, :r1]
         with torch.no_grad():
-            kv_end = r1
-            seen = (torch.arange(kv_end, device=q.device).view(1, kv_end) <= anc.view(-1, 1)).view(1, 1, -1, kv_end)
-            if key_padding_mask is not None:
-                seen = seen & key_padding_mask[:, :kv_end].view(-1, 1, 1, kv_end)
-            probs = _kv_head_probs(q[:, :, anc], k[:, :, :kv_end], seen, scale, aggregate)  # (B, Hk, |anc|, L)
-            if key_padding_mask is not None:  # a padded query records an empty set
+            seen = (torch.arange(r1, device=q.device).view(1, r1) <= anc.view(-1, 1)).view(1, 1, -1, r1)
+            if kpm is not None:
+                seen = seen & kpm.view(-1, 1, 1, r1)
+            probs = _kv_head_probs(q[:, :, anc], k[:, :, :r1], seen, scale, aggregate)  # (B, Hk, |anc|, L)
+            if kpm is not None:  # a padded query records an empty set
                 seen = seen & key_padding_mask[:, anc].view(-1, 1, anc.numel(), 1)
-            idx, ok = recycled_sets(probs, seen, top_k)
-            sets = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, ok)  # (B, Hk, |anc|, L)
+            idx, ok = recycled_sets(probs, seen, top_k)  # (B, Hk, |anc|, K')
             which = torch.searchsorted(anc, anchor[r0:r1])  # row -> its anchor among anc
-            kp = torch.arange(kv_end, device=q.device).view(1, kv_end)
-            fa = anchor[r0:r1].view(-1, 1)
-            local = (kp > fa) & (kp <= rows.view(-1, 1))
-            causal_rows = kp <= rows.view(-1, 1)
-            mask = torch.where(full[r0:r1].view(1, 1, -1, 1), causal_rows.view(1, 1, -1, kv_end),
-                               (sets[:, :, which] | local) & causal_rows)  # (B, Hk, T, L)
-            mask = repeat_kv(mask, Hq // Hk)
-            if key_padding_mask is not None:
-                mask = mask & key_padding_mask[:, :kv_end].view(-1, 1, 1, kv_end)
-        outs.append(sdpa(q[:, :, r0:r1], k[:, :, :kv_end], v[:, :, :kv_end], attn_mask=mask, scale=scale))
+        args = (q[:, :, r0:r1], k[:, :, :r1], v[:, :, :r1], idx, ok, which, anchor[r0:r1], full[r0:r1], kpm, r0,
+                scale)
+        if grad:
+            outs.append(torch.utils.checkpoint.checkpoint(_recycled_tile, *args, use_reentrant=False))
+        else:
+            outs.append(_recycled_tile(*args))
     return torch.cat(outs, 2)
 
 
