@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--peaks-only", action="store_true", help="prefill: peak memory only, no timing")
+    ap.add_argument("--only", nargs="+", default=None, help="measure only these mechanisms (beside their baseline)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -216,7 +217,8 @@ def main() -> None:
     if not args.skip_decode:
         print(f"# decode: per-token time and state bytes (fp32, B=1, H={H}, d={D}; modules dim {DIM})", flush=True)
         for P in prefixes:
-            for name in [n for n in list(FUNCTIONAL) + list(MODULES) if n not in ("softmax", "softmax_layer")]:
+            for name in [n for n in list(FUNCTIONAL) + list(MODULES) if n not in ("softmax", "softmax_layer")
+                         and (args.only is None or n in args.only)]:
                 t0 = time.time()
                 base_name = "softmax_layer" if name in MODULES else "softmax"
                 measure = module_decode if name in MODULES else functional_decode
@@ -237,6 +239,7 @@ def main() -> None:
                                            timeout=3600)
         cases = [("prefill_functional", n) for n in FUNCTIONAL if n != "softmax"]
         cases += [("prefill_module", k) for k in MODULES if k != "softmax_layer"]
+        cases = [c for c in cases if args.only is None or c[1] in args.only]
         for fn, name in cases:
             t0 = time.time()
             base_name = "softmax_layer" if fn == "prefill_module" else "softmax"
