@@ -161,3 +161,16 @@ def test_errors():
         attnzoo.attention(q, k, v[..., :3], mechanism="longheads", causal=True)
     with pytest.raises(ValueError):
         attnzoo.attention(q, k, v, mechanism="longheads", causal=True, max_chunks=2)
+
+
+def test_decode_before_the_first_chunk_is_complete():
+    """Regression: a prefill shorter than one chunk (no summary yet) then decoding past the chunk boundary."""
+    m = attnzoo.get("longheads")
+    o = m.resolve_options({"chunk_size": 8, "max_chunks": 3})
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    st = m.init_state(batch=1, kv_heads=2, head_dim=4, value_dim=4, dtype=torch.float64, device="cpu", **o)
+    outs = [m.step(q[:, :, :5], k[:, :, :5], v[:, :, :5], st, scale=0.5, **o)]
+    outs += [m.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st, scale=0.5, **o) for t in range(5, 40)]
+    want = attnzoo.attention(q, k, v, mechanism="longheads", causal=True, scale=0.5, **o)
+    assert (torch.cat(outs, 2) - want).abs().max().item() < 1e-12

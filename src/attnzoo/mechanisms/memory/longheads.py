@@ -250,9 +250,14 @@ def longheads_step(q, k, v, state: LongHeadsState, *, scale, chunk_size, max_chu
         state.add_summary(ck, ok.expand(B, 1))
     state.trim_queries()
     pos = query_positions(T, state.kv.seq_len, q.device)
-    sums = state.summaries
-    valid = torch.ones(1, sums.length, dtype=torch.bool, device=q.device) if sums.mask is None else sums.mask
-    idx = select_chunks(q, sums.keys, valid, pos, w, max_chunks)  # (B, Hq, T, A)
+    sums = state.summaries  # None until the first chunk is complete
+    if sums is None:
+        c_k = q.new_zeros(B, Hq, 0, D)  # (B, Hq, 0, D): no summary yet
+        valid = torch.ones(1, 0, dtype=torch.bool, device=q.device)
+    else:
+        c_k = sums.keys
+        valid = torch.ones(1, sums.length, dtype=torch.bool, device=q.device) if sums.mask is None else sums.mask
+    idx = select_chunks(q, c_k, valid, pos, w, max_chunks)  # (B, Hq, T, A)
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
         return _ChunkAttention.apply(q, keys, values, idx, w, scale, kmask)
     if T <= 4:  # decoding: each head gathers only its own A chunks
