@@ -188,3 +188,15 @@ def test_official_defaults_and_errors():
         attnzoo.attention(q, k, v, mechanism="hip")
     with pytest.raises(ValueError, match="block_size_k"):
         attnzoo.attention(q, k, v, mechanism="hip", causal=True, block_size_k=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_default_topk_beyond_the_sequence_is_exact(causal):
+    """Regression: the defaults (topk 512) on 256 tokens left selection slots past the last key block, which
+    the gather indexed out of range; topk >= the searchable keys is exact attention."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 256, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 256, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    got = attnzoo.attention(q, k, v, mechanism="hip", causal=causal)
+    want = softmax_attention(q, k, v, causal=causal)
+    assert (got - want).abs().max().item() < 1e-12

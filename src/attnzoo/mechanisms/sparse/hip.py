@@ -245,6 +245,9 @@ def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     loc_ok = ((loc >= p.local_lo.view(nb, 1, 1)) & (loc < p.local_hi.view(nb, 1, 1)) & (loc >= S)
               & (torch.arange(wl, device=dev).view(1, wl, 1) < (hi_blk - lo_blk).view(nb, 1, 1))).flatten(-2)
     index = torch.cat([sink_blk, p.blocks, loc_blk.expand(B, Hq, nb, wl)], dim=-1)  # (B, Hq, nb, Lr)
+    # Unused selection slots (topk beyond the searchable blocks) may hold ids past the last key block; they
+    # are masked by ``slot``, but the gather must stay in range.
+    index = index.clamp(0, nkb - 1)
     slot = torch.cat([sink_ok, sel_ok, loc_ok.expand(B, Hq, nb, wl * bk)], dim=-1)  # (B, Hq, nb, Lr*bk)
     Lr = index.shape[-1]
     qb = F.pad(q, (0, 0, 0, nb * bq - Nq)).reshape(B, Hk, G * nb, bq, D)  # (B, Hk, G*nb, bq, D)
