@@ -124,6 +124,11 @@ class Mechanism:
     (True = attend, bottom-right aligned) such that the reference equals softmax attention under it.
     ``attnzoo bench`` uses it to run FlexAttention and masked dense SDPA beside the mechanism.
 
+    ``case_options(*, n, side, heads, causal) -> dict``: options (and, under the key ``"heads"``, a head count)
+    that a benchmark or training case of ``n`` tokens (a ``side`` x ``side`` grid for grid kinds) needs where
+    the defaults cannot fit every size (a window count that must divide the grid, token projections built
+    for one length, a single-head design). Options a user gives explicitly win; see :meth:`fit_case`.
+
     Mechanisms with their own parameters give ``module``: a class or factory
     ``module(dim, heads, *, kv_heads=None, causal=False, **options) -> nn.Module`` whose forward is
     ``forward(x, context=None, *, key_padding_mask=None, state=None)`` (sequence kind) or
@@ -156,6 +161,7 @@ class Mechanism:
     prefix_invariant: bool = True
     test_options: Mapping[str, Any] = field(default_factory=dict)
     test_sizes: Mapping[str, int] = field(default_factory=dict)
+    case_options: Callable[..., dict[str, Any]] | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -192,6 +198,18 @@ class Mechanism:
                 f"mechanism {self.name!r} does not support pattern {pattern!r}; "
                 f"it supports {list(self.patterns)}"
             )
+
+    def fit_case(self, given: Mapping[str, Any], *, n: int, side: int | None, heads: int,
+                 causal: bool) -> tuple[dict[str, Any], int]:
+        """(options, heads) for a case of ``n`` tokens / a ``side`` x ``side`` grid: ``case_options`` under the
+        explicitly ``given`` options (which win), validated. Without ``case_options``: (given, heads)."""
+        if self.case_options is None:
+            return dict(given), heads
+        fit = dict(self.case_options(n=n, side=side, heads=heads, causal=causal))
+        heads = int(fit.pop("heads", heads))
+        opts = {**fit, **given}
+        self.resolve_options(opts)  # raises naming the option if the fit is invalid
+        return opts, heads
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``given`` against the declared options and fill in defaults."""

@@ -71,9 +71,15 @@ def _base(cfg: BenchConfig, mech: Mechanism, pattern: str, mode: str, n: int) ->
         "options": mech.resolve_options(cfg.options.get(mech.name, {})), "seed": 0,
         "decode_tokens": cfg.decode_tokens,
     }
+    side = None
     if mech.kind in ("grid", "channel"):
         side = max(2, math.isqrt(n))
         spec.update(side=side, nq=side * side, nk=side * side, n=side * side)
+    opts, heads = mech.fit_case(cfg.options.get(mech.name, {}), n=spec["n"], side=side, heads=cfg.heads,
+                                causal=pattern.startswith("causal"))
+    spec["options"] = mech.resolve_options(opts)
+    if heads != cfg.heads:  # a single-head design: same width, one head
+        spec.update(heads=heads, kv_heads=heads, head_dim=cfg.heads * cfg.head_dim // heads)
     return spec
 
 

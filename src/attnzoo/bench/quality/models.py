@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import registry
 from ...layers import build
 
 
@@ -44,6 +45,17 @@ class SequenceBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _build(mechanism: str, dim: int, heads: int, *, n: int, side: int | None, causal: bool | None,
+           options: dict[str, Any] | None) -> nn.Module:
+    """``attnzoo.build`` with the options (and head count) the mechanism needs at these sizes (its
+    ``case_options``; explicit options win). ``causal=None``: a grid/channel module (no causal argument)."""
+    mech = registry.get(mechanism)
+    opts, heads = mech.fit_case(options or {}, n=n, side=side, heads=heads, causal=bool(causal))
+    if causal is None:
+        return build(mechanism, dim, heads, **opts)
+    return build(mechanism, dim, heads, causal=causal, **opts)
+
+
 class SequenceModel(nn.Module):
     """x (B, L) tokens or (B, L, F) vectors -> (B, L, out) per position, or (B, out) with ``readout``."""
 
@@ -56,7 +68,8 @@ class SequenceModel(nn.Module):
         self.embed = nn.Embedding(vocab, dim) if vocab else nn.Linear(features, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(seq_len, dim))
         self.blocks = nn.ModuleList(
-            SequenceBlock(build(mechanism, dim, heads, causal=causal, **(options or {})), dim) for _ in range(layers))
+            SequenceBlock(_build(mechanism, dim, heads, n=seq_len, side=None, causal=causal, options=options), dim)
+            for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out)
         self.readout = readout
@@ -83,7 +96,8 @@ class GridModel(nn.Module):
         self.embed = nn.Linear(1, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(side, side, dim))
         self.norms1 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
-        self.attns = nn.ModuleList(build(mechanism, dim, heads, **(options or {})) for _ in range(layers))
+        self.attns = nn.ModuleList(_build(mechanism, dim, heads, n=side * side, side=side, causal=None, options=options)
+                                   for _ in range(layers))
         self.norms2 = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)) for _ in range(layers))
@@ -108,7 +122,8 @@ class ChannelModel(nn.Module):
         self.convs = nn.ModuleList(
             nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU()) for _ in range(layers))
         self.attns = nn.ModuleList(
-            (build(mechanism, dim, heads, **(options or {})) if mechanism else nn.Identity()) for _ in range(layers))
+            (_build(mechanism, dim, heads, n=64, side=8, causal=None, options=options) if mechanism else nn.Identity())
+            for _ in range(layers))
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

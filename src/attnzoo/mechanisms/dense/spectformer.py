@@ -87,8 +87,14 @@ def build_spectformer(dim, heads=1, **options):
     return SpectralGatingNetwork(dim, heads, **options)
 
 
+def _case_options(*, n, side, heads, causal):
+    """Benchmark/training cases: one spectral gate (no heads) learned for the case's grid."""
+    side = side or int(n ** 0.5)
+    return {"heads": 1, "height": side, "width": side}
+
 SPECTFORMER = register(Mechanism(
     name="spectformer",
+    case_options=_case_options,
     aliases=("spectral_gating", "gfnet_filter"),
     family="dense",
     kind="grid",

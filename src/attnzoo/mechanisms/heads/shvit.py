@@ -105,8 +105,13 @@ def _shvit_module(dim: int, heads: int, **options: Any):
     return SingleHeadSelfAttention(dim, heads, **options)
 
 
+def _case_options(*, n, side, heads, causal):
+    """Benchmark/training cases: SHViT's attention is one head on a channel slice."""
+    return {"heads": 1}
+
 SHVIT = register(Mechanism(
     name="shvit",
+    case_options=_case_options,
     aliases=("shsa", "single_head_self_attention"),
     family="heads",
     kind="channel",

@@ -141,8 +141,13 @@ DECAY_OPTION = Option(
     doc="per key/value-head decay in (0, 1]: a float, Hk floats or an (Hk,) tensor; None = exp(-ALiBi slope)",
 )
 
+def _case_options(*, n, side, heads, causal):
+    """Benchmark/training cases: non-causal lightning attention exists only without decay (the global summary)."""
+    return {} if causal else {"decay": 1.0}
+
 LIGHTNING = register(Mechanism(
     name="lightning",
+    case_options=_case_options,
     aliases=("lightning_attention", "lightning_attention_2", "lightning2"),
     family="linear",
     catalog="P028",

@@ -205,8 +205,14 @@ class CrossFormerLSDA(nn.Module):
         return self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C))  # (B, H, W, dim)
 
 
+def _case_options(*, n, side, heads, causal):
+    """Benchmark/training cases: the largest group side <= 7 that divides the grid side."""
+    side = side or int(n ** 0.5)
+    return {"group_size": max(d for d in range(1, min(7, side) + 1) if side % d == 0)}
+
 CROSSFORMER_LSDA = register(Mechanism(
     name="crossformer_lsda",
+    case_options=_case_options,
     aliases=("crossformer", "lsda"),
     family="local",
     kind="grid",

@@ -165,8 +165,15 @@ class BiLevelRoutingAttention(nn.Module):
         return self.wo(out)
 
 
+def _case_options(*, n, side, heads, causal):
+    """Benchmark/training cases: the largest region count <= 7 that divides the grid side."""
+    side = side or int(n ** 0.5)
+    n_win = max(d for d in range(1, min(7, side) + 1) if side % d == 0)
+    return {"n_win": n_win, "topk": min(4, n_win * n_win)}
+
 BIFORMER = register(Mechanism(
     name="biformer",
+    case_options=_case_options,
     aliases=("bra", "bi_level_routing"),
     family="sparse",
     kind="grid",

@@ -198,8 +198,13 @@ class SparsifinerAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+def _case_options(*, n, side, heads, causal):
+    """Benchmark/training cases: token projections built for the case's length."""
+    return {"num_tokens": n}
+
 SPARSIFINER = register(Mechanism(
     name="sparsifiner",
+    case_options=_case_options,
     aliases=("sparsifiner_attention",),
     family="sparse",
     catalog="P074",
