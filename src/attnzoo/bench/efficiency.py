@@ -65,7 +65,10 @@ def _lengths(pattern: str, n: int, cfg: BenchConfig) -> tuple[int, int]:
 def _base(cfg: BenchConfig, mech: Mechanism, pattern: str, mode: str, n: int) -> dict[str, Any]:
     nq, nk = _lengths(pattern, n, cfg)
     spec: dict[str, Any] = {
-        "impl": "mechanism", "mechanism": mech.name, "kind": mech.kind, "module": mech.module is not None,
+        "impl": "mechanism", "mechanism": mech.name, "kind": mech.kind,
+        # a mechanism with a functional form is timed through it (the attention op, like the SDPA baseline, in
+        # every pattern it supports); its module (learned parts, often self-only) is what quality trains
+        "module": mech.module is not None and not mech.functional,
         "pattern": pattern, "mode": mode, "nq": nq, "nk": nk, "n": n, "batch": cfg.batch, "heads": cfg.heads,
         "kv_heads": cfg.kv_heads or cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
         "options": mech.resolve_options(cfg.options.get(mech.name, {})), "seed": 0,

@@ -290,7 +290,7 @@ class Titans(nn.Module):
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = True,
                  variant: str = "mac", chunk_size: int = 64, segment: int = 512, window: int = 512,
-                 persistent: int = 4, memory_depth: int = 2, memory_expansion: int = 4, max_lr: float = 0.1,
+                 persistent: int = 4, memory_depth: int = 2, memory_expansion: int = 4, max_lr: float = 0.01,
                  backend: str = "auto") -> None:
         super().__init__()
         if causal is not True:
@@ -533,7 +533,8 @@ def _options(with_variant: bool):
         Option("persistent", 4, int, low=0, doc="persistent (learned, input-independent) memory tokens"),
         Option("memory_depth", 2, int, low=1, doc="layers of the memory MLP (1: a matrix memory)"),
         Option("memory_expansion", 4, int, low=1, doc="hidden width of the memory MLP / head_dim"),
-        Option("max_lr", 0.1, float, low=0.0, high=1.0, doc="theta_t = max_lr * sigmoid(.)"),
+        Option("max_lr", 0.01, float, low=0.0, high=1.0,
+               doc="theta_t = max_lr * sigmoid(.); at 0.1, chunks of 64 diverge at initialisation (NaN by 2k tokens)"),
     ]
     if with_variant:
         opts.insert(0, Option("variant", "mac", str, choices=VARIANTS, doc="mac | mag | mal | lmm"))
