@@ -39,3 +39,16 @@ def test_every_mechanism_file_has_a_paper_header():
             assert m.arxiv in doc, f"{m.name}: arXiv id {m.arxiv} missing from its file's docstring"
         assert m.title.split(":")[0][:25].lower() in doc.lower().replace("\n", " "), (
             f"{m.name}: paper title missing from its file's docstring")
+
+
+def test_measured_block_is_generated_from_the_committed_results():
+    """The README's numbers are `attnzoo bench readme` of the committed results (never hand-typed): the
+    block names the runs it comes from, and regenerating it from those results.json gives the same text."""
+    from attnzoo.bench import report
+    from attnzoo.bench.results import load
+
+    block = _block("<!-- bench:start -->", "<!-- bench:end -->")
+    outs = re.findall(r"--out (benchmarks/results/[\w.-]+)", block)
+    assert outs, "the README's measured block names no committed run"
+    regenerated = report.readme_block([load(str(ROOT / o)) for o in outs])
+    assert regenerated.strip() == block.strip()
