@@ -202,14 +202,12 @@ class Mechanism:
     def fit_case(self, given: Mapping[str, Any], *, n: int, side: int | None, heads: int,
                  causal: bool) -> tuple[dict[str, Any], int]:
         """(options, heads) for a case of ``n`` tokens / a ``side`` x ``side`` grid: ``case_options`` under the
-        explicitly ``given`` options (which win), validated. Without ``case_options``: (given, heads)."""
+        explicitly ``given`` options (which win). Without ``case_options``: (given, heads)."""
         if self.case_options is None:
             return dict(given), heads
         fit = dict(self.case_options(n=n, side=side, heads=heads, causal=causal))
         heads = int(fit.pop("heads", heads))
-        opts = {**fit, **given}
-        self.resolve_options(opts)  # raises naming the option if the fit is invalid
-        return opts, heads
+        return {**fit, **given}, heads  # validated where they are used (resolve_options / build)
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``given`` against the declared options and fill in defaults."""

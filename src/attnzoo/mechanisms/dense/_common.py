@@ -13,6 +13,7 @@ import torch
 from ...errors import check_key_padding_mask, check_tensor
 from ...functional import BACKENDS
 from ...registry import Mechanism
+from ...state import KVCache
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
@@ -79,6 +80,16 @@ def check_call(mech: Mechanism, module: torch.nn.Module, x: Any, context: Any, k
         pattern = ("causal_" if module.causal else "noncausal_") + ("self" if context is None else "cross")
         mech.check_pattern(pattern)
     return src
+
+
+def projection_kv_cache(module: torch.nn.Module, batch_size: int, dtype: torch.dtype | None, device) -> KVCache:
+    """An empty KV cache for a causal module with ``q_proj``, ``kv_heads`` and ``head_dim`` (keys and values of
+    width head_dim), in the projections' dtype/device unless given."""
+    if not module.causal:
+        raise ValueError("causal: decoding needs a causal module; build it with causal=True")
+    w = module.q_proj.weight
+    return KVCache(batch_size, module.kv_heads, module.head_dim, module.head_dim, dtype=dtype or w.dtype,
+                   device=device or w.device)
 
 
 def check_pattern_flag(mech: Mechanism, causal: Any) -> bool:

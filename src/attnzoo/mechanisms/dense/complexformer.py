@@ -50,6 +50,7 @@ from ._common import (
     check_pattern_flag,
     masked_softmax,
     merge_heads,
+    projection_kv_cache,
     split_heads,
 )
 
@@ -150,11 +151,8 @@ class ComplexMultiHeadAttention(nn.Module):
         return (mag * torch.cos(angle)).sum(-1) / math.sqrt(self.head_dim)  # (B, H, Nq, Nk)
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        if not self.causal:
-            raise ValueError("causal: decoding needs a causal module; build it with causal=True")
-        w = self.q_proj.weight
-        return KVCache(batch_size, self.kv_heads, self.head_dim, self.head_dim, dtype=dtype or w.dtype,
-                       device=device or w.device)
+        """An empty KV cache for ``batch_size`` sequences (causal modules only)."""
+        return projection_kv_cache(self, batch_size, dtype, device)
 
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
         src = check_call(COMPLEXFORMER, self, x, context, key_padding_mask, state)

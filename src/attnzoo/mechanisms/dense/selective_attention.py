@@ -49,6 +49,7 @@ from ._common import (
     check_pattern_flag,
     masked_softmax,
     merge_heads,
+    projection_kv_cache,
     split_heads,
 )
 
@@ -158,11 +159,7 @@ class SelectiveAttention(nn.Module):
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None, device=None) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences (causal modules only)."""
-        if not self.causal:
-            raise ValueError("causal: decoding needs a causal module; build it with causal=True")
-        w = self.q_proj.weight
-        return KVCache(batch_size, self.kv_heads, self.head_dim, self.head_dim, dtype=dtype or w.dtype,
-                       device=device or w.device)
+        return projection_kv_cache(self, batch_size, dtype, device)
 
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
         src = check_call(SELECTIVE_ATTENTION, self, x, context, key_padding_mask, state)
