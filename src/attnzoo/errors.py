@@ -7,6 +7,7 @@ broadcast or cast silently: a check either passes the input through unchanged or
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -83,16 +84,27 @@ def check_qkv(q: object, k: object, v: object) -> tuple[int, int, int, int, int,
     return B, Hq, Hk, Nq, Nk, D, v.shape[3]
 
 
-def check_key_padding_mask(mask: object, batch: int, nk: int, *, name: str = "key_padding_mask") -> None:
-    """A key-padding mask is a bool tensor (B, Nk); True means attend."""
+def check_key_padding_mask(mask: object, batch: int, nk: int, *, name: str = "key_padding_mask",
+                           device: torch.device | None = None) -> None:
+    """A key-padding mask is a bool tensor (B, Nk) on the inputs' ``device``; True means attend.
+
+    A float mask is refused, not reinterpreted: Hugging Face's additive masks (0 / -inf) and multiplicative
+    0/1 weights would both be wrong read as the other, so the message says how to convert.
+    """
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name}: expected a bool torch.Tensor of shape ({batch}, {nk}), got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"{name}: expected dtype torch.bool (True = attend), got {mask.dtype}")
+        hint = ""
+        if mask.is_floating_point():
+            hint = (" (an additive float mask with 0 = attend and -inf = masked converts with `mask == 0`; "
+                    "0/1 weights with `mask > 0`)")
+        raise TypeError(f"{name}: expected dtype torch.bool (True = attend), got {mask.dtype}{hint}")
     if tuple(mask.shape) != (batch, nk):
         raise ValueError(f"{name}: expected shape (B, Nk) = ({batch}, {nk}), got {tuple(mask.shape)}")
+    if device is not None and mask.device != torch.device(device):
+        raise ValueError(f"{name}: expected device {device} (the inputs'), got {mask.device}")
 
 
 def check_attn_mask(mask: object, shape: Sequence[int], *, name: str = "attn_mask", additive: bool = False) -> None:
@@ -118,9 +130,109 @@ def check_attn_mask(mask: object, shape: Sequence[int], *, name: str = "attn_mas
 
 
 def check_scale(scale: object) -> None:
+    """``scale`` is None (1/sqrt(D)) or a finite positive number (bools refused)."""
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a positive float or None, got {scale!r}")
-    if not scale > 0:
-        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+        raise TypeError(f"scale: expected a finite positive float or None, got {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite positive float or None, got {scale!r}")
+
+
+# -- the one copy of each scalar check ---------------------------------------------------------------------
+
+BACKENDS: tuple[str, ...] = ("auto", "reference", "fast")
+"""The backends of every mechanism: ``auto`` (fast form where it applies, else reference), ``reference``,
+``fast`` (error where it does not apply)."""
+
+
+def check_int(name: str, value: object, *, low: int | None = 1, high: int | None = None) -> int:
+    """An int (bools refused) in ``[low, high]``; ``low=None`` / ``high=None`` leave that side open."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int{_range(low, high)}, got {value!r} ({type(value).__name__})")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}: expected an int{_range(low, high)}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value: object, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> float:
+    """A finite real number (ints accepted, bools refused) in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a finite float{_range(low, high, low_open)}, got {value!r} "
+                        f"({type(value).__name__})")
+    value = float(value)
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    if not math.isfinite(value) or bad_low or (high is not None and value > high):
+        raise ValueError(f"{name}: expected a finite float{_range(low, high, low_open)}, got {value!r}")
+    return value
+
+
+def _range(low, high, low_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}]"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f" <= {high}"
+    return ""
+
+
+def check_bool(name: str, value: object) -> bool:
+    """A real bool (not 0/1, not a tensor)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
+    """One of ``choices`` (compared with ==; bools are not taken for 0/1)."""
+    if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_backend(value: object, name: str = "backend") -> str:
+    """One of :data:`BACKENDS`."""
+    return check_choice(name, value, BACKENDS)  # type: ignore[return-value]
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Every given tensor on one device (meta included); ``None`` entries are skipped.
+
+    Named by keyword so the message says which argument is elsewhere: ``check_same_device(q=q, k=k)``.
+    """
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected device {first.device} ({first_name}'s), got {t.device}")
+
+
+def check_module_input(module: torch.nn.Module, x: object, *, name: str = "x", layout: str = "(B, N, C)",
+                       channels: int | None = None, channel_axis: int = -1) -> torch.Tensor:
+    """The input of a module's ``forward``: a floating tensor of ``layout``'s rank, every size >= 1,
+    ``channels`` along ``channel_axis``, and the dtype and device of the module's parameters (nothing is
+    cast or moved silently). Modules without parameters skip the dtype/device comparison."""
+    ndim = layout.count(",") + 1
+    check_tensor(name, x, ndim=ndim)
+    assert isinstance(x, torch.Tensor)
+    if any(s == 0 for s in x.shape):
+        raise ValueError(f"{name}: expected every size of {layout} to be >= 1, got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[channel_axis] != channels:
+        want = layout.strip("()").split(", ")
+        want[channel_axis] = str(channels)
+        raise ValueError(f"{name}: expected ({', '.join(want)}), got shape {tuple(x.shape)}")
+    param = next(iter(module.parameters()), None)
+    if param is not None:
+        if x.dtype != param.dtype:
+            raise TypeError(f"{name}: expected dtype {param.dtype} (the module's parameters), got {x.dtype}; "
+                            f"convert the module with .to({x.dtype}) or the input with .to({param.dtype})")
+        if x.device != param.device:
+            raise ValueError(f"{name}: expected device {param.device} (the module's parameters), got {x.device}")
+    return x

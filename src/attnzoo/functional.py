@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from . import registry
-from .errors import check_key_padding_mask, check_qkv, check_scale
+from .errors import BACKENDS, check_key_padding_mask, check_qkv, check_scale
 
-BACKENDS = ("auto", "reference", "fast")
+__all__ = ["BACKENDS", "attention", "pattern_of", "select_form"]
 
 
 def pattern_of(nq: int, nk: int, causal: bool) -> str:

@@ -111,7 +111,7 @@ def test_bad_backend_and_causal_and_scale():
         attnzoo.attention(q, k, v, backend="cuda")
     with pytest.raises(TypeError, match="causal: expected a bool, got 1"):
         attnzoo.attention(q, k, v, causal=1)
-    with pytest.raises(ValueError, match="scale: expected a positive float"):
+    with pytest.raises(ValueError, match="scale: expected a finite positive float"):
         attnzoo.attention(q, k, v, scale=-1.0)
 
 
