@@ -31,9 +31,10 @@ import torch
 
 import attnzoo
 from attnzoo.bench.measure import median_time, peak_memory
+from attnzoo.mechanisms.memory.landmark import LandmarkCache
 from attnzoo.mechanisms.memory.recycled import recycled_sets  # noqa: F401  (imported for the subprocess cases)
 from attnzoo.state import KVCache, SinkWindowCache
-from attnzoo.state.memory import CCAState, LandmarkCache, LongHeadsState, RecycledState
+from attnzoo.state.memory import CCAState, LongHeadsState, RecycledState
 
 H, D, DIM = 8, 64, 512
 DT = torch.float32

@@ -9,7 +9,7 @@ from .base import DecodeState
 from .dense import PositionState, TokenHistoryCache
 from .heads import DiffKVCache, EchoAttentionCache, RoutedKVCache, TokenBuffers
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
-from .memory import CCAState, FITState, LandmarkCache, LongHeadsState, NeuralMemoryState, RecycledState, TitansState
+from .memory import CCAState, FITState, LongHeadsState, NeuralMemoryState, RecycledState, TitansState
 from .moa import PerHeadWindowCache
 from .recurrent import RecurrentState
 from .s2 import S2Cache
@@ -19,5 +19,5 @@ __all__ = [
     "PositionState", "TokenHistoryCache",
     "DiffKVCache", "EchoAttentionCache", "RoutedKVCache", "TokenBuffers",
     "PerHeadWindowCache", "S2Cache", "RecurrentState",
-    "CCAState", "FITState", "LandmarkCache", "LongHeadsState", "NeuralMemoryState", "RecycledState", "TitansState",
+    "CCAState", "FITState", "LongHeadsState", "NeuralMemoryState", "RecycledState", "TitansState",
 ]

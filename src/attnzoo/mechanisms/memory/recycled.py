@@ -30,11 +30,11 @@ import torch
 import torch.utils.checkpoint
 
 from ...kernels.sdpa import sdpa
+from ...kernels.select import top_k_indices
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state.memory import RecycledState
 from ._common import check_step_inputs, masked_lse
-from .landmark import top_k_indices
 
 
 def schedule(pos: torch.Tensor, stride: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
