@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import check_tensor
+from ...errors import check_backend, check_tensor
 from ...kernels.grid import (
     check_grid_qkv,
     check_neighborhood,
@@ -44,12 +44,9 @@ from ...kernels.grid import (
 )
 from ...registry import Mechanism, Option, register
 
-BACKENDS = ("auto", "reference", "fast")
-
 
 def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    check_backend(backend)
     return backend
 
 
