@@ -307,15 +307,11 @@ def test_module_state_counts_tokens_and_crops_by_tokens(top_k):
     layer = LandmarkAttention(8, 2, block_size=bs, top_k=top_k).double()
     x = torch.randn(2, N, 8, dtype=F64)
     full = layer(x)
-    st = layer.init_state(2)
-    layer(x[:, :9], state=st)
-    assert st.seq_len == 9 and st.cache.seq_len == 12
-    for c in range(N + 1):
+    for c in (7, *range(N + 1)):
         st = layer.init_state(2)
         layer(x[:, :11], state=st)
         layer(x[:, 11:], state=st)
         st.crop(c)
-        assert st.seq_len == c and st.cache.seq_len == c + c // bs
         fresh = layer.init_state(2)
         if c:
             layer(x[:, :c], state=fresh)
@@ -324,6 +320,11 @@ def test_module_state_counts_tokens_and_crops_by_tokens(top_k):
                 rest = torch.cat([layer(x[:, t:t + 1], state=state)[0] for t in range(c, N)], 1)
                 assert_close(rest, full[:, c:], F64, f"decode after crop({c})")
             assert state.seq_len == N and state.cache.seq_len == N + N // bs
+        st.crop(c)
+        assert st.seq_len == c and st.cache.seq_len == c + c // bs  # c tokens and the landmarks they complete
+    st = layer.init_state(2)
+    layer(x[:, :9], state=st)
+    assert st.seq_len == 9 and st.cache.seq_len == 12
     # beam search: reorder, then crop, then continue
     st = layer.init_state(2)
     layer(x, state=st)
