@@ -4,17 +4,27 @@ top-k that sends exact ties to the lower index."""
 import pytest
 import torch
 
+from attnzoo.kernels import select
 from attnzoo.kernels.select import selection_scores, top_k_indices
 
 
+def _tree_dot(a, b):
+    """The documented rule in Python floats (IEEE float64): products zero-padded to a power of two, then
+    first half + second half until one number is left."""
+    p = [x * y for x, y in zip(a, b)]
+    p += [0.0] * ((1 << max(0, (len(p) - 1).bit_length())) - len(p))
+    while len(p) > 1:
+        p = [p[i] + p[i + len(p) // 2] for i in range(len(p) // 2)]
+    return p[0]
+
+
 def _python_scores(q, k):
-    """q . k in Python floats (IEEE float64), summed in the order d = 0, 1, ...: the documented rule."""
-    return torch.tensor([[sum(a * b for a, b in zip(qr, kr)) for kr in k.double().tolist()]
-                         for qr in q.double().tolist()], dtype=torch.float64)
+    return torch.tensor([[_tree_dot(qr, kr) for kr in k.double().tolist()] for qr in q.double().tolist()],
+                        dtype=torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_scores_are_bitwise_the_same_for_every_shape(dtype):
+def test_scores_are_bitwise_the_same_for_every_shape(dtype, monkeypatch):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 41, 24, generator=g).to(dtype)  # (B, H, T, D)
     k = torch.randn(2, 3, 13, 24, generator=g).to(dtype)  # (B, H, M, D)
@@ -26,6 +36,11 @@ def test_scores_are_bitwise_the_same_for_every_shape(dtype):
     assert torch.equal(rows, full)
     cols = torch.cat([selection_scores(q, k[:, :, m:m + 1]) for m in range(13)], dim=3)
     assert torch.equal(cols, full)
+    for d in (1, 5, 24):  # other widths (padded to 1, 8, 32)
+        assert torch.equal(selection_scores(q[0, 0, :, :d], k[0, 0, :, :d]), _python_scores(q[0, 0, :, :d],
+                                                                                           k[0, 0, :, :d]))
+    monkeypatch.setattr(select, "SELECT_ELEMENTS", 2 * 2 * 3 * 13 * 32)  # products of two query rows at a time
+    assert torch.equal(selection_scores(q, k), full)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # the same values in another memory layout
     assert not qt.is_contiguous() and torch.equal(selection_scores(qt, k), full)
     # broadcasting over a group axis (GQA): (B, H, G, T, D) against (B, H, 1, M, D)

@@ -28,14 +28,19 @@ def _qkv(B=2, Hq=4, Hk=2, nq=13, nk=13, D=5, Dv=3, seed=0, dtype=F64):
 
 
 def _dot(a, b):
-    """q . k in Python floats (IEEE float64), summed in the order d = 0, 1, ...: the selection-score rule."""
-    return sum(x * y for x, y in zip(a, b))
+    """q . k in Python floats (IEEE float64) by the selection-score rule: the products, zero-padded to a power
+    of two, summed pairwise (first half + second half) until one is left."""
+    p = [x * y for x, y in zip(a, b)]
+    p += [0.0] * ((1 << max(0, (len(p) - 1).bit_length())) - len(p))
+    while len(p) > 1:
+        p = [p[i] + p[i + len(p) // 2] for i in range(len(p) // 2)]
+    return p[0]
 
 
 def _loop_oracle(q, k, v, scale, block_size, top_k=None, mask=None):
     """The grouped softmax written per query and head with Python loops over the block structure (scores
     from one matmul; selection, grouping and both softmaxes by hand). Blocks are ranked by the unscaled
-    q . landmark key summed in order in float64 (the documented selection rule, so exact ties are exact
+    q . landmark key in float64 by the documented selection rule (:func:`_dot`, so exact ties are exact
     here too); Python's stable sort sends ties to the earlier block."""
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]

@@ -93,6 +93,8 @@ def retrieve_blocks(q: torch.Tensor, lm_keys: torch.Tensor, cand: torch.Tensor, 
 def _retrieved_mask(q, lm_keys, cand, top_k) -> torch.Tensor:
     """:func:`retrieve_blocks` as a mask (B, Hk, G, T, nl): candidate and among the top_k."""
     cand = cand.expand(*q.shape[:-1], lm_keys.shape[-2])
+    if lm_keys.shape[-2] <= top_k:  # every candidate is retrieved: no ranking needed
+        return cand
     idx = retrieve_blocks(q, lm_keys, cand, top_k)
     return torch.zeros_like(cand).scatter(-1, idx, True) & cand
 
