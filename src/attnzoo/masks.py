@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import check_int, check_key_padding_mask
+from .errors import check_int, check_key_padding_mask, check_pair
 
 Predicate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -153,6 +153,25 @@ def neighborhood_1d(length: int, kernel_size: int, *, dilation: int = 1, causal:
         return same_group & (kj >= start) & (kj < start + kernel_size)
 
     return neighborhood_1d_mask
+
+
+def neighborhood_2d(height: int, width: int, kernel_size, dilation=1) -> Predicate:
+    """Mask predicate of 2-D neighborhood attention over flattened indices ``i = row * width + col``.
+
+    The product of NATTEN's 1-D neighborhoods (:func:`neighborhood_1d`) on rows and columns:
+    every query sees exactly ``kh * kw`` keys of its dilation group, its window shifted inwards at borders.
+    """
+    kh, kw = check_pair("kernel_size", kernel_size)
+    dh, dw = check_pair("dilation", dilation)
+    rows = neighborhood_1d(height, kh, dilation=dh)
+    cols = neighborhood_1d(width, kw, dilation=dw)
+
+    def neighborhood_2d_mask(b, h, q_idx, kv_idx):
+        qr, qc = torch.div(q_idx, width, rounding_mode="floor"), torch.remainder(q_idx, width)
+        kr, kc = torch.div(kv_idx, width, rounding_mode="floor"), torch.remainder(kv_idx, width)
+        return rows(b, h, qr, kr) & cols(b, h, qc, kc)
+
+    return neighborhood_2d_mask
 
 
 def key_padding(key_padding_mask: torch.Tensor) -> Predicate:

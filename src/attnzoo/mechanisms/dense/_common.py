@@ -163,11 +163,6 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, N, H * d)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: low precision is computed in float32, float32/float64 stay."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last axis with ``mask`` (bool, broadcastable, True = attend); rows with no
     visible key are all zeros (not NaN), as in :func:`attnzoo.reference.softmax_attention`."""

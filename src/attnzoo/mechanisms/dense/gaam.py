@@ -48,9 +48,10 @@ import torch
 from torch import nn
 
 from ...errors import check_backend, check_int
+from ...reference import acc_dtype
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
-from ._common import acc_dtype, check_call, check_pattern_flag
+from ._common import check_call, check_pattern_flag
 
 
 def _moments(x: torch.Tensor, dim: int, mask: torch.Tensor | None, unbiased: bool):

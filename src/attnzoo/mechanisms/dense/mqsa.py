@@ -33,11 +33,10 @@ from torch import nn
 
 from ...errors import check_backend
 from ...kernels.sdpa import sdpa
-from ...reference import dense_mask, repeat_kv
+from ...reference import acc_dtype, dense_mask, repeat_kv
 from ...registry import Mechanism, Option, register
 from ._common import (
     TokenHistoryCache,
-    acc_dtype,
     check_call,
     check_heads,
     check_pattern_flag,

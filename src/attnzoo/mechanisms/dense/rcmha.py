@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import check_backend
-from ...reference import dense_mask
+from ...reference import acc_dtype, dense_mask
 from ...registry import Mechanism, Option, register
 from ._common import (
     TokenHistoryCache,
-    acc_dtype,
     check_call,
     check_heads,
     check_pattern_flag,

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ...errors import check_backend, check_int, check_tensor
+from ...reference import acc_dtype
 from ...registry import Mechanism, Option, register
-from ._common import acc_dtype
 
 
 def spectral_gating_fast(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,21 @@ def moa_mask_predicate(windows: Sequence[int], sinks: int, causal: bool, offset:
     return moa_mask
 
 
+def moa_registry_mask(nq: int, nk: int, *, causal: bool, heads=None, kv_heads=None, alphas, betas, sinks, length,
+                      min_span, span_multiple):
+    """The registry's predicate: each query head's window (``heads`` default: one per value of a per-head
+    ``alphas``/``betas`` tuple, else 1) plus the sinks, for keys of length ``nk`` (or ``length``)."""
+    if not causal:
+        raise ValueError("causal: moa is causal only, got causal=False")
+    if heads is None:
+        heads = next((len(x) for x in (alphas, betas) if isinstance(x, (tuple, list))), 1)
+    windows = moa_windows(heads, nk if length is None else length, alphas=alphas, betas=betas, sinks=sinks,
+                          min_span=min_span, span_multiple=span_multiple)
+    pred = moa_mask_predicate(windows, sinks, causal=True, offset=nk - nq)
+    pred.heads = heads
+    return pred
+
+
 def _resolve(q, k, alphas, betas, sinks, length, min_span, span_multiple) -> list[int]:
     n = k.shape[2] if length is None else length
     return moa_windows(q.shape[1], n, alphas=alphas, betas=betas, sinks=sinks, min_span=min_span,
@@ -319,6 +334,7 @@ MOA = register(Mechanism(
     fast=moa_fast,
     step=moa_step,
     init_state=init_moa_state,
+    mask=moa_registry_mask,
     options=(
         Option("alphas", 2048, (int, float, tuple), doc="span offset alpha_h: a number for every head or a tuple "
                                                         "with one per query head"),

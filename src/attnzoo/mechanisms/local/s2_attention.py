@@ -88,7 +88,22 @@ def s2_mask(hq: int, hk: int, nq: int, nk: int, device=None, **pattern) -> torch
     return materialize(s2_mask_predicate(hq, hk, nq, nk, **pattern), 1, hq, nq, nk, device=device)
 
 
-def _pattern(opts: dict) -> dict:
+def s2_registry_mask(nq: int, nk: int, *, causal: bool, heads=None, kv_heads=None, **opts):
+    """The registry's predicate: :func:`s2_mask_predicate` for ``heads`` query heads (default 8) over
+    ``kv_heads`` key/value heads (default ``heads``)."""
+    if not causal:
+        raise ValueError("causal: s2_attention is causal only, got causal=False")
+    hq = 8 if heads is None else heads
+    hk = hq if kv_heads is None else kv_heads
+    if hk < 1 or hq % hk:
+        raise ValueError(f"kv_heads: expected a divisor of heads={hq}, got {kv_heads!r}")
+    pred = s2_mask_predicate(hq, hk, nq, nk, **s2_pattern(opts))
+    pred.heads = hq
+    return pred
+
+
+def s2_pattern(opts: dict) -> dict:
+    """The pattern options of an S2 options dict (the rest are kernel settings)."""
     return {k: opts[k] for k in ("block_size", "local_blocks", "vert_stride", "num_dense_heads", "head_sliding_step",
                                  "head_sliding_offset", "homo_head")}
 
@@ -98,7 +113,7 @@ def s2_reference(q, k, v, *, causal, key_padding_mask, scale, **opts):
     if not causal:
         raise ValueError("causal: S2-Attention is causal only (DKernel's patterns are causal), got causal=False")
     hq, hk, nq, nk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    mask = s2_mask(hq, hk, nq, nk, device=q.device, **_pattern(opts))  # (1, Hq, Nq, Nk)
+    mask = s2_mask(hq, hk, nq, nk, device=q.device, **s2_pattern(opts))  # (1, Hq, Nq, Nk)
     return softmax_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, attn_mask=mask, scale=scale)
 
 
@@ -371,7 +386,7 @@ def s2_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     if nq > nk:  # bottom-right: the first Nq - Nk queries precede every key and see nothing
         rest = s2_fast(q[:, :, nq - nk :], k, v, causal=True, key_padding_mask=key_padding_mask, scale=scale, **opts)
         return torch.cat([q.new_zeros(B, Hq, nq - nk, v.shape[3]), rest], dim=2)
-    pat = _pattern(opts)
+    pat = s2_pattern(opts)
     shifts = s2_head_offsets(Hq, Hk, vert_stride=pat["vert_stride"], num_dense_heads=pat["num_dense_heads"],
                              head_sliding_step=pat["head_sliding_step"], head_sliding_offset=pat["head_sliding_offset"],
                              homo_head=pat["homo_head"])
@@ -393,7 +408,7 @@ def s2_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
 # Decoding
 # ---------------------------------------------------------------------------------------------------------
 def init_s2_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, **opts):
-    return S2Cache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device, **_pattern(opts))
+    return S2Cache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device, **s2_pattern(opts))
 
 
 def s2_step(q, k, v, state: S2Cache, *, scale, key_padding_mask=None, **opts):
@@ -558,6 +573,7 @@ S2_ATTENTION = register(Mechanism(
     fast=s2_fast,
     step=s2_step,
     init_state=init_s2_cache,
+    mask=s2_registry_mask,
     options=(
         Option("block_size", 64, int, low=1, doc="tokens per block (DKernel: a power of 2 >= 16 on GPU)"),
         Option("local_blocks", 16, int, low=1, doc="most recent blocks every query sees (sliding window)"),

@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_tensor
-from ...kernels.grid import pair
+from ...errors import check_backend, check_pair, check_tensor
 from ...masks import Predicate, materialize, sliding_window
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
@@ -164,8 +163,8 @@ class AggregatedAttention(nn.Module):
             raise TypeError(f"qkv_bias: expected a bool, got {qkv_bias!r}")
         check_backend(backend)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
-        self.window, self.pool_size = window_size, pair("pool_size", pool_size)
-        self.pretrain_size = None if pretrain_size is None else pair("pretrain_size", pretrain_size)
+        self.window, self.pool_size = window_size, check_pair("pool_size", pool_size)
+        self.pretrain_size = None if pretrain_size is None else check_pair("pretrain_size", pretrain_size)
         self.backend = backend
         K = window_size * window_size
         self.temperature = nn.Parameter(torch.full((heads, 1, 1), math.log(math.expm1(1 / 0.24))))  # softplus = 1/0.24
