@@ -362,3 +362,9 @@ def test_registry_and_errors():
         attnzoo.attention(q, k, v, mechanism="landmark", causal=True, block_size=0)
     with pytest.raises(ValueError, match="causal"):
         LandmarkAttention(8, 2, causal=False)
+    layer = LandmarkAttention(8, 2, block_size=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        layer.init_state(0)
+    with pytest.raises(TypeError, match="state"):  # the layer's state counts tokens, not interleaved positions
+        landmark_step(q[:1, :2, :1, :4], k[:1, :2, :1, :4], v[:1, :2, :1], layer.init_state(1), scale=0.5,
+                      block_size=3, top_k=None)

@@ -46,7 +46,7 @@ from torch import nn
 
 from ...errors import check_backend, check_int, check_key_padding_mask, check_module_input, check_same_device
 from ...kernels.select import selection_scores, top_k_indices
-from ...reference import repeat_kv
+from ...reference import acc_dtype, repeat_kv
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
@@ -105,7 +105,7 @@ def landmark_reference(q, k, v, *, causal, key_padding_mask, scale, block_size, 
     Hk, Nk = k.shape[1], k.shape[2]
     G = Hq // Hk
     period = block_size + 1
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc = acc_dtype(q.dtype)
     kf, vf = repeat_kv(k, G).to(acc), repeat_kv(v, G).to(acc)
     s = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
     cur, prev_tok, prev_lm = (m.expand_as(s) for m in landmark_roles(Nq, Nk, block_size, key_padding_mask, q.device))
@@ -182,7 +182,7 @@ class _LandmarkAttention(torch.autograd.Function):
         B, Hq, Nq, D = q.shape
         Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         G = Hq // Hk
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = acc_dtype(q.dtype)
         period = block_size + 1
         nb = -(-Nk // period)
         pad = nb * period - Nk
@@ -219,7 +219,7 @@ class _LandmarkAttention(torch.autograd.Function):
         B, Hq, Nq, D = q.shape
         Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         G = Hq // Hk
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = acc_dtype(q.dtype)
         period = block_size + 1
         nb = -(-Nk // period)
         pad = nb * period - Nk
@@ -320,7 +320,7 @@ def _decode_one(q, state: LandmarkCache, scale, block_size, top_k):
     p = state.seq_len - 1
     bq = p // period
     keys, values, mask = state.keys, state.values, state.mask  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc = acc_dtype(q.dtype)
     qs = (q.to(acc) * scale).view(B, Hk, G, D)  # (B, Hk, G, D)
     parts_s, parts_v = [], []
     if bq > 0:
@@ -371,6 +371,9 @@ def landmark_step(q, k, v, state: LandmarkCache, *, scale, block_size, top_k, ke
     """Append T tokens to the block store; one query retrieves its top_k blocks by landmark score, a
     chunk of queries runs the tiled grouped softmax over the whole store (the same computation)."""
     check_step_inputs(q, k, v, state, key_padding_mask)
+    if not isinstance(state, LandmarkCache):
+        raise TypeError(f"state: expected a LandmarkCache (init_state of 'landmark'), got {type(state).__name__}")
+    check_same_device(q=q, state=state.keys)
     if state.block_size != block_size:
         raise ValueError(f"block_size: this LandmarkCache was built for {state.block_size}, got {block_size}")
     keys, values, mask = state.append(k, v, key_padding_mask)

@@ -29,8 +29,8 @@ Choices where the official code is silent or loose (each an option or documented
 - the last key block may be partial (official pads sorted keys with zero rows that then *count* in the
   block softmax); here padded slots are masked;
 - cross attention (Nq != Nk): the official query block size is ``ceil(Nq / b) * b // n_blocks``, which
-  only works when that division is exact (otherwise its reshape fails); here it is rounded up, so the
-  official blocks where the official code runs, and otherwise the last key blocks may meet no query;
+  only works when that division is exact (otherwise its reshape fails); here it is rounded up: the
+  official size wherever the official code runs, and elsewhere the last key blocks may meet no query;
 - key padding: padded keys (and, in self attention, the queries at padded positions) are sorted after
   every real one (never in a real block), never sampled, and
   the residual weight is ``n_valid / m`` per batch row;
@@ -60,7 +60,7 @@ import torch
 from ...kernels.gather import gather_attention
 from ...kernels.merge import merge_attention
 from ...kernels.sdpa import sdpa
-from ...reference import softmax_attention
+from ...reference import acc_dtype, softmax_attention
 from ...registry import Mechanism, Option, register
 
 
@@ -113,10 +113,10 @@ def plan(q, k, kpm, *, block_size, sample_size, lsh_num_projs, seed, node, qpm=N
     k_order = torch.sort(hk, dim=-1, stable=True).indices  # (B, Hk, Nk)
     bk = min(block_size, Nk)
     nblocks = -(-Nk // bk)  # key blocks of bk sorted keys (the last may be partial)
-    # Sorted queries padded to a multiple of bk, cut into as many blocks as the keys (official): blocks of
-    # bk rows when Nq == Nk, so query rank r meets key block r // bk. Rounded up where the official
-    # division is not exact (cross attention only), so every query has a block.
-    qbs = -(-(-(-Nq // bk) * bk) // nblocks)
+    nq_pad = -(-Nq // bk) * bk  # sorted queries padded to a multiple of bk (official)
+    # ... and cut into as many blocks as the keys: bk rows when Nq == Nk, so query rank r meets key block
+    # r // bk. Rounded up where the official division is not exact (cross only): every query has a block.
+    qbs = -(-nq_pad // nblocks)
     samples = log_weight = None
     n_valid = torch.full((B,), Nk, device=q.device) if kpm is None else kpm.sum(dim=1)  # (B,)
     if sample_size > 0 and Nq > qbs and Nk > bk:
@@ -215,8 +215,7 @@ def hyperattention_reference(q, k, v, *, causal, key_padding_mask, scale, **opts
     qpm = key_padding_mask if q.shape[2] == k.shape[2] else None  # self attention: padded query positions
     c = _coefficients(q, k, key_padding_mask, causal=causal, opts=opts, node=1, qpm=qpm)  # (B, Hq, Nq, Nk)
     keep = c > 0
-    bias = torch.where(keep, c.clamp(min=1e-300).log(), torch.zeros_like(c)).to(torch.promote_types(q.dtype,
-                                                                                                torch.float32))
+    bias = torch.where(keep, c.clamp(min=1e-300).log(), torch.zeros_like(c)).to(acc_dtype(q.dtype))
     return softmax_attention(q, k, v, attn_mask=keep, bias=bias, scale=scale)
 
 
