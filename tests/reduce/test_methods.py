@@ -1,6 +1,5 @@
 """The CATALOG oracles of the nine reduction papers, each against an explicit reference."""
 
-import pytest
 import torch
 
 from attnzoo import masks
