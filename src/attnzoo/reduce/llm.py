@@ -29,7 +29,7 @@ import torch
 
 from ..errors import check_int
 from .importance import attention_row
-from .select import keep_count, topk_indices
+from .select import keep_count, merge_tokens, pool_assignment, random_indices, topk_indices
 
 
 @dataclass
@@ -78,12 +78,15 @@ def last_token_scores(model, h_in: torch.Tensor, cache, layer: int, position: in
 
 @torch.no_grad()
 def fastv_prefill(model, input_ids: torch.Tensor, *, layer: int, keep: float | int | None = None,
-                  index: torch.Tensor | None = None, protect_first: int = 1, protect_last: int = 1) -> PrunedPrompt:
+                  index: torch.Tensor | None = None, protect_first: int = 1, protect_last: int = 1,
+                  method: str = "attention", seed: int = 0) -> PrunedPrompt:
     """Run the prompt (1, N) and prune it after ``layer`` (-1: before the first layer, then ``index`` is needed).
 
     The prunable tokens are positions [protect_first, N - protect_last) (the first token, a sink, and the last, the
-    query, stay); ``keep`` (ratio or count) of them are kept by the last token's attention in ``layer``, or ``index``
-    (ascending kept positions of the whole prompt) overrides the scoring."""
+    query, stay); ``keep`` (ratio or count) of them are kept by ``method``: ``"attention"`` (the last token's
+    attention in ``layer``, FastV), ``"random"`` or ``"pool"`` (contiguous segments merged: hidden states and the
+    early layers' cached K/V averaged, the merged token at its segment's last position) -- the baselines at the
+    same budget. ``index`` (ascending kept positions of the whole prompt) overrides the scoring."""
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -93,6 +96,8 @@ def fastv_prefill(model, input_ids: torch.Tensor, *, layer: int, keep: float | i
     N = input_ids.shape[1]
     check_int("protect_first", protect_first, low=0, high=N)
     check_int("protect_last", protect_last, low=0, high=N - protect_first)
+    if method not in ("attention", "random", "pool"):
+        raise ValueError(f"method: expected one of ['attention', 'random', 'pool'], got {method!r}")
     if (keep is None) == (index is None):
         raise ValueError("keep, index: give exactly one (a budget to score with, or the kept positions)")
     if layer == -1 and index is None:
@@ -108,13 +113,17 @@ def fastv_prefill(model, input_ids: torch.Tensor, *, layer: int, keep: float | i
         h_in = _run(model, h, pos, mask, cache, range(layer))  # input of the scoring layer
         h = _run(model, h_in, pos, mask, cache, [layer])
     scores = None
+    lo, hi = protect_first, N - protect_last
+    if index is None and method == "pool" and hi > lo:
+        return _pool_rest(model, h, cache, layer, lo, hi, keep_count(hi - lo, keep), N)
     if index is None:
-        scores = last_token_scores(model, h_in, cache, layer, N - 1)  # (1, N)
-        lo, hi = protect_first, N - protect_last
-        if hi > lo:
-            top = topk_indices(scores[:, lo:hi], keep_count(hi - lo, keep)) + lo  # (1, k)
-        else:
+        if hi <= lo:
             top = torch.empty(1, 0, dtype=torch.long, device=dev)
+        elif method == "random":
+            top = random_indices(1, hi - lo, keep, generator=torch.Generator().manual_seed(seed)) + lo
+        else:
+            scores = last_token_scores(model, h_in, cache, layer, N - 1)  # (1, N)
+            top = topk_indices(scores[:, lo:hi], keep_count(hi - lo, keep)) + lo  # (1, k)
         index = torch.cat([torch.arange(lo, device=dev), top[0], torch.arange(hi, N, device=dev)])
     index = torch.as_tensor(index, dtype=torch.long, device=dev).reshape(-1)
     if index.numel() == 0 or bool((index[1:] <= index[:-1]).any()) or int(index[0]) < 0 or int(index[-1]) >= N:
@@ -129,17 +138,49 @@ def fastv_prefill(model, input_ids: torch.Tensor, *, layer: int, keep: float | i
     return PrunedPrompt(cache, index, N, logits, scores)
 
 
+def _merge_heads(t: torch.Tensor, assignment: torch.Tensor, m: int) -> torch.Tensor:
+    """Segment means of cached (B, Hk, N, D) keys/values along the tokens -> (B, Hk, m, D)."""
+    B, Hk, N, D = t.shape
+    flat = t.transpose(1, 2).reshape(B, N, Hk * D)  # (B, N, Hk*D)
+    merged = merge_tokens(flat, assignment.view(1, N).expand(B, N), m).tokens  # (B, m, Hk*D)
+    return merged.view(B, m, Hk, D).transpose(1, 2).contiguous()  # (B, Hk, m, D)
+
+
+def _pool_rest(model, h, cache, layer, lo, hi, m, N):
+    """The pooling baseline: merge positions [lo, hi) into m contiguous segments, in the hidden states after
+    ``layer`` and in the cached K/V of layers <= ``layer``; the later layers run on the merged sequence."""
+    dev = h.device
+    a, _ = pool_assignment(hi - lo, m, device=dev)
+    assignment = torch.cat([torch.arange(lo, device=dev), a + lo, torch.arange(hi, N, device=dev) - hi + lo + m])
+    M = lo + m + (N - hi)
+    pos = torch.zeros(M, dtype=torch.long, device=dev).scatter_reduce_(
+        0, assignment, torch.arange(N, device=dev), reduce="amax")  # (M,) each slot at its last position
+    h = merge_tokens(h, assignment.view(1, N), M).tokens
+    for i in range(layer + 1):
+        lay = cache.layers[i]
+        lay.keys = _merge_heads(lay.keys, assignment, M)
+        lay.values = _merge_heads(lay.values, assignment, M)
+    L = model.config.num_hidden_layers
+    h = _run(model, h, pos.view(1, M), _additive_causal(M, h.dtype, dev), cache, range(layer + 1, L))
+    logits = model.lm_head(model.model.norm(h[:, -1:]))[:, 0]
+    return PrunedPrompt(cache, pos, N, logits, None)
+
+
 @torch.no_grad()
-def decode_step(model, state: PrunedPrompt, token: int, step: int) -> torch.Tensor:
-    """Feed the ``step``-th generated token (at position N + step); returns its next-token logits (1, V)."""
+def decode_step(model, state: PrunedPrompt, token: int | list[int], step: int) -> torch.Tensor:
+    """Feed generated token(s) starting at position N + ``step`` (several at once: teacher forcing); returns the
+    next-token logits (1, V) after each of them, (T, V) for T tokens (a single token: (1, V))."""
     inner = model.model
     dev = state.kept.device
-    h = inner.embed_tokens(torch.tensor([[token]], device=dev))  # (1, 1, C)
-    pos = torch.tensor([[state.length + step]], device=dev)
-    total = state.cache.get_seq_length() + 1
-    mask = torch.zeros(1, 1, 1, total, dtype=h.dtype, device=dev)  # the new token sees every cached token
-    h = _run(model, h, pos, mask, state.cache, range(model.config.num_hidden_layers))
-    return model.lm_head(inner.norm(h))[:, 0]
+    toks = [token] if isinstance(token, int) else list(token)
+    T = len(toks)
+    h = inner.embed_tokens(torch.tensor([toks], device=dev))  # (1, T, C)
+    pos = torch.arange(T, device=dev).view(1, T) + state.length + step
+    cached = state.cache.get_seq_length()
+    mask = torch.cat([torch.zeros(T, cached, dtype=h.dtype, device=dev),
+                      torch.full((T, T), float("-inf"), dtype=h.dtype, device=dev).triu(1)], dim=1)
+    h = _run(model, h, pos, mask.view(1, 1, T, cached + T), state.cache, range(model.config.num_hidden_layers))
+    return model.lm_head(inner.norm(h))[0]
 
 
 @torch.no_grad()
