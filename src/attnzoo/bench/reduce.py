@@ -517,6 +517,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512, help="SmolLM2 prompt tokens (512)")
     p.add_argument("--continuation", type=int, default=64)
     p.add_argument("--passkeys", type=int, default=6)
+    p.add_argument("--digits-epochs", type=int, default=None, help="training epochs of the digits ViT (40; quick 15)")
     return p
 
 
@@ -536,7 +537,7 @@ def run(a: argparse.Namespace, log=None) -> dict[str, Any]:
     t0 = time.time()
     jobs = {"vision": lambda: bench_vision(a.keeps, layer=a.vision_layer, repeats=repeats, log=log),
             "digits": lambda: bench_digits(a.keeps, layer=a.digits_layer, repeats=repeats,
-                                           epochs=15 if a.quick else 40, log=log),
+                                           epochs=a.digits_epochs or (15 if a.quick else 40), log=log),
             "minilm": lambda: bench_minilm(a.keeps, layer=a.minilm_layer, repeats=repeats, log=log),
             "smollm2": lambda: bench_smollm2(a.keeps, layer=a.llm_layer, context=a.context,
                                              continuation=a.continuation, passkeys=a.passkeys, log=log)}
