@@ -130,15 +130,17 @@ def attention_received(
     return total / count
 
 
-def row_predicate(mechanism: str, nq: int, nk: int, *, causal: bool, **options) -> Predicate | None:
+def row_predicate(mechanism: str, nq: int, nk: int, *, causal: bool, heads: int | None = None,
+                  kv_heads: int | None = None, **options) -> Predicate | None:
     """The mask predicate under which ``mechanism``'s attention is a softmax row (None: dense softmax), or an
-    error when the mechanism is not a masked softmax (linear, pooled, routed without an exposed mask)."""
+    error when the mechanism is not a masked softmax (linear, pooled, routed without an exposed mask).
+    ``heads``/``kv_heads``: the call's head counts, read by per-head patterns (MoA, S2-Attention, SinkLoRA)."""
     mech = registry.get(mechanism)
     if mech.kind != "sequence" or not mech.functional:
         raise ValueError(f"mechanism: {mechanism!r} is not a functional sequence mechanism (kind {mech.kind!r})")
     opts = mech.resolve_options(options)
     if mech.mask is not None:
-        return mech.mask(nq, nk, causal=causal, **opts)
+        return mech.mask(nq, nk, causal=causal, heads=heads, kv_heads=kv_heads, **opts)
     if mech.exact and mech.family == "core":
         return None
     reason = ("is exact only within a sparse pattern it does not expose (its registry record has no `mask`)"
@@ -155,7 +157,7 @@ def mechanism_attention_row(
     """(B, Hq, R, Nk): the attention row of queries ``rows`` of q (B, Hq, Nq, D) under ``mechanism``."""
     check_tensor("q", q, ndim=4)
     nq, nk = q.shape[2], k.shape[2]
-    pred = row_predicate(mechanism, nq, nk, causal=causal, **options)
+    pred = row_predicate(mechanism, nq, nk, causal=causal, heads=q.shape[1], kv_heads=k.shape[1], **options)
     idx = _rows_tensor(rows, torch.as_tensor(rows).numel(), nq, q.device)
     return attention_row(q[:, :, idx], k, rows=idx, nq=nq, scale=scale, causal=causal,
                          key_padding_mask=key_padding_mask, lse=lse, predicate=pred)
