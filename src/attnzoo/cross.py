@@ -556,7 +556,9 @@ class CrossAttention(nn.Module):
 
     ``context_dims={"text": 768, "image": 1024}`` gives each source its own key/value projections (one query and
     one output projection are shared); ``context_dim=C`` (or neither: C = dim) builds a single-source layer whose
-    forward takes one tensor (its source is named ``"context"``). ``mode``, ``scales`` (initial per-source output
+    forward takes one tensor (its source is named ``"context"``). ``bias`` applies to the q/k/v projections and, unless
+    ``out_bias`` says otherwise, the output projection (diffusers' layers: ``bias=False, out_bias=True``). ``mode``,
+    ``scales`` (initial per-source output
     scales; ``learnable_scales`` makes them parameters) and the masks are those of :func:`cross_attention`.
     ``causal=True``: causal cross by position; forward then needs ``q_pos`` and ``context_pos``.
 
@@ -569,8 +571,9 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, *, context_dims: Mapping[str, int] | None = None,
                  context_dim: int | None = None, mode: str = "separate", kv_heads: int | None = None,
-                 head_dim: int | None = None, bias: bool = False, scales: Mapping[str, float] | None = None,
-                 learnable_scales: bool = False, causal: bool = False, backend: str = "auto") -> None:
+                 head_dim: int | None = None, bias: bool = False, out_bias: bool | None = None,
+                 scales: Mapping[str, float] | None = None, learnable_scales: bool = False, causal: bool = False,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.dim, self.heads = check_int("dim", dim), check_int("heads", heads)
         self.kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
@@ -585,6 +588,7 @@ class CrossAttention(nn.Module):
         self.causal = check_bool("causal", causal)
         self.backend = check_choice("backend", backend, BACKENDS)
         check_bool("bias", bias)
+        out_bias = bias if out_bias is None else check_bool("out_bias", out_bias)
         check_bool("learnable_scales", learnable_scales)
         if context_dims is not None and context_dim is not None:
             raise ValueError("context_dims, context_dim: give one (several named sources, or one source), not both")
@@ -607,7 +611,7 @@ class CrossAttention(nn.Module):
         self.q_proj = nn.Linear(dim, inner, bias=bias)
         self.k_proj = nn.ModuleDict({n: nn.Linear(c, kv_inner, bias=bias) for n, c in context_dims.items()})
         self.v_proj = nn.ModuleDict({n: nn.Linear(c, kv_inner, bias=bias) for n, c in context_dims.items()})
-        self.o_proj = nn.Linear(inner, dim, bias=bias)
+        self.o_proj = nn.Linear(inner, dim, bias=out_bias)
         init = _mapping("scales", scales, self.names)
         values = {n: float(_check_scale_value(f"scales[{n!r}]", init.get(n, 1.0), torch.zeros(()))) for n in self.names}
         if learnable_scales:
