@@ -173,9 +173,10 @@ def module_inputs(mech: Mechanism, pattern: str, dtype=torch.float64, seed: int 
     if mech.kind == "channel":
         return torch.randn(s.batch, s.dim, s.height, s.width, generator=g, dtype=torch.float64).to(dtype), None
     nq, nk = lengths(mech, pattern)
-    if mech.kind == "pooling":
+    if mech.kind == "pooling":  # the token set, of the width the module pools (its context_dim option if any)
         n = nk if pattern.endswith("cross") else nq
-        return torch.randn(s.batch, n, s.dim, generator=g, dtype=torch.float64).to(dtype), None
+        width = mech.test_options.get("context_dim") or s.dim
+        return torch.randn(s.batch, n, width, generator=g, dtype=torch.float64).to(dtype), None
     x = torch.randn(s.batch, nq, s.dim, generator=g, dtype=torch.float64).to(dtype)
     ctx = None
     if pattern.endswith("cross"):
@@ -866,7 +867,9 @@ def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
         if cross and (p.startswith("noncausal") or by_position):
             if spec.context_permutation_invariant:
                 out.append(("context_permutation", p, check_context_permutation))
-            if spec.cache or spec.query_independent:
+            if mech.kind == "pooling" and spec.cache and by_position:  # frames appended, query groups emitted
+                out.append(("context_decode", p, check_context_decode))
+            elif mech.kind != "pooling" and (spec.cache or spec.query_independent):
                 out.append(("context_decode", p, check_context_decode))
         if cross and spec.source_mass:
             out.append(("source_mass", p, check_source_mass))

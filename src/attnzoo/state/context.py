@@ -53,13 +53,15 @@ class ContextCache(DecodeState):
     ``seq_len`` counts the query tokens decoded against the cache (layers advance it); ``crop(length)``
     rolls that count back (the context is fixed and stays). ``crop(length, source=name)`` keeps the first
     ``length`` tokens of a source (undoing :meth:`append`). ``reorder(index)`` selects batch rows in every
-    source (beam search). Appends grow storage geometrically (a ``KVCache`` per source).
+    source (beam search). Appends grow storage geometrically (a ``KVCache`` per source). ``info`` is a dict for the
+    owning layer's metadata.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._kv: dict[str, KVCache] = {}
         self._pos: dict[str, torch.Tensor | None] = {}
+        self.info: dict[str, Any] = {}  # the owner's metadata (e.g. Video-CCAM's frame count); kept by reorder/crop
 
     # -- reading ---------------------------------------------------------------------------------------
     @property
