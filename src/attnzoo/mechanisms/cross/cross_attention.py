@@ -25,9 +25,9 @@ CROSS_ATTENTION = register(Mechanism(
     aliases=("multi_source_cross_attention",),
     family="cross",
     catalog="",
-    title="Multi-source cross-attention (attnzoo's contract; IP-Adapter separate / FcaFormer joint softmaxes)",
-    arxiv="2308.06721",
-    code="https://github.com/tencent-ailab/IP-Adapter",
+    title="Multi-source cross-attention (attnzoo's contract, not a paper)",
+    arxiv="",
+    code="",
     summary="Queries attend to named context sources (own k/v projections, masks, regions, scales): a softmax per "
             "source summed (separate) or one softmax over all (joint); causal by position; cached context.",
     patterns=("noncausal_cross", "causal_cross"),
@@ -50,6 +50,6 @@ CROSS_ATTENTION = register(Mechanism(
     cross=CrossSpec(sources=("text", "image"), positions=True, context_permutation_invariant=True, cache=True,
                     source_mass=True),
     notes="exact softmax attention per source (separate) or over the union (joint); causal_cross is causal by "
-          "position (q_pos, context_pos), not by index. The arXiv id / code are IP-Adapter's, whose decoupled "
-          "cross-attention the separate mode is.",
+          "position (q_pos, context_pos), not by index. Separate mode is IP-Adapter's decoupled cross-attention "
+          "(ip_adapter), joint mode FcaFormer's (fcaformer).",
 ))
