@@ -63,12 +63,12 @@ class MultiBranchAttentionPooling(nn.Module):
     features. After a forward: ``last_bag`` (B, 1, dim) the bag feature, ``last_attention`` (B, branches, N) the
     attention, ``aux_loss`` the diversity regulariser (add it to the training loss)."""
 
-    def __init__(self, dim: int, heads: int | None = None, *, branches: int = 5, gate_dim: int = 128, top_k: int = 10,
-                 mask_drop: float = 0.6) -> None:
+    def __init__(self, dim: int, heads: int | None = None, *, branches: int | None = None, gate_dim: int = 128,
+                 top_k: int = 10, mask_drop: float = 0.6) -> None:
         super().__init__()
         self.dim = check_int("dim", dim)
-        if heads is not None and heads != branches:
-            branches = check_int("heads", heads)  # build(name, dim, heads): the heads are the branches
+        if branches is None:  # build(name, dim, heads): the heads are the branches unless branches is given
+            branches = 5 if heads is None else heads
         self.branches = check_int("branches", branches)
         self.top_k = check_int("top_k", top_k, low=0)
         self.mask_drop = check_float("mask_drop", mask_drop, low=0.0, high=1.0)
@@ -128,7 +128,8 @@ ACMIL = register(Mechanism(
     complexity="time O(N C D + N D M), memory O(N (D + M))",
     module=_module,
     options=(
-        Option("branches", 5, int, low=1, doc="attention branches M (build's heads, when given, set it)"),
+        Option("branches", None, int, low=1, allow_none=True,
+               doc="attention branches M (None: build's heads; the paper uses 5)"),
         Option("gate_dim", 128, int, low=1, doc="width D of the gated attention"),
         Option("top_k", 10, int, low=0, doc="STKIM: instances ranked per branch (0: off)"),
         Option("mask_drop", 0.6, float, low=0.0, high=1.0, doc="STKIM: fraction of the top K masked in training"),
