@@ -9,10 +9,11 @@ the projected tokens the LLM reads follow the video's time order. The same queri
 frames, run with 96).
 
 (?) The projector's code is not in the repository (it loads from the model hub with remote code), so two choices
-follow the paper's description and are options: query i (0-indexed) sits at frame ``ceil((i + 1) T / N) - 1`` (the
+follow the paper's description: query i (0-indexed) sits at frame ``ceil((i + 1) T / N) - 1`` (the
 groups are N/T consecutive queries when T divides N; uneven otherwise, the last query always sees every frame);
 the block is the shared resampler (:class:`attnzoo.cross.LatentResampler`): pre-norms, cross-attention of the queries
-to the frame tokens (queries do not attend to each other), a GEGLU feed-forward, ``depth`` blocks.
+to the frame tokens (queries do not attend to each other), a GEGLU feed-forward, ``depth`` blocks (options ``depth``,
+``ff_mult``).
 ``causal=False`` is the unmasked projector the paper compares against. Causal cross by position runs on
 :func:`attnzoo.cross_attention`'s block-prefix path (one SDPA call per group of queries over the frames it may see).
 Decoding: frames arrive one at a time (``state=ContextCache()``, ``num_frames=T``); each call appends the new frames'
