@@ -56,6 +56,7 @@ from .errors import (
     check_choice,
     check_int,
     check_key_padding_mask,
+    check_module_input,
     check_qkv,
     check_scale,
     check_tensor,
@@ -632,8 +633,6 @@ class CrossAttention(nn.Module):
         """Keys and values of source ``name``: context (B, M, C_s) -> k, v (B, Hk, M, head_dim)."""
         if name not in self.context_dims:
             raise ValueError(f"context: unknown source {name!r}; this layer's sources are {self.names}")
-        from .errors import check_module_input
-
         check_module_input(self, context, name=f"context[{name!r}]", channels=self.context_dims[name])
         return (self._heads(self.k_proj[name](context), self.kv_heads),
                 self._heads(self.v_proj[name](context), self.kv_heads))
@@ -690,8 +689,6 @@ class CrossAttention(nn.Module):
         Returns (B, N, dim); (y, mass) with ``return_source_mass`` (mass {name: (B, heads, N)}); and the state last
         when one is given: (y, state) or (y, mass, state).
         """
-        from .errors import check_module_input
-
         check_module_input(self, x, channels=self.dim)
         check_bool("append_context", append_context)
         B, N, _ = x.shape

@@ -102,7 +102,7 @@ class IPAdapterAttention(nn.Module):
                     proj[n].bias.copy_(proj[t].bias)
 
     # -- the sources of one call -----------------------------------------------------------------------
-    def _expand(self, context, key_padding_mask, region_masks, scales, B: int, N: int):
+    def _expand(self, context, key_padding_mask, region_masks, scales):
         """{source key: (k, v)} with adapters of P images split into P sources sharing their projections, and
         their masks, regions and scales."""
         ctx = dict(context)
@@ -172,7 +172,7 @@ class IPAdapterAttention(nn.Module):
             if self.text_source not in context:
                 raise ValueError(f"context: IP-Adapter adds image prompts to the text cross-attention; the text source "
                                  f"{self.text_source!r} is missing (got {list(context)})")
-            parts = self._expand(context, kpm, regions, lam, B, N)
+            parts = self._expand(context, kpm, regions, lam)
             if state is not None:
                 for key, (k, v) in parts["sources"].items():
                     if key in state:
