@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_int, check_key_padding_mask, check_tensor
+from ...errors import check_int, check_sequence_call, check_step
 from ...reference import repeat_kv
 from ...registry import Mechanism, Option, register
 from ...state.memory import LandmarkCache
-from ._common import check_step_inputs, masked_lse, query_positions, rows_per_tile
+from ._common import masked_lse, query_positions, rows_per_tile
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def _decode_one(q, state: LandmarkCache, scale, block_size, top_k):
 def landmark_step(q, k, v, state: LandmarkCache, *, scale, block_size, top_k, key_padding_mask=None):
     """Append T tokens to the block store; one query retrieves its top_k blocks by landmark score, a
     chunk of queries runs the tiled grouped softmax over the whole store (the same computation)."""
-    check_step_inputs(q, k, v, state, key_padding_mask)
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=LandmarkCache)
     if state.block_size != block_size:
         raise ValueError(f"block_size: this LandmarkCache was built for {state.block_size}, got {block_size}")
     keys, values, mask = state.append(k, v, key_padding_mask)
@@ -388,12 +388,9 @@ class LandmarkAttention(nn.Module):
         return x_ext, ext_pos, mask
 
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
-        check_tensor("x", x, ndim=3)
         if context is not None:
             raise ValueError("context: landmark attention is causal self attention; got a context")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=LandmarkCache)
         start = 0 if state is None else self.regular_length(state)
         x_ext, ext_pos, mask = self._interleave(x, start, key_padding_mask)
         B, M, _ = x_ext.shape
