@@ -32,12 +32,13 @@ import torch
 import attnzoo
 from attnzoo.bench.measure import median_time, peak_memory
 from attnzoo.mechanisms.memory.cca import CCAState
+from attnzoo.mechanisms.memory.landmark import LandmarkCache
 from attnzoo.mechanisms.memory.longheads import LongHeadsState
 from attnzoo.mechanisms.memory.recycled import (
     RecycledState,
     recycled_sets,  # noqa: F401  (imported for the subprocess cases)
 )
-from attnzoo.state import KVCache, LandmarkCache, SinkWindowCache
+from attnzoo.state import KVCache, SinkWindowCache
 
 H, D, DIM = 8, 64, 512
 DT = torch.float32

@@ -13,14 +13,9 @@ from attnzoo import reliability
 
 PROBES = [p for mech in attnzoo.list_mechanisms() for p in reliability.probes(mech)]
 
-KNOWN = {
-    # Issue 12, Deliver 2 (branch landmark-hyper): the module state counts landmark tokens in seq_len, so crop takes
-    # the wrong prefix and accepts lengths beyond the tokens given; tied landmark scores pick different blocks in
-    # the reference and fast forms. Strict: remove an entry once that fix is merged (the probe then passes).
-    "landmark::module_state.crop_beyond": "landmark state counts landmark tokens (issue 12, Deliver 2)",
-    "landmark::module_state.crop_continue": "landmark state crops by interleaved positions (issue 12, Deliver 2)",
-    "landmark::numeric.tied_scores": "landmark tie-break depends on the last bit of a score (issue 12, Deliver 2)",
-}
+KNOWN: dict[str, str] = {}
+"""Probe id -> the open issue it waits for: such a probe is xfail(strict), so it fails loudly once fixed (empty
+now: the Landmark probes listed here before issue 12's Deliver 2 pass since that merge)."""
 
 
 def _params(isolated: bool):

@@ -12,7 +12,6 @@ shares it.
 
 from .base import DecodeState
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
-from .memory import LandmarkCache
 from .recurrent import RecurrentState
 
-__all__ = ["DecodeState", "KVCache", "LandmarkCache", "RecurrentState", "SinkWindowCache", "SlidingWindowCache"]
+__all__ = ["DecodeState", "KVCache", "RecurrentState", "SinkWindowCache", "SlidingWindowCache"]

@@ -26,12 +26,12 @@ from __future__ import annotations
 import torch
 
 from ...errors import check_int, check_step, check_tensor
+from ...kernels.select import top_k_indices
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
 from ._common import masked_lse, query_positions, rows_per_tile
-from .landmark import top_k_indices
 
 
 def chunk_summaries(q, k, v, key_padding_mask, scale, chunk_size):

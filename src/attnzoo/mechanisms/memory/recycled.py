@@ -31,12 +31,12 @@ import torch.utils.checkpoint
 
 from ...errors import check_int, check_step
 from ...kernels.sdpa import sdpa
+from ...kernels.select import top_k_indices
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
 from ._common import masked_lse
-from .landmark import top_k_indices
 
 
 def schedule(pos: torch.Tensor, stride: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
