@@ -11,4 +11,4 @@ bash scripts/install_chromium.sh
 venv="${ATTNZOO_VENV:-.venv}"
 export ATTNZOO_STRICT_DEPS=1
 "$venv/bin/ruff" check .
-"$venv/bin/python" -m pytest -q "$@"
+"$venv/bin/python" -m pytest -q --durations=15 "$@"  # the slowest tests, to keep the 15-minute budget in view
