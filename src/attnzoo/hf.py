@@ -87,19 +87,34 @@ class HFMask:
         return m.expand(self.batch_size, 1, r.numel(), self.kv_length)
 
 
-def attnzoo_mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                          mask_function=None, attention_mask: torch.Tensor | None = None,
-                          device: torch.device | str = "cpu", **kwargs) -> HFMask:
-    """transformers mask interface: returns an :class:`HFMask` instead of materializing (B, 1, Nq, Nk)."""
+def attnzoo_mask_function(batch_size: int, q_length: int | None = None, kv_length: int | None = None,
+                          q_offset: int = 0, kv_offset: int = 0, mask_function=None,
+                          attention_mask: torch.Tensor | None = None, device: torch.device | str | None = None,
+                          cache_position: torch.Tensor | None = None, **kwargs) -> HFMask:
+    """transformers mask interface: returns an :class:`HFMask` instead of materializing (B, 1, Nq, Nk).
+
+    transformers 5.x passes ``q_length``/``q_offset``; 4.56 - 4.57 pass ``cache_position``, the (Nq,) absolute
+    positions of the queries (consecutive in every call transformers makes; anything else is refused)."""
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function as mask_function
+    if q_length is None:
+        if cache_position is None:
+            raise HFIntegrationError("mask function: transformers passed neither q_length nor cache_position")
+        q_length = int(cache_position.shape[0])
+        q_offset = int(cache_position[0]) if q_length else 0
+        expected = torch.arange(q_offset, q_offset + q_length, device=cache_position.device)
+        if not torch.equal(cache_position.to(expected.dtype), expected):
+            raise HFIntegrationError(
+                f"cache_position: expected consecutive query positions, got {cache_position.tolist()[:8]}...")
+        device = cache_position.device if device is None else device
     padding = attention_mask
     if padding is not None:
         padding = padding.to(torch.bool)
         missing = kv_length + kv_offset - padding.shape[-1]
         if missing > 0:  # transformers pads the 2-D mask with False in the same situation
             padding = torch.nn.functional.pad(padding, (0, missing), value=False)
-    return HFMask(batch_size, q_length, kv_length, q_offset, kv_offset, padding, mask_function, torch.device(device))
+    return HFMask(batch_size, q_length, kv_length, q_offset, kv_offset, padding, mask_function,
+                  torch.device(device if device is not None else "cpu"))
 
 
 def _expected(mask: HFMask, rows: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
@@ -142,13 +157,6 @@ def _make_attention_function(mechanism: str, options: dict[str, Any]):
             raise HFIntegrationError(
                 f"dropout: attnzoo mechanisms do not apply attention dropout, got dropout={dropout} in training; "
                 "set the model's attention_dropout to 0")
-        decode = getattr(module, "_attnzoo_decode", None)
-        if decode is not None:  # inside SwappedAttention: q/k/v are the new tokens; the state holds the past
-            state, kpm = decode
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = mech.step(query, key, value, state, scale=scale, key_padding_mask=kpm,
-                            **mech.resolve_options(options))
-            return out.transpose(1, 2).contiguous(), None
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))  # the model's own window
         if attention_mask is None:
@@ -162,26 +170,36 @@ def _make_attention_function(mechanism: str, options: dict[str, Any]):
             raise HFIntegrationError(
                 f"attention_mask: expected the attnzoo mask object (register the mechanism with "
                 f"attnzoo.hf.register so the mask function is registered too), got {type(attention_mask).__name__}")
-        if ok is True:
+        inside_window = ok == "window" and mech.name in ("sliding_window", "sink_window") and options.get(
+            "window", registry.get(mech.name).resolve_options({})["window"]) <= window  # ours lies inside the model's
+        decode = getattr(module, "_attnzoo_decode", None)
+        if decode is not None:  # inside SwappedAttention: q/k/v are the new tokens; the state holds the past
+            if not (ok is True or inside_window):
+                raise _mask_error(mech.name, module, causal, window)
+            state, new_kpm = decode
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = mech.step(query, key, value, state, scale=scale, key_padding_mask=new_kpm,
+                            **mech.resolve_options(options))
+        elif ok is True or inside_window:
             out = attention(query, key, value, mechanism=mech.name, causal=causal, key_padding_mask=kpm,
                             scale=scaling, **options)
         elif mech.name == "softmax" and isinstance(attention_mask, HFMask):
             dense = attention_mask.dense()  # (B, 1, Nq, Nk): exact attention honours any mask as given
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             out = sdpa(query, key, value, attn_mask=dense, scale=scale)
-        elif ok == "window" and mech.name in ("sliding_window", "sink_window") and options.get(
-                "window", registry.get(mech.name).resolve_options({})["window"]) <= window:
-            out = attention(query, key, value, mechanism=mech.name, causal=causal, key_padding_mask=kpm,
-                            scale=scaling, **options)  # our window lies inside the model's
         else:
-            raise HFIntegrationError(
-                f"mechanism {mech.name!r}: layer {getattr(module, 'layer_idx', '?')} of this model asks for a mask "
-                f"that is not causal={causal} + key padding (its sliding_window is {window}); attnzoo will not "
-                "compute it with a different mask. Use a mechanism whose pattern contains the model's, or 'softmax'.")
+            raise _mask_error(mech.name, module, causal, window)
         return out.transpose(1, 2).contiguous(), None
 
     attnzoo_attention.__name__ = f"attnzoo_{mech.name}"
     return attnzoo_attention
+
+
+def _mask_error(name: str, module, causal: bool, window) -> HFIntegrationError:
+    return HFIntegrationError(
+        f"mechanism {name!r}: layer {getattr(module, 'layer_idx', '?')} of this model asks for a mask that is not "
+        f"causal={causal} + key padding (its sliding_window is {window}); attnzoo will not compute it with a "
+        "different mask. Use a mechanism whose pattern contains the model's, or 'softmax'.")
 
 
 def implementation_name(mechanism: str, **options: Any) -> str:
@@ -223,16 +241,54 @@ def register_all() -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Module swapping: attnzoo decode states inside generate(), and mechanisms with their own parameters
 # ----------------------------------------------------------------------------------------------------------
+# transformers renamed the cache argument of attention modules and models: ``past_key_value`` (< 4.56),
+# ``past_key_values`` (4.56 - 5.23), ``cache`` (5.24 on; the older names are deprecated aliases until 5.40).
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_argument(model) -> str:
+    """The name under which ``model.forward`` (a transformers model or module) takes its key/value cache in the
+    installed transformers: ``"cache"`` (5.24 on) or ``"past_key_values"`` (older)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in params), "past_key_values")
+
+
+def _given_cache(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
+    """(argument name, cache) of the cache passed to an attention module, whatever transformers calls it."""
+    for name in CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+def _positive_crop_is_a_length(layer_cls) -> bool:
+    """transformers < 5 reads ``crop(n >= 0)`` as "keep n tokens"; 5.x only removes tokens (``crop(-n)``,
+    ``crop(0)`` removes none) and refuses n > 0. Asked of the installed DynamicLayer, not of its version."""
+    layer, t = layer_cls(), torch.zeros(1, 1, 2, 1)
+    layer.update(t, t)
+    try:
+        layer.crop(1)
+    except ValueError:
+        return False
+    return True
+
+
 @functools.cache
 def _cache_layer_class():
     from transformers.cache_utils import DynamicLayer
+
+    legacy_crop = _positive_crop_is_a_length(DynamicLayer)
 
     class AttnzooCacheLayer(DynamicLayer):
         """A transformers cache layer that holds an attnzoo decode state instead of the full keys/values.
 
         ``update`` returns only the new keys/values (the mechanism's ``step`` appends them to its state);
         lengths, mask sizes, beam reorders, batch selection and crops are answered by / applied to the
-        state, so ``generate`` (greedy, sampling, beam search) works unchanged."""
+        state, so ``generate`` (greedy, sampling, beam search) works unchanged. Written against the layer API
+        of transformers 4.56 and of 5.x (``get_mask_sizes`` takes the query length or, before 5, the cache
+        positions; ``crop`` follows the installed convention)."""
 
         is_sliding = False
 
@@ -241,17 +297,19 @@ def _cache_layer_class():
             self.state = state
             self.is_initialized = True
 
-        def lazy_initialization(self, key_states, value_states) -> None:  # nothing to allocate
+        def lazy_initialization(self, *args, **kwargs) -> None:  # nothing to allocate
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
             return key_states, value_states
 
-        def get_seq_length(self) -> int:
+        def get_seq_length(self, *args) -> int:
             return self.state.seq_len
 
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.state.seq_len + query_length, 0
+        def get_mask_sizes(self, query) -> tuple[int, int]:
+            # 5.x passes the query length; 4.56 - 4.57 the (Nq,) cache positions
+            n = int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
+            return self.state.seq_len + n, 0
 
         def reorder_cache(self, beam_idx) -> None:
             self.state.reorder(beam_idx)
@@ -262,15 +320,32 @@ def _cache_layer_class():
         def batch_repeat_interleave(self, repeats: int) -> None:
             self.state.reorder(torch.arange(_batch_of(self.state)).repeat_interleave(repeats))
 
-        def crop(self, tokens_to_remove: int) -> None:
-            # transformers passes a negative count of tokens to drop (positive = legacy absolute length)
-            length = self.state.seq_len + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
-            self.state.crop(length)
+        def crop(self, tokens: int) -> None:
+            if tokens < 0:  # every version: remove that many tokens (all of them when it holds fewer)
+                self.state.crop(max(0, self.state.seq_len + tokens))
+            elif legacy_crop:  # transformers < 5: keep that many tokens
+                self.state.crop(min(tokens, self.state.seq_len))
+            elif tokens > 0:
+                raise ValueError(f"crop: transformers {_transformers_version()} removes tokens with a negative "
+                                 f"count, got {tokens}")
+            # 5.x crop(0): nothing to remove
+
+        def offload(self) -> None:  # the state stays on its device
+            pass
+
+        def prefetch(self) -> None:
+            pass
 
         def reset(self) -> None:
             raise HFIntegrationError("this cache holds attnzoo decode states; start a new cache instead of reset()")
 
     return AttnzooCacheLayer
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _batch_of(state) -> int:
@@ -300,18 +375,19 @@ class SwappedAttention(torch.nn.Module):
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(original, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
-    def forward(self, hidden_states, *args, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is None:
+    def forward(self, hidden_states, *args, attention_mask=None, **kwargs):
+        name, cache = _given_cache(kwargs)
+        if cache is None:
             return self.original(hidden_states, *args, attention_mask=attention_mask, **kwargs)
         layer_cls = _cache_layer_class()
-        layers = past_key_values.layers
+        layers = cache.layers
         while len(layers) <= self.layer_idx:
             layers.append(layer_cls.__base__())
         layer = layers[self.layer_idx]
         if not isinstance(layer, layer_cls):
             if layer.get_seq_length() > 0:
                 raise HFIntegrationError(
-                    f"past_key_values: layer {self.layer_idx} already holds keys from another attention implementation")
+                    f"{name}: layer {self.layer_idx} already holds keys from another attention implementation")
             p = next(self.original.parameters())
             state = self.mech.init_state(batch=hidden_states.shape[0], kv_heads=self.kv_heads, head_dim=self.head_dim,
                                          value_dim=self.head_dim, dtype=hidden_states.dtype, device=p.device,
@@ -319,8 +395,7 @@ class SwappedAttention(torch.nn.Module):
             layer = layers[self.layer_idx] = layer_cls(state)
         self.original._attnzoo_decode = (layer.state, _new_token_padding(attention_mask, hidden_states.shape[1]))
         try:
-            return self.original(hidden_states, *args, attention_mask=attention_mask,
-                                 past_key_values=past_key_values, **kwargs)
+            return self.original(hidden_states, *args, attention_mask=attention_mask, **kwargs)
         finally:
             self.original._attnzoo_decode = None
 

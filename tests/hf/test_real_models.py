@@ -19,10 +19,9 @@ TEXT = ("The history of the city begins with a small settlement on the river. Ov
         "a market town, then a centre of trade and learning, and finally the capital of the region.")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    model, tok = models.load_smollm2()
-    return model, tok
+@pytest.fixture
+def smollm2(smollm2_copy):  # loaded once per session by tests/conftest.py
+    return smollm2_copy
 
 
 @pytest.mark.realmodel
