@@ -132,13 +132,24 @@ def build(mechanism: str, dim: int, heads: int, *, kv_heads: int | None = None, 
     keyword arguments are :class:`Attention`'s or the mechanism's options). Mechanisms with their own
     parameters return their own module, built with the same arguments. Sequence modules take
     ``forward(x, context=None, *, key_padding_mask=None, state=None)``; grid and channel modules take
-    ``forward(x)`` on (B, H, W, C) grids or (B, C, H, W) maps.
+    ``forward(x)`` on (B, H, W, C) grids or (B, C, H, W) maps. Cross mechanisms with named sources take
+    ``context_dims={"text": 768, "image": 1024}`` and ``forward(x, context={...})`` (ARCHITECTURE "Cross-attention";
+    the generic multi-source layer is ``build("cross_attention", ...)``).
     """
     mech = registry.get(mechanism)
     if mech.module is None:
+        if "context_dims" in options:
+            raise TypeError(f"context_dims: mechanism {mech.name!r} attends to one context; several named contexts "
+                            "are the multi-source layer attnzoo.build('cross_attention', dim, heads, context_dims=...) "
+                            "or a cross mechanism's own module")
         return Attention(dim, heads, kv_heads=kv_heads, mechanism=mech.name, causal=causal, **options)
     if mech.kind == "sequence":
         return mech.module(dim, heads, kv_heads=kv_heads, causal=causal, **options)
+    if mech.kind == "pooling" and any(p.startswith("causal") for p in mech.patterns):
+        # learned queries over a token set that are causal by position (Video-CCAM): causal applies
+        if kv_heads is not None:
+            raise ValueError(f"kv_heads: does not apply to pooling mechanism {mech.name!r}; got {kv_heads!r}")
+        return mech.module(dim, heads, causal=causal, **options)
     if kv_heads is not None or causal:
         raise ValueError(f"kv_heads, causal: do not apply to {mech.kind} mechanism {mech.name!r}; "
                          f"got kv_heads={kv_heads!r}, causal={causal!r}")

@@ -6,6 +6,7 @@ Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens se
 """
 
 from .base import DecodeState
+from .context import ContextCache
 from .dense import PositionState, TokenHistoryCache
 from .heads import DiffKVCache, EchoAttentionCache, RoutedKVCache, TokenBuffers
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
@@ -15,7 +16,7 @@ from .recurrent import RecurrentState
 from .s2 import S2Cache
 
 __all__ = [
-    "DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache",
+    "DecodeState", "ContextCache", "KVCache", "SinkWindowCache", "SlidingWindowCache",
     "PositionState", "TokenHistoryCache",
     "DiffKVCache", "EchoAttentionCache", "RoutedKVCache", "TokenBuffers",
     "PerHeadWindowCache", "S2Cache", "RecurrentState",

@@ -40,7 +40,7 @@ from torch import nn
 
 from ...kernels.sdpa import sdpa
 from ...reference import dense_mask, repeat_kv
-from ...registry import PATTERNS, Mechanism, Option, register
+from ...registry import PATTERNS, CrossSpec, Mechanism, Option, register
 from ...state import KVCache
 from ._common import (
     acc_dtype,
@@ -222,4 +222,6 @@ COMPLEXFORMER = register(Mechanism(
     test_options={"adapt": "affine"},
     notes="Implemented from the abstract and CATALOG only: the arXiv paper was withdrawn (v2, May 2025) "
           "and no code was released. adapt='identity' is exactly RoPE attention.",
+    # queries sit at index positions (bottom-right) and are rotated by them: an output depends on where it sits
+    cross=CrossSpec(query_independent=False),
 ))

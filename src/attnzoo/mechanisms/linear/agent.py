@@ -37,7 +37,7 @@ from torch import nn
 from ...errors import check_tensor
 from ...kernels.sdpa import sdpa
 from ...reference import repeat_kv
-from ...registry import Mechanism, Option, register
+from ...registry import CrossSpec, Mechanism, Option, register
 from .linear_attention import acc_dtype
 
 
@@ -121,6 +121,7 @@ AGENT = register(Mechanism(
     test_options={"agents": 3},
     notes="invariant to permuting keys with their values, not to permuting queries (agents pool them in order); "
           "agents >= Nq with Nq | agents makes the agents the queries themselves (repeated).",
+    cross=CrossSpec(query_independent=False, context_permutation_invariant=True),  # agents pool all the queries
 ))
 
 
