@@ -28,7 +28,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def clips(espeak):
-    return [audio.synthesize(s, words_per_minute=130) for s in SENTENCES]
+    return [audio.synthesize(SENTENCES[0], words_per_minute=130)]  # one clip keeps the default run short
 
 
 def test_conversion_inverts_ctranslate2s_whisper_converter(tiny):
@@ -64,10 +64,11 @@ def test_conversion_inverts_ctranslate2s_whisper_converter(tiny):
 def test_transcribes_espeak_speech_and_the_adapter_reproduces_the_model(tiny, clips):
     model, proc = tiny
     texts, tokens = whisper.transcribe(model, proc, clips, return_tokens=True)
+    assert len(texts) == 1
     for got, want in zip(texts, SENTENCES):
         assert audio.normalize_words(got) == audio.normalize_words(want), (got, want)
     feats = proc.feature_extractor(clips, sampling_rate=16000, return_tensors="pt").input_features
-    dec = torch.cat([torch.tensor([[50257, 50362]] * 2), tokens[:, :6]], 1)
+    dec = torch.cat([torch.tensor([[50257, 50362]]), tokens[:, :6]], 1)
     with torch.no_grad():
         ref = model(input_features=feats, decoder_input_ids=dec).logits
     try:
