@@ -277,8 +277,23 @@ def check_noncontiguous(mech: Mechanism, pattern: str) -> None:
         assert_close(out, ref, torch.float64, f"{mech.name} {pattern}: transposed-view inputs ({backend})")
 
 
+def _blind_rows(mech: Mechanism, pattern: str, nq: int, nk: int, t: int) -> torch.Tensor:
+    """(B, Nq) bool: the query rows whose outputs may not depend on keys after position ``t``: the rows at
+    positions <= t; for a functional mechanism that declares its mask, only those whose mask sees no key after t (a
+    modality mask lets a visual token see the later tokens of its span; this is the mask it must honour)."""
+    s = Sizes.of(mech)
+    off = nk - nq
+    rows = (torch.arange(nq) + off <= t).view(1, nq).expand(s.batch, nq)
+    if mech.mask is not None and mech.functional:
+        pred = mech.mask(nq, nk, causal=True, **mech.resolve_options(dict(mech.test_options)))
+        sees_later = materialize(pred, s.batch, 1, nq, nk)[:, 0, :, t + 1 :].any(-1)  # (B, Nq)
+        rows = rows & ~sees_later
+    return rows
+
+
 def check_causality(mech: Mechanism, pattern: str) -> None:
-    """Perturbing keys/values after key position t leaves every query at position <= t unchanged."""
+    """Perturbing keys/values after key position t leaves every query at position <= t unchanged (for a mechanism
+    with a declared mask: every such query whose mask sees no key after t)."""
     assert pattern.startswith("causal")
     nq, nk = lengths(mech, pattern)
     off = nk - nq
@@ -292,10 +307,10 @@ def check_causality(mech: Mechanism, pattern: str) -> None:
             k2[:, :, t + 1 :] += 3 * torch.randn_like(k2[:, :, t + 1 :])
             v2[:, :, t + 1 :] += 3 * torch.randn_like(v2[:, :, t + 1 :])
             pert = run_functional(mech, pattern, q, k2, v2)
-            rows = t - off + 1  # queries whose position i + off <= t
-            if rows <= 0:
+            keep = _blind_rows(mech, pattern, nq, nk, t).view(base.shape[0], 1, nq, 1)
+            if not keep.any():
                 continue
-            a, b = base[:, :, :rows], pert[:, :, :rows]
+            a, b = base * keep, pert * keep
         else:
             m = make_module(mech, pattern)
             x, ctx = module_inputs(mech, pattern)
@@ -318,7 +333,8 @@ def check_causality(mech: Mechanism, pattern: str) -> None:
 
 
 def check_prefix_invariance(mech: Mechanism, pattern: str) -> None:
-    """Causal: the first m queries' outputs equal a run on only the first m queries (and their keys)."""
+    """Causal: the first m queries' outputs equal a run on only the first m queries (and their keys); for a
+    mechanism with a declared mask, those of the m queries whose mask sees no key beyond the truncation."""
     assert pattern.startswith("causal")
     nq, nk = lengths(mech, pattern)
     off = nk - nq
@@ -327,7 +343,8 @@ def check_prefix_invariance(mech: Mechanism, pattern: str) -> None:
         q, k, v = qkv(mech, pattern)
         full = run_functional(mech, pattern, q, k, v)
         part = run_functional(mech, pattern, q[:, :, :m_], k[:, :, : m_ + off], v[:, :, : m_ + off])
-        a = full[:, :, :m_]
+        keep = _blind_rows(mech, pattern, nq, nk, m_ + off - 1)[:, :m_].view(q.shape[0], 1, m_, 1)
+        part, a = part * keep, full[:, :, :m_] * keep
     else:
         mod = make_module(mech, pattern)
         x, ctx = module_inputs(mech, pattern)
