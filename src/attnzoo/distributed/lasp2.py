@@ -42,7 +42,6 @@ from ..kernels.chunked import (
     chunked_linear_attention,
     chunked_taylor_attention,
     decay_weights,
-    taylor_map,
 )
 from .comm import Comm
 
@@ -65,8 +64,13 @@ class LinearForm:
     scale: float
     chunk: int
 
-    def query_features(self, q: torch.Tensor) -> torch.Tensor:
-        return taylor_map(q, self.scale) if self.taylor else q
+    def query_features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x) for the states: the packed Taylor features (the chunked Taylor kernel's state layout), else x."""
+        if not self.taylor:
+            return x
+        from ..mechanisms.linear.based import taylor_features
+
+        return taylor_features(x, self.scale)
 
 
 def linear_form(mechanism: str, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
@@ -174,7 +178,7 @@ def lasp2_attention(q, k, v, *, mechanism: str, comm: Comm, positions: torch.Ten
     lam_c = None if lam is None else lam.detach()
     if form.taylor:  # the kernel 1 + s + s^2/2 is 1, not 0, at k = 0: mask the features and pass the mask
         kf = form.k
-        feats = taylor_map(kf, form.scale) * kvalid.view(B, 1, n, 1).to(acc)  # (B, Hk, n, F)
+        feats = form.query_features(kf) * kvalid.view(B, 1, n, 1).to(acc)  # (B, Hk, n, F)
     else:
         kf = form.k * kvalid.view(B, 1, n, 1).to(acc)  # masked keys contribute nothing
         if lam is not None and lam.requires_grad:
