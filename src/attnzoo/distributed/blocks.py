@@ -12,11 +12,13 @@ heads were sharded), and the batch rows. Positions at or beyond the sequence's l
 queries see nothing and such keys are seen by nobody (the predicate is evaluated at a clamped position and
 the result discarded, so predicates that index per-token tensors never go out of range).
 
-Tiles: queries are cut into tiles of ``tq`` rows and keys into tiles of ``tk`` columns; a
-:class:`BlockPlan` classifies each tile pair once as *empty* (skipped: never computed), *full* (no mask
-applied) or *partial* (the predicate is re-evaluated on the tile). Score tiles hold at most ``TILE_ELEMENTS``
-numbers, so the memory of a block is O((nq + nk) d) plus one tile, never nq x nk. The backward recomputes the
-probabilities of each non-empty tile from the saved log-sum-exp (FlashAttention style).
+Tiles: queries are cut into tiles of ``tq`` rows and keys into tiles of ``tk`` columns (128 each by default);
+a :class:`BlockPlan` classifies each tile pair once as *empty* (skipped: never computed), *full* (no mask
+applied) or *partial* (the predicate is re-evaluated there). For each query tile, runs of consecutive
+non-empty key tiles form *spans* of at most ``TILE_ELEMENTS / (B Hq tq)`` keys, each one matmul, one
+masked softmax piece merged online (a banded mask costs one span per query tile). Memory is O((nq + nk) d)
+plus one span, never nq x nk. The backward recomputes each span's probabilities from the saved log-sum-exp
+(FlashAttention style). The predicate is evaluated for the plan on super-tiles and reduced to tile classes.
 
 Grouped-query attention: the G query heads that share a key/value head are stacked as rows of one
 (G tq x d) tile against that head's keys, so keys and values are never repeated.
@@ -39,17 +41,18 @@ TILE_ELEMENTS = 1 << 21
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
+TILE = 128
+"""Query and key tile size (the granularity of skipping)."""
+
+
 def tile_sizes(nq: int, nk: int, rows: int) -> tuple[int, int]:
-    """(tq, tk): key tiles of up to 512 columns, query tiles that keep ``rows * tq * tk`` under the budget
-    (``rows`` = B * Hq score rows per query)."""
-    tk = max(1, min(nk, 512))
-    tq = max(1, min(nq, TILE_ELEMENTS // max(1, rows * tk)))
-    return tq, tk
+    """(tq, tk) for a block of nq queries and nk keys with ``rows`` = B * Hq score rows per query."""
+    return max(1, min(nq, TILE)), max(1, min(nk, TILE))
 
 
 @dataclass
 class BlockPlan:
-    """The mask geometry of one (query block, key block) pair: evaluated lazily per tile, classified once."""
+    """The mask geometry of one (query block, key block) pair: evaluated lazily per span, classified once."""
 
     pred: Predicate | None
     batch: int
@@ -78,6 +81,23 @@ class BlockPlan:
     def nonempty(self) -> bool:
         return bool((self.classes != EMPTY).any())
 
+    def spans(self, a: int, max_keys: int) -> list[tuple[int, int, bool]]:
+        """Key spans of query tile ``a``: (j0, j1, masked) over runs of non-empty tiles, each <= max_keys wide
+        (at least one tile); ``masked`` when a tile of the span is partial."""
+        row = self.classes[a].tolist()
+        per = max(1, max_keys // self.tk)
+        out, c = [], 0
+        while c < len(row):
+            if row[c] == EMPTY:
+                c += 1
+                continue
+            start, masked = c, False
+            while c < len(row) and row[c] != EMPTY and c - start < per:
+                masked = masked or row[c] == PARTIAL
+                c += 1
+            out.append((start * self.tk, min(self.nk, c * self.tk), masked))
+        return out
+
 
 def _eval(pred, batch: int, heads: torch.Tensor, qp: torch.Tensor, kp: torch.Tensor, q_limit: int,
           k_limit: int) -> torch.Tensor:
@@ -101,19 +121,41 @@ def _tiles(n: int, t: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + t)) for s in range(0, n, t)]
 
 
+_SUPER = 1 << 22
+"""Mask elements evaluated at once while planning (B * H * rows * columns)."""
+
+
+def _super_tiles(nq: int, nk: int, tq: int, tk: int, rows: int) -> tuple[int, int]:
+    """Super-tile sizes (multiples of tq, tk) for planning: as wide as the budget allows."""
+    sk = min(nk, max(tk, (_SUPER // max(1, rows * tq)) // tk * tk))
+    sq = min(nq, max(tq, (_SUPER // max(1, rows * sk)) // tq * tq))
+    return sq, sk
+
+
 def plan_block(pred: Predicate | None, *, batch: int, heads: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
                q_limit: int, k_limit: int, tq: int | None = None, tk: int | None = None) -> BlockPlan:
-    """Classify every tile of the block (the predicate evaluated once on the whole block, tile by tile)."""
+    """Classify every (tq x tk) tile of the block: the predicate is evaluated once on the whole block, in
+    super-tiles, and reduced per tile."""
     nq, nk = qpos.numel(), kpos.numel()
-    if tq is None or tk is None:
-        tq, tk = tile_sizes(nq, nk, batch * heads.numel())
-    qt, kt = _tiles(nq, tq), _tiles(nk, tk)
-    classes = torch.zeros(len(qt), len(kt), dtype=torch.int8)
-    for a, (i0, i1) in enumerate(qt):
-        for c, (j0, j1) in enumerate(kt):
-            m = _eval(pred, batch, heads, qpos[i0:i1], kpos[j0:j1], q_limit, k_limit)
-            if bool(m.any()):
-                classes[a, c] = FULL if bool(m.all()) else PARTIAL
+    dq, dk = tile_sizes(nq, nk, batch * heads.numel())
+    tq, tk = tq or dq, tk or dk
+    nqt, nkt = -(-nq // tq), -(-nk // tk)
+    classes = torch.zeros(nqt, nkt, dtype=torch.int8)
+    if nq == 0 or nk == 0:
+        return BlockPlan(pred, batch, heads, qpos, kpos, q_limit, k_limit, tq, tk, classes)
+    sq, sk = _super_tiles(nq, nk, tq, tk, batch * heads.numel())
+    for i0, i1 in _tiles(nq, sq):
+        for j0, j1 in _tiles(nk, sk):
+            m = _eval(pred, batch, heads, qpos[i0:i1], kpos[j0:j1], q_limit, k_limit)  # (B|1, H|1, rows, cols)
+            m = m.flatten(0, 1)  # (BH|1, rows, cols)
+            a_n, c_n = -(-(i1 - i0) // tq), -(-(j1 - j0) // tk)
+            pad = torch.nn.functional.pad
+            anyv = pad(m, (0, c_n * tk - (j1 - j0), 0, a_n * tq - (i1 - i0)), value=False)
+            allv = pad(m, (0, c_n * tk - (j1 - j0), 0, a_n * tq - (i1 - i0)), value=True)
+            anyv = anyv.view(-1, a_n, tq, c_n, tk).any(dim=4).any(dim=2).any(dim=0)  # (a_n, c_n)
+            allv = allv.view(-1, a_n, tq, c_n, tk).all(dim=4).all(dim=2).all(dim=0)
+            cls = torch.where(allv, FULL, torch.where(anyv, PARTIAL, EMPTY)).to(torch.int8)
+            classes[i0 // tq : i0 // tq + a_n, j0 // tk : j0 // tk + c_n] = cls
     return BlockPlan(pred, batch, heads, qpos, kpos, q_limit, k_limit, tq, tk, classes)
 
 
@@ -121,11 +163,13 @@ def needed_keys(pred: Predicate | None, *, batch: int, heads: torch.Tensor, qpos
                 q_limit: int, k_limit: int) -> torch.Tensor:
     """(nk,) bool: the keys that at least one query of the block attends to (for some batch row and head)."""
     nq, nk = qpos.numel(), kpos.numel()
-    tq, tk = tile_sizes(nq, nk, batch * heads.numel())
     out = torch.zeros(nk, dtype=torch.bool)
-    for j0, j1 in _tiles(nk, tk):
-        for i0, i1 in _tiles(nq, tq):
-            m = _eval(pred, batch, heads, qpos[i0:i1], kpos[j0:j1], q_limit, k_limit)  # (B|1, H|1, tq, tk)
+    if nq == 0 or nk == 0:
+        return out
+    sq, sk = _super_tiles(nq, nk, TILE, TILE, batch * heads.numel())
+    for j0, j1 in _tiles(nk, sk):
+        for i0, i1 in _tiles(nq, sq):
+            m = _eval(pred, batch, heads, qpos[i0:i1], kpos[j0:j1], q_limit, k_limit)  # (B|1, H|1, rows, cols)
             out[j0:j1] |= m.flatten(0, 2).any(dim=0)
             if bool(out[j0:j1].all()):
                 break
@@ -143,11 +187,9 @@ def _mask5(m: torch.Tensor, hk: int, g: int) -> torch.Tensor:
     return m.view(Bm, hk, g, tq, tk)
 
 
-def _tile_mask(plan: BlockPlan, cls: int, i0, i1, j0, j1, kmask, hk, g):
-    """The mask of one tile in 5-D, or None when nothing is masked."""
-    m = None
-    if cls == PARTIAL:
-        m = plan.tile_mask(i0, i1, j0, j1)
+def _span_mask(plan: BlockPlan, masked: bool, i0, i1, j0, j1, kmask, hk, g):
+    """The mask of one span in 5-D, or None when nothing is masked."""
+    m = plan.tile_mask(i0, i1, j0, j1) if masked else None
     if kmask is not None:
         km = kmask[:, j0:j1].view(kmask.shape[0], 1, 1, j1 - j0)
         m = km if m is None else m & km
@@ -161,6 +203,10 @@ def _q_rows(x5: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
     """(B, Hk, G, nq, D) -> rows i0:i1 of every query head of each group, (B, Hk, G * t, D)."""
     B, Hk, G, _, D = x5.shape
     return x5[:, :, :, i0:i1].reshape(B, Hk, G * (i1 - i0), D)
+
+
+def _span_keys(B: int, Hq: int, t: int) -> int:
+    return max(TILE, TILE_ELEMENTS // max(1, B * Hq * t))
 
 
 def attend_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scale: float,
@@ -179,28 +225,28 @@ def attend_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Bloc
     q5 = q.view(B, Hk, G, nq, D)
     kf, vf = k.to(acc), v.to(acc)
     for a, (i0, i1) in enumerate(_tiles(nq, plan.tq)):
-        row = plan.classes[a]
-        if not bool((row != EMPTY).any()):
+        spans = plan.spans(a, _span_keys(B, Hq, i1 - i0))
+        if not spans:
             continue
         t = i1 - i0
         qt = _q_rows(q5, i0, i1).to(acc) * scale  # (B, Hk, G*t, D)
-        m = torch.full((B, Hk, G * t, 1), float("-inf"), dtype=acc, device=q.device)
-        l_ = torch.zeros(B, Hk, G * t, 1, dtype=acc, device=q.device)
-        o = torch.zeros(B, Hk, G * t, Dv, dtype=acc, device=q.device)
-        for c, (j0, j1) in enumerate(_tiles(nk, plan.tk)):
-            cls = int(row[c])
-            if cls == EMPTY:
-                continue
-            s = torch.matmul(qt, kf[:, :, j0:j1].transpose(-1, -2))  # (B, Hk, G*t, tk)
-            mk = _tile_mask(plan, cls, i0, i1, j0, j1, kmask, Hk, G)
+        m = l_ = o = None
+        for j0, j1, masked in spans:
+            s = torch.matmul(qt, kf[:, :, j0:j1].transpose(-1, -2))  # (B, Hk, G*t, span)
+            mk = _span_mask(plan, masked, i0, i1, j0, j1, kmask, Hk, G)
             if mk is not None:
                 s.view(B, Hk, G, t, j1 - j0).masked_fill_(~mk, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            smax = s.amax(dim=-1, keepdim=True)
+            m_new = smax if m is None else torch.maximum(m, smax)
             safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            p = s.sub_(safe).exp_()  # (B, Hk, G*t, tk), exp(-inf) = 0 where masked
-            corr = torch.exp(m - safe)  # 0 while m is -inf
-            l_ = l_ * corr + p.sum(dim=-1, keepdim=True)
-            o = o * corr + torch.matmul(p, vf[:, :, j0:j1])
+            p = s.sub_(safe).exp_()  # (B, Hk, G*t, span), exp(-inf) = 0 where masked
+            pv = torch.matmul(p, vf[:, :, j0:j1])
+            if m is None:
+                l_, o = p.sum(dim=-1, keepdim=True), pv
+            else:
+                corr = torch.exp(m - safe)  # 0 while m is -inf
+                l_ = l_ * corr + p.sum(dim=-1, keepdim=True)
+                o = o * corr + pv
             m = m_new
         safe_l = torch.where(l_ > 0, l_, torch.ones_like(l_))
         out[:, :, :, i0:i1] = (o / safe_l).view(B, Hk, G, t, Dv)
@@ -231,27 +277,25 @@ def attend_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: tor
     delta = delta.to(acc).view(B, Hk, G, nq, 1)
     kf, vf = k.to(acc), v.to(acc)
     for a, (i0, i1) in enumerate(_tiles(nq, plan.tq)):
-        row = plan.classes[a]
-        if not bool((row != EMPTY).any()):
+        spans = plan.spans(a, _span_keys(B, Hq, i1 - i0))
+        if not spans:
             continue
         t = i1 - i0
         qt = _q_rows(q5, i0, i1).to(acc) * scale  # (B, Hk, G*t, D)
         dot = _q_rows(do5, i0, i1)  # (B, Hk, G*t, Dv)
         lt = _q_rows(lse, i0, i1)  # (B, Hk, G*t, 1)
         dt = _q_rows(delta, i0, i1)
-        dqt = torch.zeros_like(qt)
-        for c, (j0, j1) in enumerate(_tiles(nk, plan.tk)):
-            cls = int(row[c])
-            if cls == EMPTY:
-                continue
-            s = torch.matmul(qt, kf[:, :, j0:j1].transpose(-1, -2))  # (B, Hk, G*t, tk)
-            mk = _tile_mask(plan, cls, i0, i1, j0, j1, kmask, Hk, G)
+        dqt = None
+        for j0, j1, masked in spans:
+            s = torch.matmul(qt, kf[:, :, j0:j1].transpose(-1, -2))  # (B, Hk, G*t, span)
+            mk = _span_mask(plan, masked, i0, i1, j0, j1, kmask, Hk, G)
             if mk is not None:
                 s.view(B, Hk, G, t, j1 - j0).masked_fill_(~mk, float("-inf"))
             p = s.sub_(lt).exp_()  # probabilities under the final normaliser
             dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dot)
             ds = torch.matmul(dot, vf[:, :, j0:j1].transpose(-1, -2)).sub_(dt).mul_(p)  # dL/d(scaled score)
-            dqt += torch.matmul(ds, kf[:, :, j0:j1])
+            g = torch.matmul(ds, kf[:, :, j0:j1])
+            dqt = g if dqt is None else dqt.add_(g)
             dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qt)
         if dq is not None:
             dq[:, :, :, i0:i1] = (dqt * scale).view(B, Hk, G, t, D)

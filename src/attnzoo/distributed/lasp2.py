@@ -128,6 +128,26 @@ def _combine(stack: torch.Tensor, ranks, me: int, log_decay, n: int, *, prefix: 
     return out
 
 
+class _ChunkState(torch.autograd.Function):
+    """M = (phi(K) * w)^T V for the chunk (w: each key's decay to the chunk's end, or None). Saves only its
+    inputs, which the chunked kernel keeps anyway: the weighted copy of phi(K) is not kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, feats, vv, w):
+        ctx.save_for_backward(feats, vv, w)
+        kw = feats if w is None else feats * w
+        return torch.matmul(kw.transpose(-1, -2), vv)  # (B, Hk, F, Dv')
+
+    @staticmethod
+    def backward(ctx, dM):
+        feats, vv, w = ctx.saved_tensors
+        dfeats = torch.matmul(vv, dM.transpose(-1, -2))  # (B, Hk, n, F)
+        if w is not None:
+            dfeats = dfeats * w
+        kw = feats if w is None else feats * w
+        return dfeats, torch.matmul(kw, dM), None
+
+
 class _AllSum(torch.autograd.Function):
     """sum over ranks of M (the non-causal total state), by one all-gather each way."""
 
@@ -173,14 +193,18 @@ def lasp2_attention(q, k, v, *, mechanism: str, comm: Comm, positions: torch.Ten
     acc = torch.promote_types(q.dtype, torch.float32)
     form = linear_form(mechanism, q, k, scale=scale, causal=causal, options=options)
     real = (positions < seq_len).to(q.device)  # (n,)
+    padded = not bool(real.all())
     kvalid = real.view(1, n).expand(B, n) if key_padding_mask is None else key_padding_mask & real.view(1, n)
+    masked = padded or key_padding_mask is not None
     qf, lam = form.q, form.decay
     lam_c = None if lam is None else lam.detach()
     if form.taylor:  # the kernel 1 + s + s^2/2 is 1, not 0, at k = 0: mask the features and pass the mask
         kf = form.k
-        feats = form.query_features(kf) * kvalid.view(B, 1, n, 1).to(acc)  # (B, Hk, n, F)
+        feats = form.query_features(kf)  # (B, Hk, n, F)
+        if masked:
+            feats = feats * kvalid.view(B, 1, n, 1).to(acc)
     else:
-        kf = form.k * kvalid.view(B, 1, n, 1).to(acc)  # masked keys contribute nothing
+        kf = form.k * kvalid.view(B, 1, n, 1).to(acc) if masked else form.k  # masked keys contribute nothing
         if lam is not None and lam.requires_grad:
             pos = positions.to(q.device)
             qf, kf = _DecayTap.apply(qf, kf, lam, pos, pos)
@@ -195,15 +219,16 @@ def lasp2_attention(q, k, v, *, mechanism: str, comm: Comm, positions: torch.Ten
         out = torch.matmul(fq.reshape(B, Hk, (Hq // Hk) * n, -1), total).view(B, Hq, n, -1)
     else:
         w = decay_weights(lam_c, n, acc, q.device)  # (Hk, n, 1): lambda^(n - 1 - j), or None
-        kw = feats if w is None else feats * w
-        M = torch.matmul(kw.transpose(-1, -2), vv)  # (B, Hk, F, Dv'): this chunk's state at its end
+        M = _ChunkState.apply(feats, vv, w)  # (B, Hk, F, Dv'): this chunk's state at its end
         log_decay = None if lam_c is None else torch.log(lam_c.to(device=q.device, dtype=torch.float64))
         S = _PrefixStates.apply(M, log_decay, comm, n)  # the state before this chunk
         if form.taylor:
             out, _ = chunked_taylor_attention(qf, kf, vv, scale=form.scale, chunk=form.chunk, initial_state=S,
-                                              key_padding_mask=kvalid)
+                                              key_padding_mask=kvalid if masked else None)
         else:
             out, _ = chunked_linear_attention(qf, kf, vv, decay=lam_c, chunk=form.chunk, initial_state=S)
     if form.normalize:
         out = out[..., :-1] / (out[..., -1:] + form.eps)
-    return (out * real.view(1, 1, n, 1).to(out.dtype)).to(q.dtype)  # padded query rows: zeros, no gradient
+    if padded:  # padded query rows: zeros, no gradient
+        out = out * real.view(1, 1, n, 1).to(out.dtype)
+    return out.to(q.dtype)
