@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from .. import registry
-from ..errors import check_backend, check_bool, check_choice, check_key_padding_mask, check_qkv, check_scale
+from ..errors import (
+    check_backend,
+    check_bool,
+    check_choice,
+    check_int,
+    check_key_padding_mask,
+    check_qkv,
+    check_scale,
+)
 from ..functional import attention as local_attention
 from ..functional import pattern_of
 from ..masks import and_masks
@@ -238,7 +246,11 @@ def attention(
 def _heads(q, k, v, kpm, mech, opts, comm, causal, scale, backend, num_heads, check):
     if num_heads is None:
         raise ValueError("num_heads: layout 'heads' needs the model's (Hq, Hk) to know which heads this rank holds")
-    hq, hk = num_heads
+    if not isinstance(num_heads, (tuple, list)) or len(num_heads) != 2:
+        raise TypeError(f"num_heads: expected a pair (Hq, Hk) of ints, got {num_heads!r}")
+    hq, hk = check_int("num_heads[0]", num_heads[0]), check_int("num_heads[1]", num_heads[1])
+    if hq % hk:
+        raise ValueError(f"num_heads: Hq must be a multiple of Hk (grouped-query attention), got {tuple(num_heads)}")
     shard = split_heads(hq, hk, comm.world)[comm.rank]
     if q.shape[1] != shard.q_heads or k.shape[1] != len(shard.kv_local):
         raise ValueError(f"q, k: rank {comm.rank} of {comm.world} holds query heads "

@@ -375,6 +375,12 @@ class _HaloExchange(torch.autograd.Function):
     def backward(ctx, dk_all, dv_all, _dm):
         comm, plan = ctx.comm, ctx.plan
         r, W = plan.rank, plan.world
+        if dk_all is None or dv_all is None:  # every rank must still take part in the exchange
+            L = sum(_count(plan.recv[o]) for o in range(W))
+            ref = dv_all if dk_all is None else dk_all
+            shape = (ctx.kshape[0], ctx.kshape[1], L)
+            dk_all = ref.new_zeros(*shape, ctx.kshape[3]) if dk_all is None else dk_all
+            dv_all = ref.new_zeros(*shape, ctx.vshape[3]) if dv_all is None else dv_all
         dk = dk_all.new_zeros(ctx.kshape)
         dv = dv_all.new_zeros(ctx.vshape)
         off, sends, recvs = 0, [], []
