@@ -80,7 +80,7 @@ _SCENARIO = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["die", "hang"])
+@pytest.mark.parametrize("mode", ["die", pytest.param("hang", marks=pytest.mark.slow)])
 def test_dead_or_hung_rank_gives_a_clear_error_on_every_survivor(tmp_path, mode):
     """A rank that exits (or hangs) before an attention call: the two others raise DistributedError naming the
     failed operation; the whole scenario, process start-up included, ends inside the subprocess timeout."""
@@ -227,3 +227,21 @@ def test_analytic_bytes_formulas():
     zz = [checks.analytic_bytes("ring", "softmax", rank=r, scheme="zigzag", **kw)["forward"] for r in range(4)]
     # chunk 8: rank o sends 8 (W - 1 - o) + 16 o keys; the total equals what the ranks need
     assert zz == [24 * key, 32 * key, 40 * key, 48 * key]
+
+
+@pytest.mark.slow
+def test_demo_trains_with_the_sequence_split_and_matches_one_process():
+    """`python -m attnzoo.distributed.demo --nproc 2`: the losses of the sharded and the single-process model agree
+    at every step (float64), and the attention bytes equal the analytic minimum."""
+    proc = subprocess.run([sys.executable, "-m", "attnzoo.distributed.demo", "--nproc", "2", "--steps", "2",
+                           "--seq-len", "97", "--float64"], capture_output=True, text=True, timeout=300,
+                          env=launch_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    steps = [ln for ln in lines if ln.strip()[:1].isdigit() and ln.count("|") == 3]
+    assert len(steps) == 2, proc.stdout
+    for ln in steps:
+        dist_loss, single_loss, diff = (float(x) for x in ln.split("|")[1:])
+        assert abs(dist_loss - single_loss) < 1e-10 and diff < 1e-10, ln
+    ratios = [ln.split("|")[4].strip() for ln in lines if ln.count("|") == 5 and ln.strip()[:1].isdigit()]
+    assert ratios == ["1.000", "1.000"], proc.stdout

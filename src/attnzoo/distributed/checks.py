@@ -304,7 +304,7 @@ def check_heads(mechanism: str, options: dict, *, causal: bool = True, hq: int =
 
 def tiny_model(dim: int = 16, heads: int = 4, kv_heads: int = 2, vocab: int = 11, seed: int = 0,
                mechanisms=(("softmax", {}), ("sliding_window", {"window": 5}), ("lightning", {"decay": [0.9, 0.8]})),
-               transnormer: bool = True, dtype=torch.float64):
+               transnormer: bool = True, dtype=torch.float64, max_len: int = 512):
     """A tiny causal LM: embedding, one attnzoo layer per ``mechanisms`` entry (+ a TransNormer layer), each
     with an MLP and residuals, and a head. Token-wise except its attention layers (shardable by sequence)."""
     from torch import nn
@@ -326,7 +326,7 @@ def tiny_model(dim: int = 16, heads: int = 4, kv_heads: int = 2, vocab: int = 11
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(vocab, dim)
-            self.pos = nn.Embedding(512, dim)
+            self.pos = nn.Embedding(max_len, dim)
             layers = [attnzoo.build(name, dim, heads, kv_heads=kv_heads, causal=True, **opts) for name, opts in
                       mechanisms]
             if transnormer:

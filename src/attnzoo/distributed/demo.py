@@ -115,7 +115,7 @@ def run(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     dtype = torch.float64 if args.float64 else torch.float32
     mechs = PRESETS[args.preset]
     kw = dict(dim=args.dim, heads=4, kv_heads=2, vocab=args.vocab, mechanisms=mechs,
-              transnormer=args.preset == "mixed", dtype=dtype)
+              transnormer=args.preset == "mixed", dtype=dtype, max_len=args.seq_len)
     model = tiny_model(**kw)
     tokens, labels = _data(args.seq_len, args.batch, args.vocab)
     cp = ContextParallel(model, layout=args.layout, sharding=args.sharding, position_kwarg="positions")
@@ -148,7 +148,7 @@ def run(rank: int, world: int, args: argparse.Namespace) -> dict | None:
             reset_comm_stats()
         opt.zero_grad()
         out = cp(tokens)  # (B, n, vocab)
-        loss = F.cross_entropy(out[:, valid].reshape(-1, args.vocab).float(), lab[:, valid].reshape(-1),
+        loss = F.cross_entropy(out[:, valid].reshape(-1, args.vocab), lab[:, valid].reshape(-1),
                                reduction="sum")
         (loss / count).backward()
         attn_bytes = comm_stats().data_bytes if last else 0
@@ -162,10 +162,11 @@ def run(rank: int, world: int, args: argparse.Namespace) -> dict | None:
         total = float(total) / count
         if rank == 0:
             topt.zero_grad()
-            ref = F.cross_entropy(twin(tokens).reshape(-1, args.vocab).float(), labels.reshape(-1))
+            ref = F.cross_entropy(twin(tokens).reshape(-1, args.vocab), labels.reshape(-1))
             ref.backward()
             topt.step()
-            print(f"{step:>4} | {total:>16.6f} | {float(ref):>16.6f} | {abs(total - float(ref)):>12.2e}", flush=True)
+            r = ref.item()
+            print(f"{step:>4} | {total:>16.6f} | {r:>16.6f} | {abs(total - r):>12.2e}", flush=True)
     stats = [None] * world
     dist.all_gather_object(stats, {"rank": rank, "peak": peak, "attn_bytes": sent[0], "allreduce_bytes": sent[1]})
     if rank == 0:
