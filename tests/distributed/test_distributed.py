@@ -245,3 +245,24 @@ def test_demo_trains_with_the_sequence_split_and_matches_one_process():
         assert abs(dist_loss - single_loss) < 1e-10 and diff < 1e-10, ln
     ratios = [ln.split("|")[4].strip() for ln in lines if ln.count("|") == 5 and ln.strip()[:1].isdigit()]
     assert ratios == ["1.000", "1.000"], proc.stdout
+
+
+def test_a_sliding_window_on_8_ranks_talks_only_to_its_neighbour():
+    """The plan of every rank of 8 (the same code the ring runs, without the gather): a causal window of 64 over
+    contiguous shards of 512 needs exactly the 63 last keys of the previous rank and nothing from the others; a
+    non-causal one needs 63 keys from each neighbour; full causal attention needs every earlier rank whole."""
+    from attnzoo.distributed.ring import needed_ranges
+
+    sh = Sharding(8 * 512, 8)
+    kpos = sh.all_positions()
+    for r in range(8):
+        common = dict(batch=1, heads=torch.arange(2), qpos=sh.positions(r), k_positions=kpos, q_limit=4096,
+                      k_limit=4096)
+        causal = needed_ranges(masks.sliding_window(64), **common)
+        want = [[(512 - 63, 512)] if o == r - 1 else [(0, 512)] if o == r else [] for o in range(8)]
+        assert causal == want, (r, causal)
+        both = needed_ranges(masks.sliding_window(64, causal=False), **common)
+        assert [o for o in range(8) if both[o]] == [o for o in (r - 1, r, r + 1) if 0 <= o < 8]
+        assert all(sum(b - a for a, b in both[o]) == 63 for o in (r - 1, r + 1) if 0 <= o < 8)
+        full = needed_ranges(masks.causal(), **common)
+        assert full == [[(0, 512)] if o <= r else [] for o in range(8)]

@@ -302,6 +302,34 @@ def check_heads(mechanism: str, options: dict, *, causal: bool = True, hq: int =
     return Result(f"heads {mechanism} {options} Hq={hq},Hk={hk}", rank, err <= TOLERANCE[dtype], {"out": err})
 
 
+def check_heads_decode(mechanism: str, options: dict, *, hq: int = 4, hk: int = 4, steps: int = 15, d: int = 4,
+                       dtype=torch.float64, group=None) -> Result:
+    """Head-sharded decoding (P075, P025): each rank decodes its heads with the mechanism's own decode state and
+    step, options rewritten for the subset; equals those heads of the single-process decode, token by token. The
+    state each rank keeps is reported (S2-Attention: only its heads' strided and local blocks)."""
+    from .heads import local_options
+
+    rank, W = dist.get_rank(group), dist.get_world_size(group)
+    mech = registry.get(mechanism)
+    opts = mech.resolve_options(options)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, hq, steps, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(2, hk, steps, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(2, hk, steps, 3, generator=g, dtype=torch.float64).to(dtype)
+    ql, kl, vl, shard = shard_heads(q, k, v, rank, W)
+    lo = local_options(mechanism, opts, shard, hq, hk)
+    full = mech.init_state(batch=2, kv_heads=hk, head_dim=d, value_dim=3, dtype=dtype, device=None, **opts)
+    mine = mech.init_state(batch=2, kv_heads=kl.shape[1], head_dim=d, value_dim=3, dtype=dtype, device=None, **lo)
+    scale = 1.0 / math.sqrt(d)
+    err = 0.0
+    for t in range(steps):
+        want = mech.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], full, scale=scale, **opts)
+        got = mech.step(ql[:, :, t : t + 1], kl[:, :, t : t + 1], vl[:, :, t : t + 1], mine, scale=scale, **lo)
+        err = max(err, rel_err(got, want[:, shard.q_start : shard.q_stop]))
+    return Result(f"head-sharded decode {mechanism} {options} Hq={hq},Hk={hk}", rank, err <= TOLERANCE[dtype],
+                  {"max": err}, f"(state bytes: this rank {mine.nbytes()}, one process {full.nbytes()})")
+
+
 def tiny_model(dim: int = 16, heads: int = 4, kv_heads: int = 2, vocab: int = 11, seed: int = 0,
                mechanisms=(("softmax", {}), ("sliding_window", {"window": 5}), ("lightning", {"decay": [0.9, 0.8]})),
                transnormer: bool = True, dtype=torch.float64, max_len: int = 512):
@@ -589,6 +617,10 @@ def suite_float64(rank: int, world: int) -> list[Result]:
                                             "num_dense_heads": 1}, hq=4, hk=4))
     res.append(check_heads("moa", {"alphas": (2, 3, 5, 4), "betas": (0.0, 0.25, 0.0, 0.5), "sinks": 1, "length": 8}))
     res.append(check_heads("lightning", {}))
+    res.append(check_heads_decode("s2_attention", {"block_size": 2, "local_blocks": 1, "vert_stride": 2}))
+    res.append(check_heads_decode("s2_attention", {"block_size": 2, "local_blocks": 2, "vert_stride": 4,
+                                                   "num_dense_heads": 1}))
+    res.append(check_heads_decode("lightning", {}))
     for mech, opts in (("softmax", {}), ("sliding_window", {"window": 3}), ("sink_window", {"window": 3, "sinks": 2}),
                        ("neighborhood_1d", {"kernel_size": 3, "dilation": 2}), ("linear", {}), ("lightning", {}),
                        ("based", {})):

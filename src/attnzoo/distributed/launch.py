@@ -86,6 +86,10 @@ def run(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600.0, 
 
     ``fn`` and ``args`` must be picklable (a module-level function). ``pg_timeout`` is the process group's
     default timeout (attnzoo's own calls take their ``timeout=`` argument)."""
+    from ..errors import check_choice, check_int
+
+    check_int("world", world)
+    check_choice("start_method", start_method, ("forkserver", "spawn", "fork"))
     ctx = mp.get_context(start_method)
     if start_method == "forkserver":
         ctx.set_forkserver_preload(_preload() + list(preload or []))

@@ -43,7 +43,7 @@ from ..masks import Predicate
 from .blocks import BlockAttention, BlockPlan, attend_backward, attend_forward, needed_keys, plan_block
 from .comm import Comm
 
-__all__ = ["ExchangePlan", "build_plan", "ring_attention", "halo_attention", "MAX_RANGES"]
+__all__ = ["ExchangePlan", "build_plan", "needed_ranges", "ring_attention", "halo_attention", "MAX_RANGES"]
 
 MAX_RANGES = 16
 """At most this many key ranges are sent per (sender, receiver) pair; more are merged across the smallest gaps."""
@@ -121,16 +121,20 @@ class ExchangePlan:
         return sum(_count(self.send[d]) for d in range(self.world) if d != self.rank)
 
 
+def needed_ranges(pred: Predicate | None, *, batch: int, heads: torch.Tensor, qpos: torch.Tensor,
+                  k_positions: list[torch.Tensor], q_limit: int, k_limit: int) -> list[list[tuple[int, int]]]:
+    """For queries at ``qpos``: the ranges of every rank's keys (``k_positions[o]``) they attend to."""
+    return [key_ranges(needed_keys(pred, batch=batch, heads=heads, qpos=qpos, kpos=kpos, q_limit=q_limit,
+                                   k_limit=k_limit)) for kpos in k_positions]
+
+
 def build_plan(comm: Comm, pred: Predicate | None, *, batch: int, heads: torch.Tensor, q_positions: list[torch.Tensor],
                k_positions: list[torch.Tensor], q_limit: int, k_limit: int) -> ExchangePlan:
     """Evaluate the mask of this rank's queries against every rank's keys; one gather of the ranges."""
     r, W = comm.rank, comm.world
     qpos = q_positions[r]
-    recv = []
-    for o in range(W):
-        flags = needed_keys(pred, batch=batch, heads=heads, qpos=qpos, kpos=k_positions[o], q_limit=q_limit,
-                            k_limit=k_limit)
-        recv.append(key_ranges(flags))
+    recv = needed_ranges(pred, batch=batch, heads=heads, qpos=qpos, k_positions=k_positions, q_limit=q_limit,
+                         k_limit=k_limit)
     everyone = comm.gather_objects(recv, what="ring/halo plan (key ranges each rank needs)")
     send = [everyone[d][r] for d in range(W)]
     blocks = []
