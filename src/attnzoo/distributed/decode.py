@@ -215,7 +215,7 @@ class SplitRecurrentState(DecodeState):
         self.value_dim = head_dim if value_dim is None else check_int("value_dim", value_dim)
         feats = head_dim
         if self.mech.name == "based":
-            from ..kernels.chunked import taylor_feature_dim
+            from ..mechanisms.linear.based import taylor_feature_dim
 
             feats = taylor_feature_dim(head_dim)
         W, r = self.comm.world, self.comm.rank

@@ -88,7 +88,7 @@ def _minimum_bytes(model, layout_of, sharding, batch: int, elsize: int, world: i
             elif layout == "lasp2":
                 F_ = d
                 if m.mech.name == "based":
-                    from ..kernels.chunked import taylor_feature_dim
+                    from ..mechanisms.linear.based import taylor_feature_dim
 
                     F_ = taylor_feature_dim(d)
                 extra = 1 if m.options.get("normalize", False) and m.mech.name != "lightning" else 0

@@ -17,7 +17,7 @@ dM_s back to the rank's keys and values (:class:`_PrefixStates`).
 Family members (their feature maps, scales, normalisers and kernels are the single-process ones):
 ``linear`` (phi = elu + 1 or identity, normalised by phi(q) . sum phi(k) + eps), ``lightning`` (per-head decay,
 unnormalised), ``based`` (2nd-order Taylor features for the states, the polynomial ``1 + s + s^2/2`` inside
-chunks: :func:`~attnzoo.kernels.chunked.chunked_taylor_attention`); TransNormerLLM's attention core is
+chunks: :func:`~attnzoo.mechanisms.linear.based.chunked_taylor_attention`); TransNormerLLM's attention core is
 ``lightning`` with its layer's decay and scale 1 (see :class:`attnzoo.distributed.ContextParallel`).
 
 Gradient of Lightning's decay (the chunked kernel treats the decay as a constant): every term of the output
@@ -37,12 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.chunked import (
-    DEFAULT_CHUNK,
-    chunked_linear_attention,
-    chunked_taylor_attention,
-    decay_weights,
-)
+from ..kernels.chunked import DEFAULT_CHUNK, chunked_linear_attention, decay_weights
+from ..mechanisms.linear.based import chunked_taylor_attention, taylor_features
 from .comm import Comm
 
 __all__ = ["LASP2_MECHANISMS", "LinearForm", "linear_form", "lasp2_attention"]
@@ -66,11 +62,7 @@ class LinearForm:
 
     def query_features(self, x: torch.Tensor) -> torch.Tensor:
         """phi(x) for the states: the packed Taylor features (the chunked Taylor kernel's state layout), else x."""
-        if not self.taylor:
-            return x
-        from ..mechanisms.linear.based import taylor_features
-
-        return taylor_features(x, self.scale)
+        return taylor_features(x, self.scale) if self.taylor else x
 
 
 def linear_form(mechanism: str, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,

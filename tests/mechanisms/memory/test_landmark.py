@@ -27,13 +27,27 @@ def _qkv(B=2, Hq=4, Hk=2, nq=13, nk=13, D=5, Dv=3, seed=0, dtype=F64):
     return q, k, v
 
 
+def _dot(a, b):
+    """q . k in Python floats (IEEE float64) by the selection-score rule: the products, zero-padded to a power
+    of two, summed pairwise (first half + second half) until one is left."""
+    p = [x * y for x, y in zip(a, b)]
+    p += [0.0] * ((1 << max(0, (len(p) - 1).bit_length())) - len(p))
+    while len(p) > 1:
+        p = [p[i] + p[i + len(p) // 2] for i in range(len(p) // 2)]
+    return p[0]
+
+
 def _loop_oracle(q, k, v, scale, block_size, top_k=None, mask=None):
     """The grouped softmax written per query and head with Python loops over the block structure (scores
-    from one matmul; selection, grouping and both softmaxes by hand)."""
+    from one matmul; selection, grouping and both softmaxes by hand). Blocks are ranked by the unscaled
+    q . landmark key in float64 by the documented selection rule (:func:`_dot`, so exact ties are exact
+    here too); Python's stable sort sends ties to the earlier block."""
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     period = block_size + 1
+    q, k, v = q.double(), k.double(), v.double()
     S = (q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2) * scale).tolist()
+    Q, K = q.tolist(), k.tolist()
     V = v.repeat_interleave(Hq // Hk, 1)
     out = torch.zeros(B, Hq, Nq, v.shape[-1], dtype=F64)
     for b in range(B):
@@ -46,7 +60,8 @@ def _loop_oracle(q, k, v, scale, block_size, top_k=None, mask=None):
                 cur = [j for j in range(bq * period, p + 1) if j % period != block_size and ok(j)]
                 lms = [bb for bb in range(bq) if ok(bb * period + block_size)]
                 if top_k is not None:
-                    lms = sorted(lms, key=lambda bb: -s[bb * period + block_size])[:top_k]  # stable: ties -> early
+                    qi, kh = Q[b][h][i], K[b][h // (Hq // Hk)]
+                    lms = sorted(lms, key=lambda bb: -_dot(qi, kh[bb * period + block_size]))[:top_k]
                 outer = [s[j] for j in cur] + [s[bb * period + block_size] for bb in lms]
                 if not outer:
                     continue
@@ -62,19 +77,36 @@ def _loop_oracle(q, k, v, scale, block_size, top_k=None, mask=None):
     return out
 
 
-def test_ties_go_to_earlier_blocks_on_every_path():
-    """Identical landmark keys (a single layer without positions): all paths retrieve the same blocks."""
-    q, k, v = _qkv(nq=18, nk=18)
-    k[:, :, 3::4] = k[:, :, 3:4]  # every landmark key equal to the first one
-    kw = dict(scale=0.5, block_size=3, top_k=2)
-    want = _loop_oracle(q, k, v, 0.5, 3, 2)
-    ref = landmark_reference(q, k, v, causal=True, key_padding_mask=None, **kw)
-    assert_close(ref, want, F64, "reference with ties")
-    assert_close(landmark_fast(q, k, v, causal=True, key_padding_mask=None, **kw), want, F64, "fast with ties")
-    st = init_landmark_cache(batch=2, kv_heads=2, head_dim=5, value_dim=3, dtype=F64, device="cpu", block_size=3,
-                             top_k=2)
-    outs = [landmark_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st, **kw) for t in range(18)]
-    assert_close(torch.cat(outs, 2), want, F64, "decode with ties")
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_tied_landmark_keys_select_the_same_blocks_on_every_path(dtype, monkeypatch):
+    """Every landmark key identical (a single layer without positions): every score ties, and reference,
+    fast (one tile and many), decode token by token and chunked prefill all retrieve the earliest blocks.
+    Failed before the shared selection rule: einsum and matmul broke the ties differently."""
+    import attnzoo.mechanisms.memory.landmark as lm
+
+    N, bs, top_k = 47, 3, 2
+    q, k, v = _qkv(nq=N, nk=N, dtype=dtype)
+    k[:, :, bs :: bs + 1] = k[:, :, bs : bs + 1]  # every landmark key equal to the first one, bit for bit
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[1, 2 * (bs + 1) + bs] = False  # row 1: the landmark of block 2 cannot be retrieved
+    mask[0, 5] = False
+    kw = dict(scale=0.5, block_size=bs, top_k=top_k)
+    want = _loop_oracle(q, k, v, 0.5, bs, top_k, mask)
+    got = {"reference": landmark_reference(q, k, v, causal=True, key_padding_mask=mask, **kw),
+           "fast": landmark_fast(q, k, v, causal=True, key_padding_mask=mask, **kw)}
+    st = init_landmark_cache(batch=2, kv_heads=2, head_dim=5, value_dim=3, dtype=dtype, device="cpu",
+                             block_size=bs, top_k=top_k)
+    got["step"] = torch.cat([landmark_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st,
+                                           key_padding_mask=mask[:, t:t + 1], **kw) for t in range(N)], 2)
+    st.crop(0)
+    parts = [landmark_step(q[:, :, :17], k[:, :, :17], v[:, :, :17], st, key_padding_mask=mask[:, :17], **kw)]
+    parts += [landmark_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st,
+                            key_padding_mask=mask[:, t:t + 1], **kw) for t in range(17, N)]
+    got["prefill + step"] = torch.cat(parts, 2)
+    monkeypatch.setattr(lm, "rows_per_tile", lambda cost: 5)
+    got["fast, tiles of 5 rows"] = landmark_fast(q, k, v, causal=True, key_padding_mask=mask, **kw)
+    for name, out in got.items():
+        assert_close(out, want.to(dtype), dtype, f"{name} with ties")
 
 
 @pytest.mark.parametrize("top_k", [None, 1, 2])
@@ -200,22 +232,65 @@ def test_state_chaining_crop_and_reorder():
         landmark_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], st, scale=0.5, block_size=3, top_k=2)
 
 
-def test_module_inserts_landmarks_and_decodes():
+def _module_oracle(layer, x, top_k):
+    """The layer written out: the learned landmark inserted after every block of the float64 input, the
+    projections applied to the interleaved sequence, the loop oracle, the landmark rows dropped."""
+    bs, H, Hk, hd = layer.block_size, layer.heads, layer.kv_heads, layer.head_dim
+    W = {n: (getattr(layer, n).weight.double(), getattr(layer, n).bias)
+         for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    proj = lambda n, t: t @ W[n][0].T + (0 if W[n][1] is None else W[n][1].double())
+    rows, keep = [], []
+    for t in range(x.shape[1]):
+        rows.append(x[:, t].double())
+        keep.append(len(rows) - 1)
+        if (t + 1) % bs == 0:
+            rows.append(layer.landmark.double().expand(x.shape[0], -1))
+    xe = torch.stack(rows, 1)  # (B, M, dim)
+    B, M, _ = xe.shape
+    q = proj("q_proj", xe).view(B, M, H, hd).transpose(1, 2)
+    k = proj("k_proj", xe).view(B, M, Hk, hd).transpose(1, 2)
+    v = proj("v_proj", xe).view(B, M, Hk, hd).transpose(1, 2)
+    k[:, :, bs :: bs + 1] = k[:, :, bs : bs + 1]  # one embedding, so one key: make the tie exact here too
+    o = _loop_oracle(q, k, v, layer.scale, bs, top_k)  # (B, H, M, hd)
+    o = o.transpose(1, 2).reshape(B, M, -1)[:, keep]
+    return proj("o_proj", o)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_module_with_its_one_landmark_embedding_decodes_like_its_forward(dtype):
+    """The layer's landmarks share one embedding, so every landmark score ties: forward (both backends),
+    decode token by token and chunked decoding retrieve the same (earliest) blocks, at N >= 40 in float32
+    and float64. Failed before (module decode 0.15 off): tied scores were broken by the last bit."""
+    torch.manual_seed(0)
+    N = 44
+    layer = LandmarkAttention(12, 4, kv_heads=2, block_size=3, top_k=2, bias=True).to(dtype)
+    x = torch.randn(2, N, 12, dtype=dtype)
+    want = _module_oracle(layer, x, 2).to(dtype)
+    got = {}
+    for backend in ("reference", "fast"):
+        layer.backend = backend
+        got[backend] = layer(x)
+    st = layer.init_state(2)
+    got["decode"] = torch.cat([layer(x[:, t:t + 1], state=st)[0] for t in range(N)], 1)
+    st = layer.init_state(2)
+    chunks = [(0, 7), (7, 8), (8, 20), (20, 21), (21, 22), (22, N)]
+    got["chunks"] = torch.cat([layer(x[:, a:b], state=st)[0] for a, b in chunks], 1)
+    for name, out in got.items():
+        assert_close(out, want, dtype, f"module {name}")
+    assert st.seq_len == N and st.cache.seq_len == N + N // 3  # tokens; the cache holds the landmarks too
+    lm_keys = st.cache.landmark_keys  # (B, Hk, 14, hd): all equal, bit for bit
+    assert lm_keys.shape[2] == N // 3 and torch.equal(lm_keys, lm_keys[:, :, :1].expand_as(lm_keys))
+
+
+def test_module_trains_the_landmark_and_backends_agree():
     torch.manual_seed(0)
     layer = LandmarkAttention(12, 4, kv_heads=2, block_size=3, top_k=1).double()
     x = torch.randn(2, 14, 12, dtype=F64)
-    full = layer(x)
-    assert full.shape == (2, 14, 12)
-    st = layer.init_state(2)
-    outs = [layer(x[:, :5], state=st)[0]]
-    for t in range(5, 14):
-        outs.append(layer(x[:, t:t + 1], state=st)[0])
-    assert_close(torch.cat(outs, 1), full, F64, "module decode")
-    assert st.seq_len == 14 + 14 // 3 and layer.regular_length(st) == 14
-    # the interleaved sequence really has the learned landmark at every 4th position
-    x_ext, pos, _ = layer._interleave(x, 0, None)
-    assert x_ext.shape[1] == 18 and torch.equal(x_ext[:, 3], layer.landmark.detach().expand(2, 12))
-    # fast and reference backends agree, including parameter gradients (landmark embedding included)
+    assert_close(layer(x), _module_oracle(layer, x, 1), F64, "module vs written-out layer")
+    pos, total = layer.layout(0, 14)
+    assert total == 18 and pos.tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, 16, 17]
+    pos, total = layer.layout(5, 3)  # tokens 5, 6, 7 after 5 tokens: token 5 completes block 1
+    assert total == 4 and pos.tolist() == [0, 2, 3]
     grads = {}
     for backend in ("reference", "fast"):
         layer.backend = backend
@@ -225,6 +300,56 @@ def test_module_inserts_landmarks_and_decodes():
     for a, b in zip(grads["fast"], grads["reference"]):
         assert_close(a, b, F64, "module gradient")
     assert grads["fast"][0].abs().sum() > 0  # the landmark embedding is learned
+
+
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_module_state_counts_tokens_and_crops_by_tokens(top_k):
+    """crop(c) then decoding the rest == the layer's forward (== a fresh decode of the prefix then the rest),
+    for every c: crops inside a block drop that block's landmark, crops at a block end keep it. Failed
+    before: seq_len counted landmarks (12 after 9 tokens) and crop(7) kept the wrong prefix."""
+    torch.manual_seed(1)
+    bs, N = 3, 13
+    layer = LandmarkAttention(8, 2, block_size=bs, top_k=top_k).double()
+    x = torch.randn(2, N, 8, dtype=F64)
+    full = layer(x)
+    for c in (7, *range(N + 1)):
+        st = layer.init_state(2)
+        layer(x[:, :11], state=st)
+        layer(x[:, 11:], state=st)
+        st.crop(c)
+        fresh = layer.init_state(2)
+        if c:
+            layer(x[:, :c], state=fresh)
+        for state in (st, fresh):
+            if c < N:
+                rest = torch.cat([layer(x[:, t:t + 1], state=state)[0] for t in range(c, N)], 1)
+                assert_close(rest, full[:, c:], F64, f"decode after crop({c})")
+            assert state.seq_len == N and state.cache.seq_len == N + N // bs
+        st.crop(c)
+        assert st.seq_len == c and st.cache.seq_len == c + c // bs  # c tokens and the landmarks they complete
+    st = layer.init_state(2)
+    layer(x[:, :9], state=st)
+    assert st.seq_len == 9 and st.cache.seq_len == 12
+    # beam search: reorder, then crop, then continue
+    st = layer.init_state(2)
+    layer(x, state=st)
+    st.reorder(torch.tensor([1, 1]))
+    st.crop(7)
+    idx = torch.tensor([1, 1])
+    rest = torch.cat([layer(x[idx, t:t + 1], state=st)[0] for t in range(7, N)], 1)
+    assert_close(rest, full[idx, 7:], F64, "after reorder and crop")
+    assert st.nbytes() > 0
+    with pytest.raises(ValueError, match="length"):
+        st.crop(N + 1)
+    with pytest.raises(ValueError, match="length"):
+        st.crop(-1)
+    with pytest.raises(TypeError, match="state"):
+        layer(x[:, :1], state=init_landmark_cache(batch=2, kv_heads=2, head_dim=4, value_dim=4, dtype=F64,
+                                                  device="cpu", block_size=bs, top_k=None))
+    with pytest.raises(ValueError, match="block_size"):
+        layer(x[:, :1], state=LandmarkAttention(8, 2, block_size=4).double().init_state(2))
+    with pytest.raises(ValueError, match="batch"):
+        layer(x[:1, :1], state=layer.init_state(2))
 
 
 def test_registry_and_errors():
@@ -237,3 +362,9 @@ def test_registry_and_errors():
         attnzoo.attention(q, k, v, mechanism="landmark", causal=True, block_size=0)
     with pytest.raises(ValueError, match="causal"):
         LandmarkAttention(8, 2, causal=False)
+    layer = LandmarkAttention(8, 2, block_size=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        layer.init_state(0)
+    with pytest.raises(TypeError, match="state"):  # the layer's state counts tokens, not interleaved positions
+        landmark_step(q[:1, :2, :1, :4], k[:1, :2, :1, :4], v[:1, :2, :1], layer.init_state(1), scale=0.5,
+                      block_size=3, top_k=None)

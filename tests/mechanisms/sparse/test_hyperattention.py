@@ -107,16 +107,16 @@ def test_estimator_written_as_an_explicit_loop():
         q_rank = {int(i): r for r, i in enumerate(p.q_order[0, h])}
         k_rank = {int(j): r for r, j in enumerate(p.k_order[0, 0])}
         for i in range(13):
-            blk = q_rank[i] // p.qbs
+            blk = q_rank[i] // 3  # sorted blocks of block_size = 3, for queries and keys alike
             num = torch.zeros(3, dtype=torch.float64)
             den = torch.zeros((), dtype=torch.float64)
             for j in range(13):
-                if k_rank[j] // p.bk == blk:
+                if k_rank[j] // 3 == blk:
                     e = torch.exp(scale * q[0, h, i] @ k[0, 0, j])
                     num, den = num + e * v[0, 0, j], den + e
             for pos in p.samples[0, h].tolist():
                 j = int(p.k_order[0, 0, pos])
-                if pos // p.bk != blk:
+                if pos // 3 != blk:
                     e = torch.exp(scale * q[0, h, i] @ k[0, 0, j])
                     num, den = num + w * e * v[0, 0, j], den + w * e
             out[0, h, i] = num / den
@@ -124,6 +124,94 @@ def test_estimator_written_as_an_explicit_loop():
         got = attnzoo.attention(q, k, v, mechanism="hyperattention", scale=scale, backend=backend, min_seq_len=2,
                                 **opts)
         assert_close(got, out, torch.float64, f"explicit estimator loop ({backend})")
+
+
+def _sorted_ranks(h):
+    """P(i): the place of row i when the rows are sorted by bucket, ties in index order (Python's stable sort)."""
+    order = sorted(range(len(h)), key=lambda i: h[i])
+    return {i: r for r, i in enumerate(order)}
+
+
+def _sortlsh_mask(q, k, b, qbs, r, seed):
+    """The paper's sortLSH mask (Definition 1), per batch row and query head, written with loops:
+    M_ij = 1 iff query i's sorted rank lies in query block floor(P_Q(i) / qbs) and key j's in key block
+    floor(P_K(j) / b) with the same index. qbs = b in self attention; in cross attention the official
+    ceil(Nq / b) * b / n_blocks (exact here). Returns bool (B, Hq, Nq, Nk)."""
+    B, Hq, Nq, _ = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    hq, hk = lsh_hash(q, r, seed).tolist(), lsh_hash(k, r, seed).tolist()  # buckets (Gray-code test above)
+    M = torch.zeros(B, Hq, Nq, Nk, dtype=torch.bool)
+    for bi in range(B):
+        for h in range(Hq):
+            pq, pk = _sorted_ranks(hq[bi][h]), _sorted_ranks(hk[bi][h // (Hq // Hk)])
+            for i in range(Nq):
+                for j in range(Nk):
+                    M[bi, h, i, j] = pq[i] // qbs == pk[j] // b
+    return M
+
+
+def _masked_softmax_attention(q, k, v, M, scale):
+    Hq, Hk = q.shape[1], k.shape[1]
+    s = q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2) * scale
+    return torch.softmax(s.masked_fill(~M, float("-inf")), -1) @ v.repeat_interleave(Hq // Hk, 1)
+
+
+@pytest.mark.parametrize("Hq,Hk,nq,nk,b", [(1, 1, 20, 20, 8), (4, 2, 33, 33, 8), (2, 1, 9, 12, 4), (2, 2, 30, 16, 4)])
+def test_sortlsh_blocks_are_the_papers_when_n_is_not_a_multiple_of_the_block(Hq, Hk, nq, nk, b):
+    """Sampling off: the output is exactly the paper's block-diagonal attention in sorted order, with sorted
+    query blocks of block_size lined up with the key blocks (N = 20, b = 8: query ranks 0-7, 8-15, 16-19
+    meet key ranks 0-7, 8-15, 16-19). Failed before (1.08 off at N = 20, b = 8): the sorted queries were
+    cut into equal blocks of ceil(N / n_blocks) = 7."""
+    q, k, v = _qkv(2, Hq, Hk, nq, nk, seed=3)
+    nblocks = -(-nk // b)
+    qbs = b if nq == nk else -(-nq // b) * b // nblocks
+    assert nq == nk or (-(-nq // b) * b) % nblocks == 0  # cross cases where the official code runs
+    want = _masked_softmax_attention(q, k, v, _sortlsh_mask(q, k, b, qbs, 3, 5), 0.4)
+    for backend in ("reference", "fast"):
+        got = attnzoo.attention(q, k, v, mechanism="hyperattention", scale=0.4, backend=backend, block_size=b,
+                                sample_size=0, lsh_num_projs=3, min_seq_len=2, seed=5)
+        assert_close(got, want, torch.float64, f"sortLSH blocks ({backend})")
+
+
+def test_causal_recursion_uses_aligned_blocks():
+    """N = 24, b = 8, leaves of 6 (exact causal): the recursion written out as one mask, top-level
+    off-diagonal (12 queries x 12 keys, not a multiple of 8) by the paper's sortLSH mask, the next level's
+    6 x 6 off-diagonals as one block (b >= 6). Failed before: that 12 x 12 block used query blocks of 6."""
+    q, k, v = _qkv(1, 2, 2, 24, 24, seed=8)
+
+    def mask(qq, kk, causal):
+        n = qq.shape[2]
+        if causal and n <= 6:
+            return torch.ones(n, n, dtype=torch.bool).tril().expand(1, 2, n, n)
+        if not causal:  # 12 x 12 with b = 8, or 6 x 6 (one block of 6: every key)
+            return _sortlsh_mask(qq, kk, min(8, n), min(8, n), 3, 0)
+        h = n // 2
+        M = torch.zeros(1, 2, n, n, dtype=torch.bool)
+        M[..., :h, :h] = mask(qq[:, :, :h], kk[:, :, :h], True)
+        M[..., h:, h:] = mask(qq[:, :, h:], kk[:, :, h:], True)
+        M[..., h:, :h] = mask(qq[:, :, h:], kk[:, :, :h], False)
+        return M
+
+    want = _masked_softmax_attention(q, k, v, mask(q, k, True), 0.5)
+    for backend in ("reference", "fast"):
+        got = attnzoo.attention(q, k, v, mechanism="hyperattention", causal=True, scale=0.5, backend=backend,
+                                block_size=8, sample_size=0, lsh_num_projs=3, min_seq_len=6)
+        assert_close(got, want, torch.float64, f"causal recursion ({backend})")
+
+
+def test_default_block_size_at_n_4100():
+    """The defaults (b = 256, 7 projections) at N = 4100, sampling off: 17 key blocks, the last of 4 keys,
+    and the 4 queries of the last sorted ranks with them (before: 46% of queries met a key block not holding
+    their rank, and the last 228 shared the block of 4 keys). Written out block by block in sorted order."""
+    q, k, v = _qkv(1, 1, 1, 4100, 4100, d=16, dv=4, seed=2)
+    got = attnzoo.attention(q, k, v, mechanism="hyperattention", backend="fast", sample_size=0)
+    qo = torch.sort(lsh_hash(q, 7, 0)[0, 0], stable=True).indices
+    ko = torch.sort(lsh_hash(k, 7, 0)[0, 0], stable=True).indices
+    want = torch.empty(4100, 4, dtype=torch.float64)
+    for s in range(0, 4100, 256):
+        qi, kj = qo[s : s + 256], ko[s : s + 256]
+        want[qi] = torch.softmax(q[0, 0, qi] @ k[0, 0, kj].T / 4.0, -1) @ v[0, 0, kj]
+    assert_close(got[0, 0], want, torch.float64, "defaults at N = 4100")
 
 
 def test_error_falls_as_sample_size_grows():

@@ -20,11 +20,20 @@ Choices where the paper is silent, checked against the official code:
 - An earlier block whose regular tokens are all masked contributes nothing, but its landmark still takes
   outer-softmax mass (the official ``denom < 0.5 -> 0`` rule).
 - ``top_k=None`` keeps every earlier block (the training-time grouped softmax); with ``top_k`` the
-  selection is per query and per query head ("per_token_and_head" in the official cache); ties go to
-  the earlier block. Positional re-indexing of retrieved blocks belongs to the model adapter.
+  selection is per query and per query head ("per_token_and_head" in the official cache). Positional
+  re-indexing of retrieved blocks belongs to the model adapter.
+- Selection is identical in every form (reference, fast, step) and on every CPU: the landmark scores that
+  rank the blocks come from one function, :func:`attnzoo.kernels.select.selection_scores` (float64, fixed
+  summation order, so the same query and landmark key give the same bits whatever kernel shapes a path
+  uses), and exactly equal scores go to the earlier block. The outer-softmax weights themselves are
+  computed by each path's own kernel; only the discrete choice has to be bitwise reproducible.
 - :class:`LandmarkAttention` used alone, without positional encoding, gives every landmark the same key
-  (they share one input embedding); in the paper landmarks become block summaries through the layers
-  below. With ``top_k`` the tie rule then retrieves the earliest blocks.
+  (they share one input embedding; the layer projects the embedding once, so the keys are bitwise equal);
+  in the paper landmarks become block summaries through the layers below. With ``top_k`` every score
+  then ties and the earliest blocks are retrieved.
+- The layer's decode state (:class:`LandmarkState`) counts input tokens; ``crop(n)`` keeps the first n
+  tokens and the landmarks of the blocks they complete, which is the state a fresh decode of those n
+  tokens builds (a block cut short loses its landmark).
 """
 
 from __future__ import annotations
@@ -35,11 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
-from ...layers import _check_int
-from ...reference import repeat_kv
+from ...errors import check_backend, check_int, check_key_padding_mask, check_module_input, check_same_device
+from ...kernels.select import selection_scores, top_k_indices
+from ...reference import acc_dtype, repeat_kv
 from ...registry import Mechanism, Option, register
-from ...state.memory import LandmarkCache
+from ...state.base import DecodeState
+from ...state.kv import KVCache
 from ._common import check_step_inputs, masked_lse, query_positions, rows_per_tile
 
 
@@ -68,30 +78,43 @@ def landmark_roles(nq: int, nk: int, block_size: int, key_padding_mask=None, dev
     return cur, prev_tok, prev_lm
 
 
-def top_k_indices(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """Indices of the ``k`` highest scores along ``dim``; ties go to the lower index (a stable sort), so
-    the parallel form and every decoding path select the same blocks even when landmark keys coincide."""
-    order = torch.sort(scores.detach(), dim=dim, descending=True, stable=True).indices
-    return order.narrow(dim, 0, min(k, scores.shape[dim]))
+def retrieve_blocks(q: torch.Tensor, lm_keys: torch.Tensor, cand: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ``top_k`` earlier blocks each query retrieves: the one selection rule of every form.
+
+    q (B, Hk, G, T, D) unscaled queries, lm_keys (B, Hk, nl, D) landmark keys, cand bool broadcastable to
+    (B, Hk, G, T, nl) (the landmarks a query may retrieve). Returns block indices (B, Hk, G, T, min(top_k,
+    nl)), best first; exactly equal scores go to the earlier block. Indices past the candidates (fewer than
+    ``top_k`` of them) point at non-candidates: callers keep ``cand`` at the returned indices.
+    """
+    sel = selection_scores(q, lm_keys.unsqueeze(2))  # (B, Hk, G, T, nl): bitwise the same in every form
+    return top_k_indices(sel.masked_fill(~cand, float("-inf")), top_k)
 
 
-def _top_k_mask(scores: torch.Tensor, cand: torch.Tensor, top_k: int, dim: int = -1) -> torch.Tensor:
-    """Among the candidates, the ``top_k`` highest scores along ``dim`` (all of them if fewer)."""
-    idx = top_k_indices(scores.masked_fill(~cand, float("-inf")), top_k, dim)
-    return torch.zeros(cand.shape, dtype=torch.bool, device=cand.device).scatter(dim, idx, True) & cand
+def _retrieved_mask(q, lm_keys, cand, top_k) -> torch.Tensor:
+    """:func:`retrieve_blocks` as a mask (B, Hk, G, T, nl): candidate and among the top_k."""
+    cand = cand.expand(*q.shape[:-1], lm_keys.shape[-2])
+    if lm_keys.shape[-2] <= top_k:  # every candidate is retrieved: no ranking needed
+        return cand
+    idx = retrieve_blocks(q, lm_keys, cand, top_k)
+    return torch.zeros_like(cand).scatter(-1, idx, True) & cand
 
 
 def landmark_reference(q, k, v, *, causal, key_padding_mask, scale, block_size, top_k):
     """Dense grouped softmax: all scores (B, Hq, Nq, Nk) are built, then the two softmaxes applied."""
-    B, Hq, Nq, _ = q.shape
+    B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    kf, vf = repeat_kv(k, Hq // Hk).to(acc), repeat_kv(v, Hq // Hk).to(acc)
+    G = Hq // Hk
+    period = block_size + 1
+    acc = acc_dtype(q.dtype)
+    kf, vf = repeat_kv(k, G).to(acc), repeat_kv(v, G).to(acc)
     s = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
     cur, prev_tok, prev_lm = (m.expand_as(s) for m in landmark_roles(Nq, Nk, block_size, key_padding_mask, q.device))
-    if top_k is not None:
-        prev_lm = _top_k_mask(s, prev_lm, top_k)  # retrieval: keep the best top_k earlier landmarks
-    period = block_size + 1
+    if top_k is not None:  # retrieval: keep the best top_k earlier landmarks (landmark p = b*period + block_size)
+        cand = prev_lm[..., block_size::period].reshape(B, Hk, G, Nq, -1)  # (B, Hk, G, Nq, nl)
+        keep = _retrieved_mask(q.reshape(B, Hk, G, Nq, D), k[:, :, block_size::period], cand, top_k)
+        chosen = torch.zeros_like(prev_lm)  # (B, Hq, Nq, Nk)
+        chosen[..., block_size::period] = keep.reshape(B, Hq, Nq, -1)
+        prev_lm = chosen
     nb = -(-Nk // period)
     pad = nb * period - Nk
     blocks = lambda x: F.pad(x, (0, pad)).view(B, Hq, Nq, nb, period)  # (B, Hq, Nq, nb, period)
@@ -113,9 +136,12 @@ def landmark_reference(q, k, v, *, causal, key_padding_mask, scale, block_size, 
 # Fast: tiled grouped softmax with a hand-written backward (never the N x N matrix)
 # --------------------------------------------------------------------------------------------------------
 class _Tile:
-    """Scores and masks of query rows r0:r1 against the blocks they can see (blocks 0..last)."""
+    """Scores and masks of query rows r0:r1 against the blocks they can see (blocks 0..last).
 
-    def __init__(self, qs, kb, valid, r0, r1, off, block_size, top_k):
+    ``qs``: scaled queries (B, Hk, G, Nq, D) for the scores; ``qsel``: the unscaled ones for the selection.
+    """
+
+    def __init__(self, qs, qsel, kb, valid, r0, r1, off, block_size, top_k):
         period = block_size + 1
         dev = qs.device
         pos = torch.arange(r0, r1, device=dev) + off  # (T,)
@@ -132,9 +158,8 @@ class _Tile:
         self.cur = sh(seen & ~is_lm & same)
         self.prev_tok = sh(seen & ~is_lm & before)
         lm_cand = sh(seen & is_lm & before)[..., block_size].expand(self.S.shape[:-1])  # (B, Hk, G, T, nbt)
-        S_L = self.S[..., block_size]  # (B, Hk, G, T, nbt)
-        if top_k is not None:
-            lm_cand = _top_k_mask(S_L, lm_cand, top_k)
+        if top_k is not None:  # qsel: the unscaled queries, kb[..., block_size, :]: the landmark keys
+            lm_cand = _retrieved_mask(qsel[:, :, :, r0:r1], kb[:, :, :nbt, block_size], lm_cand, top_k)
         self.lm_sel = lm_cand
         self.lse_in, _ = masked_lse(self.S, self.prev_tok.expand_as(self.S))  # (B, Hk, G, T, nbt)
         outer = self.cur.expand_as(self.S).clone()
@@ -157,7 +182,7 @@ class _LandmarkAttention(torch.autograd.Function):
         B, Hq, Nq, D = q.shape
         Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         G = Hq // Hk
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = acc_dtype(q.dtype)
         period = block_size + 1
         nb = -(-Nk // period)
         pad = nb * period - Nk
@@ -168,6 +193,7 @@ class _LandmarkAttention(torch.autograd.Function):
         if key_padding_mask is not None:
             valid = valid & F.pad(key_padding_mask, (0, pad))
         valid = valid.view(-1, nb, period)  # (B|1, nb, P)
+        qsel = q.reshape(B, Hk, G, Nq, D)
         qs = (q.to(acc) * scale).view(B, Hk, G, Nq, D)  # scale folded into the queries
         out = torch.zeros(B, Hk, G, Nq, Dv, dtype=acc, device=q.device)  # (B, Hk, G, Nq, Dv)
         lse = torch.zeros(B, Hk, G, Nq, dtype=acc, device=q.device)  # (B, Hk, G, Nq)
@@ -175,7 +201,7 @@ class _LandmarkAttention(torch.autograd.Function):
         step = rows_per_tile(B * Hq * (Nk + period))
         for r0 in range(0, Nq, step):
             r1 = min(Nq, r0 + step)
-            t = _Tile(qs, kb, valid, r0, r1, off, block_size, top_k)
+            t = _Tile(qs, qsel, kb, valid, r0, r1, off, block_size, top_k)
             lse_out = _lse2(t.S, t.outer)  # (B, Hk, G, T): outer log-normaliser
             p = t.probs(lse_out)  # (B, Hk, G, T, nbt, P)
             out[:, :, :, r0:r1] = torch.einsum("bhgtnp,bhnpe->bhgte", p, vb[:, :, : t.nbt])
@@ -193,7 +219,7 @@ class _LandmarkAttention(torch.autograd.Function):
         B, Hq, Nq, D = q.shape
         Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         G = Hq // Hk
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = acc_dtype(q.dtype)
         period = block_size + 1
         nb = -(-Nk // period)
         pad = nb * period - Nk
@@ -204,6 +230,7 @@ class _LandmarkAttention(torch.autograd.Function):
         if key_padding_mask is not None:
             valid = valid & F.pad(key_padding_mask, (0, pad))
         valid = valid.view(-1, nb, period)
+        qsel = q.reshape(B, Hk, G, Nq, D)
         qs = (q.to(acc) * scale).view(B, Hk, G, Nq, D)
         do = dout.to(acc).view(B, Hk, G, Nq, Dv)  # (B, Hk, G, Nq, Dv)
         delta = (do * out).sum(-1)  # (B, Hk, G, Nq): sum_j P_ij dP_ij
@@ -214,7 +241,7 @@ class _LandmarkAttention(torch.autograd.Function):
         step = rows_per_tile(B * Hq * (Nk + period))
         for r0 in range(0, Nq, step):
             r1 = min(Nq, r0 + step)
-            t = _Tile(qs, kb, valid, r0, r1, off, block_size, top_k)
+            t = _Tile(qs, qsel, kb, valid, r0, r1, off, block_size, top_k)
             n_ = t.nbt
             p = t.probs(lse[:, :, :, r0:r1])  # (B, Hk, G, T, nbt, P)
             dot = do[:, :, :, r0:r1]  # (B, Hk, G, T, Dv)
@@ -250,6 +277,33 @@ def landmark_fast(q, k, v, *, causal, key_padding_mask, scale, block_size, top_k
 # --------------------------------------------------------------------------------------------------------
 # Decoding: block store + top-k block retrieval
 # --------------------------------------------------------------------------------------------------------
+class LandmarkCache(KVCache):
+    """Landmark Attention's block store: every key/value of the interleaved sequence (landmarks included).
+
+    Stored contiguously, so block ``b`` is positions ``b*(block_size+1) .. b*(block_size+1)+block_size``
+    and the landmark keys are the strided view ``keys[:, :, block_size::block_size+1]``: a decoding query
+    scores the landmarks only and gathers the ``top_k`` blocks it retrieves. Memory O(N) (the paper keeps
+    every block, possibly offloaded); per-token compute O(N / block_size + top_k * block_size).
+    ``seq_len`` counts positions of the interleaved sequence (the functional form's inputs); ``crop(n)``
+    keeps its first n positions, exactly the state a fresh decode of them builds (a position's role follows
+    from its index alone).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
+                 block_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        self.block_size = check_int("block_size", block_size)
+        batch, kv_heads, head_dim = check_int("batch", batch), check_int("kv_heads", kv_heads), check_int(
+            "head_dim", head_dim)
+        value_dim = None if value_dim is None else check_int("value_dim", value_dim)
+        super().__init__(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+
+    @property
+    def landmark_keys(self) -> torch.Tensor:
+        """Keys of the landmarks of completed blocks, (B, Hk, n_blocks, D) (a strided view)."""
+        return self.keys[:, :, self.block_size :: self.block_size + 1]
+
+
 def init_landmark_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, block_size, top_k):
     return LandmarkCache(batch, kv_heads, head_dim, value_dim, block_size=block_size, dtype=dtype, device=device)
 
@@ -266,7 +320,7 @@ def _decode_one(q, state: LandmarkCache, scale, block_size, top_k):
     p = state.seq_len - 1
     bq = p // period
     keys, values, mask = state.keys, state.values, state.mask  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc = acc_dtype(q.dtype)
     qs = (q.to(acc) * scale).view(B, Hk, G, D)  # (B, Hk, G, D)
     parts_s, parts_v = [], []
     if bq > 0:
@@ -276,8 +330,9 @@ def _decode_one(q, state: LandmarkCache, scale, block_size, top_k):
         s_lm = torch.einsum("bhgd,bhnd->bhgn", qs, kb[:, :, :, block_size])  # (B, Hk, G, bq) landmark scores
         vmask = None if mask is None else mask[:, :nfull].view(B, 1, 1, bq, period)
         lm_ok = torch.ones_like(s_lm, dtype=torch.bool) if vmask is None else vmask[..., block_size].expand_as(s_lm)
-        if top_k is not None and top_k < bq:
-            idx = top_k_indices(s_lm.masked_fill(~lm_ok, float("-inf")), top_k)  # (B, Hk, G, k)
+        if top_k is not None and top_k < bq:  # the selection rule shared with the reference and fast forms
+            idx = retrieve_blocks(q.reshape(B, Hk, G, 1, D), kb[:, :, :, block_size], lm_ok.unsqueeze(-2),
+                                  top_k).squeeze(-2)  # (B, Hk, G, k)
         else:
             idx = torch.arange(bq, device=q.device).expand(B, Hk, G, bq)
         kk = idx.shape[-1]
@@ -316,6 +371,9 @@ def landmark_step(q, k, v, state: LandmarkCache, *, scale, block_size, top_k, ke
     """Append T tokens to the block store; one query retrieves its top_k blocks by landmark score, a
     chunk of queries runs the tiled grouped softmax over the whole store (the same computation)."""
     check_step_inputs(q, k, v, state, key_padding_mask)
+    if not isinstance(state, LandmarkCache):
+        raise TypeError(f"state: expected a LandmarkCache (init_state of 'landmark'), got {type(state).__name__}")
+    check_same_device(q=q, state=state.keys)
     if state.block_size != block_size:
         raise ValueError(f"block_size: this LandmarkCache was built for {state.block_size}, got {block_size}")
     keys, values, mask = state.append(k, v, key_padding_mask)
@@ -329,17 +387,60 @@ def landmark_step(q, k, v, state: LandmarkCache, *, scale, block_size, top_k, ke
 # --------------------------------------------------------------------------------------------------------
 # Module: inserts a learned landmark token after every block
 # --------------------------------------------------------------------------------------------------------
+class LandmarkState(DecodeState):
+    """Decode state of :class:`LandmarkAttention`: ``seq_len`` counts input tokens, ``cache`` is the
+    :class:`LandmarkCache` of the interleaved sequence (a landmark after every ``block_size`` tokens).
+
+    ``crop(n)`` keeps the first n tokens and the landmarks of the blocks they complete (``n + n //
+    block_size`` interleaved positions): the state a fresh decode of those n tokens builds, so a block
+    cut short by the crop loses its landmark and gets it back when decoding completes the block again.
+    """
+
+    _tensor_fields = ("_cache_tensors",)
+
+    def __init__(self, cache: LandmarkCache) -> None:
+        super().__init__()
+        if not isinstance(cache, LandmarkCache):
+            raise TypeError(f"cache: expected a LandmarkCache, got {type(cache).__name__}")
+        self.cache = cache
+
+    @property
+    def _cache_tensors(self) -> list[torch.Tensor]:
+        return self.cache.tensors()
+
+    @property
+    def block_size(self) -> int:
+        return self.cache.block_size
+
+    @property
+    def batch(self) -> int:
+        return self.cache.batch
+
+    def interleaved_length(self, tokens: int) -> int:
+        """Positions of the interleaved sequence that ``tokens`` input tokens occupy (landmarks included)."""
+        return tokens + tokens // self.block_size
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        self.cache.crop(self.interleaved_length(length))
+        self.seq_len = length
+
+
 class LandmarkAttention(nn.Module):
     """Causal self-attention layer with landmark tokens: ``x (B, N, dim) -> (B, N, dim)``.
 
     A learned landmark embedding (``self.landmark``) is inserted after every ``block_size`` tokens, the
     interleaved sequence goes through the q/k/v projections and the grouped softmax, and the outputs at
-    landmark positions are dropped. In a full model the paper's landmarks are tokens of the input stream
-    that pass through every layer; a per-layer learned landmark is this layer's stand-in for them.
+    landmark positions are dropped. The embedding is projected once per call and its rows placed at every
+    landmark position, so all landmark keys are bitwise equal in every path (their scores tie exactly and
+    the earliest blocks are retrieved). In a full model the paper's landmarks are tokens of the input
+    stream that pass through every layer; a per-layer learned landmark is this layer's stand-in for them.
 
     Decoding: ``state = layer.init_state(batch)``; ``out, state = layer(x_new, state=state)``. The state
-    is a :class:`~attnzoo.state.memory.LandmarkCache` over the interleaved sequence (landmarks included),
-    so its ``seq_len`` counts landmark tokens; :meth:`regular_length` gives the count of input tokens.
+    is a :class:`LandmarkState`: its ``seq_len`` counts input tokens and ``crop`` takes a token count.
     """
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = True,
@@ -347,15 +448,15 @@ class LandmarkAttention(nn.Module):
         super().__init__()
         if causal is not True:
             raise ValueError(f"causal: landmark attention is causal (causal_self, causal_cross), got {causal!r}")
-        dim, heads = _check_int("dim", dim), _check_int("heads", heads)
-        kv_heads = heads if kv_heads is None else _check_int("kv_heads", kv_heads)
+        dim, heads = check_int("dim", dim), check_int("heads", heads)
+        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
         if dim % heads or heads % kv_heads:
             raise ValueError(f"heads, kv_heads: need dim % heads == 0 and heads % kv_heads == 0, got dim={dim}, "
                              f"heads={heads}, kv_heads={kv_heads}")
         opts = LANDMARK.resolve_options({"block_size": block_size, "top_k": top_k})
         self.block_size, self.top_k = opts["block_size"], opts["top_k"]
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, dim // heads
-        self.causal, self.backend = True, backend
+        self.causal, self.backend = True, check_backend(backend)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.landmark = nn.Parameter(0.02 * torch.randn(dim))
         self.q_proj = nn.Linear(dim, dim, bias=bias)
@@ -363,47 +464,60 @@ class LandmarkAttention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(dim, dim, bias=bias)
 
-    def regular_length(self, state: LandmarkCache) -> int:
-        """Input tokens consumed by ``state`` (its ``seq_len`` minus the landmark tokens)."""
-        return state.seq_len - state.seq_len // (self.block_size + 1)
-
-    def init_state(self, batch_size: int, *, dtype=None, device=None) -> LandmarkCache:
+    def init_state(self, batch_size: int, *, dtype=None, device=None) -> LandmarkState:
         w = self.q_proj.weight
-        return LandmarkCache(batch_size, self.kv_heads, self.head_dim, self.head_dim, block_size=self.block_size,
-                             dtype=dtype or w.dtype, device=device or w.device)
+        cache = LandmarkCache(check_int("batch_size", batch_size), self.kv_heads, self.head_dim, self.head_dim,
+                              block_size=self.block_size, dtype=dtype or w.dtype, device=device or w.device)
+        return LandmarkState(cache)
 
-    def _interleave(self, x, start_regular, key_padding_mask):
-        """Insert the landmark after every block; returns x_ext (B, N', dim), regular indices, ext mask."""
-        B, N, _ = x.shape
-        r = torch.arange(start_regular, start_regular + N, device=x.device)  # global regular index
-        n_lm_before = r // self.block_size - start_regular // self.block_size  # landmarks inserted before it
-        ext_pos = torch.arange(N, device=x.device) + n_lm_before  # position inside this chunk's extension
-        ends = (r + 1) % self.block_size == 0  # a landmark follows this token
-        total = N + int(ends.sum())
-        x_ext = self.landmark.to(x.dtype).expand(B, total, self.dim).clone()
-        x_ext[:, ext_pos] = x
-        mask = None
-        if key_padding_mask is not None:
-            mask = torch.ones(B, total, dtype=torch.bool, device=x.device)
-            mask[:, ext_pos] = key_padding_mask
-        return x_ext, ext_pos, mask
+    def layout(self, start: int, n: int, device=None) -> tuple[torch.Tensor, int]:
+        """Where tokens ``start .. start+n-1`` go in this chunk of the interleaved sequence: their positions
+        (n,) and the chunk's length (the tokens plus a landmark after each one that completes a block)."""
+        r = torch.arange(start, start + n, device=device)  # global token index
+        ext_pos = torch.arange(n, device=device) + r // self.block_size - start // self.block_size  # (n,)
+        total = n + (start + n) // self.block_size - start // self.block_size
+        return ext_pos, total
+
+    @staticmethod
+    def _insert(rows: torch.Tensor, landmark_row: torch.Tensor, ext_pos: torch.Tensor, total: int) -> torch.Tensor:
+        """rows (B, N, C) at ``ext_pos`` of a (B, total, C) sequence whose other rows are ``landmark_row`` (C,)."""
+        B, _, C = rows.shape
+        out = landmark_row.expand(B, total, C).clone()  # (B, total, C)
+        out[:, ext_pos] = rows
+        return out
+
+    def _check_state(self, state, x) -> None:
+        if not isinstance(state, LandmarkState):
+            raise TypeError(f"state: expected the LandmarkState of layer.init_state(batch), got "
+                            f"{type(state).__name__}")
+        if state.block_size != self.block_size:
+            raise ValueError(f"state: built for block_size={state.block_size}, this layer has {self.block_size}")
+        if state.batch != x.shape[0]:
+            raise ValueError(f"state: holds a batch of {state.batch}, x has {x.shape[0]} rows")
+        check_same_device(x=x, state=state.cache.keys)
 
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
-        check_tensor("x", x, ndim=3)
+        check_module_input(self, x, channels=self.dim)
         if context is not None:
             raise ValueError("context: landmark attention is causal self attention; got a context")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
-        start = 0 if state is None else self.regular_length(state)
-        x_ext, ext_pos, mask = self._interleave(x, start, key_padding_mask)
-        B, M, _ = x_ext.shape
-        q = self.q_proj(x_ext).view(B, M, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, hd)
-        k = self.k_proj(x_ext).view(B, M, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, M, hd)
-        v = self.v_proj(x_ext).view(B, M, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, M, hd)
+        B, N, _ = x.shape
+        check_key_padding_mask(key_padding_mask, B, N, device=x.device)
+        if state is not None:
+            self._check_state(state, x)
+        ext_pos, M = self.layout(0 if state is None else state.seq_len, N, x.device)
+        hd = self.head_dim
+        lm = self.landmark
+        q = self._insert(self.q_proj(x), self.q_proj(lm), ext_pos, M).view(B, M, self.heads, hd).transpose(1, 2)
+        k = self._insert(self.k_proj(x), self.k_proj(lm), ext_pos, M).view(B, M, self.kv_heads, hd).transpose(1, 2)
+        v = self._insert(self.v_proj(x), self.v_proj(lm), ext_pos, M).view(B, M, self.kv_heads, hd).transpose(1, 2)
+        mask = None  # (B, M): landmarks are always attended
+        if key_padding_mask is not None:
+            mask = torch.ones(B, M, dtype=torch.bool, device=x.device)
+            mask[:, ext_pos] = key_padding_mask
         opts = {"block_size": self.block_size, "top_k": self.top_k}
         if state is not None:
-            out = landmark_step(q, k, v, state, scale=self.scale, key_padding_mask=mask, **opts)
+            out = landmark_step(q, k, v, state.cache, scale=self.scale, key_padding_mask=mask, **opts)
+            state.seq_len += N
         else:
             fn = landmark_reference if self.backend == "reference" else landmark_fast
             out = fn(q, k, v, causal=True, key_padding_mask=mask, scale=self.scale, **opts)  # (B, H, M, hd)

@@ -5,8 +5,11 @@ arXiv 2310.05869. Official code: https://github.com/insuhan/hyper-attn (``models
 
 Approximates ``softmax(q k^T * scale) v`` in near-linear time. (1) sortLSH: queries and keys are hashed
 with one angular LSH (``lsh_num_projs`` random hyperplanes, bucket ids in Gray-code order) and sorted by
-bucket; the sorted keys are cut into blocks of ``block_size`` and the sorted queries into as many blocks;
-query block b attends exactly to key block b. (2) Residual: ``sample_size`` key columns are drawn
+bucket; the sorted keys are cut into blocks of ``block_size`` and the sorted queries, padded to a multiple
+of ``block_size``, into as many blocks (the official code); query block b attends exactly to key block b.
+In self attention the query blocks are blocks of ``block_size`` too, so the query of sorted rank r meets
+the keys of sorted rank in the same block, ``r // block_size`` (the paper's mask M^H, Definition 1),
+whether or not N is a multiple of ``block_size``. (2) Residual: ``sample_size`` key columns are drawn
 uniformly with replacement; each query attends to the samples that are *not* in its own block, and the
 partial normaliser is scaled by ``n / sample_size`` (an unbiased estimate of the mass outside the block).
 The two parts are merged by their log-sum-exp (:func:`attnzoo.kernels.merge.merge_attention`).
@@ -25,6 +28,9 @@ Choices where the official code is silent or loose (each an option or documented
   (query head, node) and shared by the batch, so results are reproducible and batch rows independent;
 - the last key block may be partial (official pads sorted keys with zero rows that then *count* in the
   block softmax); here padded slots are masked;
+- cross attention (Nq != Nk): the official query block size is ``ceil(Nq / b) * b // n_blocks``, which
+  only works when that division is exact (otherwise its reshape fails); here it is rounded up: the
+  official size wherever the official code runs, and elsewhere the last key blocks may meet no query;
 - key padding: padded keys (and, in self attention, the queries at padded positions) are sorted after
   every real one (never in a real block), never sampled, and
   the residual weight is ``n_valid / m`` per batch row;
@@ -54,7 +60,7 @@ import torch
 from ...kernels.gather import gather_attention
 from ...kernels.merge import merge_attention
 from ...kernels.sdpa import sdpa
-from ...reference import softmax_attention
+from ...reference import acc_dtype, softmax_attention
 from ...registry import Mechanism, Option, register
 
 
@@ -86,7 +92,7 @@ class _Plan:
     q_order: torch.Tensor  # (B, Hq, Nq) query ids in sorted order
     k_order: torch.Tensor  # (B, Hk, Nk) key ids in sorted order (padded keys last)
     nblocks: int
-    qbs: int  # query rows per block
+    qbs: int  # query rows per block (== bk in self attention)
     bk: int  # keys per block
     samples: torch.Tensor | None  # (B, Hq, m) sorted key positions of the residual samples, or None
     log_weight: torch.Tensor | None  # (B,) log of the residual weight n_valid / m (0 when exact)
@@ -106,8 +112,11 @@ def plan(q, k, kpm, *, block_size, sample_size, lsh_num_projs, seed, node, qpm=N
     q_order = torch.sort(hq, dim=-1, stable=True).indices  # (B, Hq, Nq)
     k_order = torch.sort(hk, dim=-1, stable=True).indices  # (B, Hk, Nk)
     bk = min(block_size, Nk)
-    nblocks = -(-Nk // bk)
-    qbs = -(-Nq // nblocks)
+    nblocks = -(-Nk // bk)  # key blocks of bk sorted keys (the last may be partial)
+    nq_pad = -(-Nq // bk) * bk  # sorted queries padded to a multiple of bk (official)
+    # ... and cut into as many blocks as the keys: bk rows when Nq == Nk, so query rank r meets key block
+    # r // bk. Rounded up where the official division is not exact (cross only): every query has a block.
+    qbs = -(-nq_pad // nblocks)
     samples = log_weight = None
     n_valid = torch.full((B,), Nk, device=q.device) if kpm is None else kpm.sum(dim=1)  # (B,)
     if sample_size > 0 and Nq > qbs and Nk > bk:
@@ -206,8 +215,7 @@ def hyperattention_reference(q, k, v, *, causal, key_padding_mask, scale, **opts
     qpm = key_padding_mask if q.shape[2] == k.shape[2] else None  # self attention: padded query positions
     c = _coefficients(q, k, key_padding_mask, causal=causal, opts=opts, node=1, qpm=qpm)  # (B, Hq, Nq, Nk)
     keep = c > 0
-    bias = torch.where(keep, c.clamp(min=1e-300).log(), torch.zeros_like(c)).to(torch.promote_types(q.dtype,
-                                                                                                torch.float32))
+    bias = torch.where(keep, c.clamp(min=1e-300).log(), torch.zeros_like(c)).to(acc_dtype(q.dtype))
     return softmax_attention(q, k, v, attn_mask=keep, bias=bias, scale=scale)
 
 
