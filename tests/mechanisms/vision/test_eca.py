@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import attnzoo
-from attnzoo.mechanisms.vision.eca import EfficientChannelAttention, eca_kernel_size
+from attnzoo.mechanisms.vision.eca import EfficientChannelAttention, eca_fast, eca_kernel_size
 from attnzoo.testing import assert_close
 
 F64 = torch.float64
@@ -135,3 +135,23 @@ def test_build_and_errors():
         EfficientChannelAttention(8)(torch.randn(1, 8, 3, 3, dtype=F64))
     with pytest.raises(ValueError, match="gamma"):
         eca_kernel_size(64, gamma=0.0)
+
+
+@pytest.mark.parametrize("memory", [torch.contiguous_format, torch.channels_last])
+def test_fast_backward_equals_autograd(memory):
+    torch.manual_seed(4)
+    m = EfficientChannelAttention(12, kernel_size=5).double()
+    x = torch.randn(2, 12, 5, 7, dtype=F64).contiguous(memory_format=memory)
+    g = torch.randn(2, 12, 5, 7, dtype=F64)
+    grads = {}
+    for backend in ("reference", "fast"):
+        m.backend = backend
+        m.zero_grad()
+        xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        out = m(xi)
+        out.backward(g)
+        grads[backend] = (out.detach(), xi.grad, m.conv.weight.grad.clone())
+    for a, b, what in zip(grads["fast"], grads["reference"], ("output", "input grad", "kernel grad")):
+        assert_close(a, b, F64, f"ECA fast vs autograd: {what}")
+    xg = x.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t, w: eca_fast(t, w), (xg, m.conv.weight.detach().requires_grad_(True)))
