@@ -94,6 +94,7 @@ def pattern_mask(mechanism: str, height: int, width: int, *, q: torch.Tensor | N
     a list of (B or 1, HW, HW) masks whose attention outputs are summed (two for EMOv2's hybrid attention, else one).
     ``q``, ``k`` (B, heads, HW, d) are needed by content-routed patterns (BiFormer)."""
     o = _pattern_options(mechanism, options)
+    device = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
     n = height * width
     if mechanism == "neighborhood_2d":
         return [materialize(neighborhood_2d(height, width, o["kernel_size"], o["dilation"]), 1, 1, n, n,
