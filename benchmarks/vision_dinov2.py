@@ -1,4 +1,4 @@
-"""Training-free fidelity of grid attention patterns inside a real DINOv2 ViT-S/14: patch-feature cosine to the original.
+"""Training-free fidelity of grid attention patterns inside a real DINOv2 ViT-S/14: patch-feature cosine to the model.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/vision_dinov2.py            # every image of skimage.data below
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/vision_dinov2.py --quick    # 2 images, 3 patterns
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field", "immunohistochemistry",
-          "retina", "brick", "grass", "gravel", "colorwheel", "coins", "horse", "moon")
+IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "page", "hubble_deep_field", "immunohistochemistry",
+          "retina", "brick", "grass", "gravel", "colorwheel", "coins", "moon", "text")
 
 PATTERNS = [  # (label, mechanism, options)
     ("softmax (control)", "softmax", {}),
