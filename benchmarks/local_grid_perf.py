@@ -34,8 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import attnzoo  # noqa: E402
 from attnzoo.bench.measure import median_time, peak_memory  # noqa: E402
-from attnzoo.kernels.grid import neighborhood_2d  # noqa: E402
-from attnzoo.masks import materialize  # noqa: E402
+from attnzoo.masks import materialize, neighborhood_2d  # noqa: E402
 from attnzoo.mechanisms.local.neighborhood_2d import na2d  # noqa: E402
 
 MODULES = {  # name -> options at 56 x 56 (grid sides must divide into blocks / windows / groups)
@@ -58,7 +57,7 @@ def na_case(impl: str, mode: str, heads: int, size: int = 64, kernel: int = 7, d
     shape = (1, heads, size, size, dim)
     q, k, v = (torch.randn(shape, requires_grad=mode == "fwd_bwd") for _ in range(3))
     if impl == "na2d":
-        fn = lambda: na2d(q, k, v, kernel_size=kernel)
+        fn = lambda: na2d(q, k, v, kernel_size=kernel, layout="heads_first")
         inputs = (q, k, v)
     else:
         n = size * size
@@ -99,8 +98,8 @@ def gate() -> None:
     """fast == reference on small grids before any number is reported."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 11, 8, dtype=torch.float64) for _ in range(3))
-    a = na2d(q, k, v, kernel_size=7, backend="fast")
-    b = na2d(q, k, v, kernel_size=7, backend="reference")
+    a = na2d(q, k, v, kernel_size=7, backend="fast", layout="heads_first")
+    b = na2d(q, k, v, kernel_size=7, backend="reference", layout="heads_first")
     assert (a - b).norm() / b.norm() < 1e-10, "na2d fast != reference"
     for name, opts in MODULES.items():
         mech = name.split("[")[0]

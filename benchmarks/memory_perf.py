@@ -31,9 +31,13 @@ import torch
 
 import attnzoo
 from attnzoo.bench.measure import median_time, peak_memory
-from attnzoo.mechanisms.memory.recycled import recycled_sets  # noqa: F401  (imported for the subprocess cases)
-from attnzoo.state import KVCache, SinkWindowCache
-from attnzoo.state.memory import CCAState, LandmarkCache, LongHeadsState, RecycledState
+from attnzoo.mechanisms.memory.cca import CCAState
+from attnzoo.mechanisms.memory.longheads import LongHeadsState
+from attnzoo.mechanisms.memory.recycled import (
+    RecycledState,
+    recycled_sets,  # noqa: F401  (imported for the subprocess cases)
+)
+from attnzoo.state import KVCache, LandmarkCache, SinkWindowCache
 
 H, D, DIM = 8, 64, 512
 DT = torch.float32

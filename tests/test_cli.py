@@ -9,6 +9,7 @@ import pytest
 
 import attnzoo
 from attnzoo import cli
+from attnzoo.bench import cli as bench_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +86,7 @@ def test_bad_bench_option_is_named(capsys):
 
 
 def test_option_values_are_parsed():
-    assert cli.parse_options(["sliding_window.window=256", "x.flag=true", "x.name=abc", "x.f=0.5"]) == {
+    assert bench_cli.parse_options(["sliding_window.window=256", "x.flag=true", "x.name=abc", "x.f=0.5"]) == {
         "sliding_window": {"window": 256}, "x": {"flag": True, "name": "abc", "f": 0.5}}
 
 

@@ -179,6 +179,15 @@ def _range(low, high, low_open: bool = False) -> str:
     return ""
 
 
+def check_pair(name: str, value: object, *, low: int = 1) -> tuple[int, int]:
+    """An int or a pair (tuple/list) of ints, each >= ``low`` (bools refused), returned as a pair: kernel sizes,
+    dilations, window shapes of 2-D mechanisms."""
+    vals = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(vals) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in vals):
+        raise ValueError(f"{name}: expected an int >= {low} or a pair of them, got {value!r}")
+    return vals  # type: ignore[return-value]
+
+
 def check_bool(name: str, value: object) -> bool:
     """A real bool (not 0/1, not a tensor)."""
     if not isinstance(value, bool):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import registry
-from .errors import BACKENDS, check_key_padding_mask, check_qkv, check_scale
+from .errors import BACKENDS, check_backend, check_key_padding_mask, check_qkv, check_scale
 
 __all__ = ["BACKENDS", "attention", "pattern_of", "select_form"]
 
@@ -67,8 +67,7 @@ def attention(
     _check_bool("causal", causal)
     check_key_padding_mask(key_padding_mask, B, Nk)
     check_scale(scale)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    check_backend(backend)
     mech.check_pattern(pattern_of(Nq, Nk, causal))
     opts = mech.resolve_options(options)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

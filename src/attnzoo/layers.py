@@ -10,14 +10,8 @@ import torch
 from torch import nn
 
 from . import registry
-from .errors import check_key_padding_mask, check_tensor
-from .functional import BACKENDS, select_form
-
-
-def _check_int(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
+from .errors import check_backend, check_int, check_key_padding_mask, check_tensor
+from .functional import select_form
 
 
 class Attention(nn.Module):
@@ -38,9 +32,9 @@ class Attention(nn.Module):
         self.mech = registry.get(mechanism)
         if not self.mech.functional:
             raise TypeError(f"mechanism: {self.mech.name!r} has its own module; use attnzoo.build({mechanism!r}, ...)")
-        dim = _check_int("dim", dim)
-        heads = _check_int("heads", heads)
-        kv_heads = heads if kv_heads is None else _check_int("kv_heads", kv_heads)
+        dim = check_int("dim", dim)
+        heads = check_int("heads", heads)
+        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
         if heads % kv_heads:
             raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={kv_heads}")
         if head_dim is None:
@@ -48,18 +42,17 @@ class Attention(nn.Module):
                 raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}; "
                                  "or pass head_dim explicitly")
             head_dim = dim // heads
-        head_dim = _check_int("head_dim", head_dim)
+        head_dim = check_int("head_dim", head_dim)
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {causal!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.options = self.mech.resolve_options(options)
         prefix = "causal_" if causal else "noncausal_"
         if not any(p.startswith(prefix) for p in self.mech.patterns):
             self.mech.check_pattern(prefix + "self")  # raises, naming the patterns it does support
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.causal, self.backend = causal, backend
-        self.context_dim = dim if context_dim is None else _check_int("context_dim", context_dim)
+        self.context_dim = dim if context_dim is None else check_int("context_dim", context_dim)
         self.scale = 1.0 / math.sqrt(head_dim)
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(self.context_dim, kv_heads * head_dim, bias=bias)
@@ -82,7 +75,7 @@ class Attention(nn.Module):
             raise TypeError(f"mechanism {self.mech.name!r} has no decode step")
         if not self.causal:
             raise ValueError("causal: decoding needs a causal layer; build it with causal=True")
-        _check_int("batch_size", batch_size)
+        check_int("batch_size", batch_size)
         w = self.q_proj.weight
         return self.mech.init_state(batch=batch_size, kv_heads=self.kv_heads, head_dim=self.head_dim,
                                     value_dim=self.head_dim, dtype=dtype or w.dtype, device=device or w.device,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import check_key_padding_mask
+from .errors import check_int, check_key_padding_mask, check_pair
 
 Predicate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -30,21 +30,9 @@ __all__ = [
 ]
 
 
-def _positive_int(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
-def _int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    return value
-
-
 def causal(offset: int = 0) -> Predicate:
     """Bottom-right causal: query ``i`` sees key ``j`` iff ``j <= i + offset`` (offset = Nk - Nq)."""
-    offset = _int("offset", offset)
+    offset = check_int("offset", offset, low=None)
 
     def causal_mask(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + offset
@@ -54,8 +42,8 @@ def causal(offset: int = 0) -> Predicate:
 
 def sliding_window(window: int, *, causal: bool = True, offset: int = 0) -> Predicate:
     """Local attention: ``0 <= p - j < window`` (causal) or ``|p - j| < window`` with ``p = i + offset``."""
-    window = _positive_int("window", window)
-    offset = _int("offset", offset)
+    window = check_int("window", window)
+    offset = check_int("offset", offset, low=None)
 
     if causal:
         def sliding_window_causal(b, h, q_idx, kv_idx):
@@ -74,9 +62,9 @@ def sliding_window(window: int, *, causal: bool = True, offset: int = 0) -> Pred
 def dilated_window(window: int, dilation: int, *, causal: bool = True, offset: int = 0) -> Predicate:
     """Dilated sliding window: keys at distances ``0, dilation, ..., (window-1)*dilation`` (mirrored if
     not causal), as in Longformer's dilated heads."""
-    window = _positive_int("window", window)
-    dilation = _positive_int("dilation", dilation)
-    offset = _int("offset", offset)
+    window = check_int("window", window)
+    dilation = check_int("dilation", dilation)
+    offset = check_int("offset", offset, low=None)
 
     def dilated_window_mask(b, h, q_idx, kv_idx):
         d = q_idx + offset - kv_idx
@@ -89,8 +77,8 @@ def dilated_window(window: int, dilation: int, *, causal: bool = True, offset: i
 def block_local(block_size: int, *, offset: int = 0) -> Predicate:
     """Chunked attention: query position ``p = i + offset`` and key ``j`` in the same block of
     ``block_size`` (combine with :func:`causal` for causal chunks)."""
-    block_size = _positive_int("block_size", block_size)
-    offset = _int("offset", offset)
+    block_size = check_int("block_size", block_size)
+    offset = check_int("offset", offset, low=None)
 
     def block_local_mask(b, h, q_idx, kv_idx):
         return torch.div(q_idx + offset, block_size, rounding_mode="floor") == torch.div(
@@ -102,8 +90,8 @@ def block_local(block_size: int, *, offset: int = 0) -> Predicate:
 
 def prefix_lm(prefix_length: int, *, offset: int = 0) -> Predicate:
     """Prefix-LM: every query sees the first ``prefix_length`` keys, the rest causally."""
-    prefix_length = _positive_int("prefix_length", prefix_length, low=0)
-    offset = _int("offset", offset)
+    prefix_length = check_int("prefix_length", prefix_length, low=0)
+    offset = check_int("offset", offset, low=None)
 
     def prefix_lm_mask(b, h, q_idx, kv_idx):
         return (kv_idx < prefix_length) | (kv_idx <= q_idx + offset)
@@ -137,9 +125,9 @@ def neighborhood_1d(length: int, kernel_size: int, *, dilation: int = 1, causal:
     it and shifted inwards at the borders (not zero-padded). Causal: keys ``i, i-d, ..., i-(k-1)d``.
     Self attention only (Nq == Nk == length).
     """
-    length = _positive_int("length", length)
-    kernel_size = _positive_int("kernel_size", kernel_size)
-    dilation = _positive_int("dilation", dilation)
+    length = check_int("length", length)
+    kernel_size = check_int("kernel_size", kernel_size)
+    dilation = check_int("dilation", dilation)
     if kernel_size * dilation > length and not causal:
         raise ValueError(
             f"kernel_size: kernel_size * dilation = {kernel_size * dilation} must be <= length {length} "
@@ -165,6 +153,25 @@ def neighborhood_1d(length: int, kernel_size: int, *, dilation: int = 1, causal:
         return same_group & (kj >= start) & (kj < start + kernel_size)
 
     return neighborhood_1d_mask
+
+
+def neighborhood_2d(height: int, width: int, kernel_size, dilation=1) -> Predicate:
+    """Mask predicate of 2-D neighborhood attention over flattened indices ``i = row * width + col``.
+
+    The product of NATTEN's 1-D neighborhoods (:func:`neighborhood_1d`) on rows and columns:
+    every query sees exactly ``kh * kw`` keys of its dilation group, its window shifted inwards at borders.
+    """
+    kh, kw = check_pair("kernel_size", kernel_size)
+    dh, dw = check_pair("dilation", dilation)
+    rows = neighborhood_1d(height, kh, dilation=dh)
+    cols = neighborhood_1d(width, kw, dilation=dw)
+
+    def neighborhood_2d_mask(b, h, q_idx, kv_idx):
+        qr, qc = torch.div(q_idx, width, rounding_mode="floor"), torch.remainder(q_idx, width)
+        kr, kc = torch.div(kv_idx, width, rounding_mode="floor"), torch.remainder(kv_idx, width)
+        return rows(b, h, qr, kr) & cols(b, h, qc, kc)
+
+    return neighborhood_2d_mask
 
 
 def key_padding(key_padding_mask: torch.Tensor) -> Predicate:

@@ -23,6 +23,11 @@ from .errors import check_attn_mask, check_key_padding_mask, check_qkv, check_sc
 __all__ = ["softmax_attention", "dense_mask", "repeat_kv"]
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: low precision (bfloat16, float16) is computed in float32; float32/float64 stay."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, Hk, N, D) -> (B, Hk * groups, N, D), each key/value head repeated for its query group."""
     if groups == 1:

@@ -119,10 +119,13 @@ class Mechanism:
     module a ``backend`` attribute ("auto", "reference" or "fast") read at forward time, so the
     conformance suite can compare the two forms.
 
-    ``mask(nq, nk, *, causal, **options) -> predicate``, for mechanisms whose attention pattern is a static
-    mask (independent of the content): the ``(b, h, q_idx, kv_idx) -> bool`` predicate of ``attnzoo.masks``
-    (True = attend, bottom-right aligned) such that the reference equals softmax attention under it.
-    ``attnzoo bench`` uses it to run FlexAttention and masked dense SDPA beside the mechanism.
+    ``mask(nq, nk, *, causal, heads, kv_heads, **options) -> predicate``, for mechanisms whose attention pattern
+    is a static mask (independent of the content): the ``(b, h, q_idx, kv_idx) -> bool`` predicate of
+    ``attnzoo.masks`` (True = attend, bottom-right aligned) such that the reference equals softmax attention under
+    it. ``heads``/``kv_heads`` are the call's query and key/value head counts (None: the mechanism's default, e.g.
+    one window per MoA head); per-head patterns (MoA, S2-Attention, SinkLoRA) read ``h``, others ignore it. The
+    predicate's ``heads`` attribute, when set, says how many heads it defines. ``attnzoo bench`` uses it to run
+    FlexAttention and masked dense SDPA beside the mechanism, ``attnzoo.analysis.mask_plot`` to draw it.
 
     ``case_options(*, n, side, heads, causal) -> dict``: options (and, under the key ``"heads"``, a head count)
     that a benchmark or training case of ``n`` tokens (a ``side`` x ``side`` grid for grid kinds) needs where

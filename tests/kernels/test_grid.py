@@ -56,21 +56,6 @@ def test_tile_attention_regimes(monkeypatch, store, tile_elements, bias_kind):
         assert_close(a, b, torch.float64, "tile_attention gradient")
 
 
-@pytest.mark.parametrize("store", [True, False])
-def test_na2d_chunked_and_recomputed(monkeypatch, store):
-    monkeypatch.setattr(grid, "_STORE_BYTES", 1 << 30 if store else 0)
-    monkeypatch.setattr(grid, "_TILE_ELEMENTS", 200)
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 9, 10, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    rpb = torch.randn(2, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    fast = grid.na2d(q, k, v, kernel_size=3, dilation=(2, 1), rpb=rpb)
-    ref = grid.neighborhood_2d_reference(q, k, v, kernel_size=3, dilation=(2, 1), rpb=rpb)
-    assert_close(fast, ref, torch.float64, "na2d")
-    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(fast, (q, k, v, rpb), gout), torch.autograd.grad(ref, (q, k, v, rpb), gout)):
-        assert_close(a, b, torch.float64, "na2d gradient")
-
-
 def test_bias_shape_is_checked():
     qt = torch.randn(1, 2, 3, 4, 5)
     kt = torch.randn(1, 2, 3, 6, 5)

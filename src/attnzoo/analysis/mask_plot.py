@@ -53,43 +53,19 @@ def _pattern_predicate(name: str, n: int, causal: bool, opts: dict[str, Any]):
 
 def _mechanism_mask(mech: registry.Mechanism, n: int, causal: bool, head: int, heads: int | None,
                     kv_heads: int | None, opts: dict[str, Any]) -> tuple[torch.Tensor, str]:
-    """(Nq, Nk) bool mask of a static mechanism's head ``head`` for self-attention of length n."""
-    from ..mechanisms.local import moa, neighborhood_1d, s2_attention  # noqa: F401  (registers them)
-    from ..mechanisms.memory import streaming_sinks
-
-    o = mech.resolve_options(opts)
-    if mech.name == "softmax":
-        pred = masks.causal() if causal else (lambda b, h, q, k: torch.ones_like(q + k, dtype=torch.bool))
-        hq = 1
-    elif mech.name == "sliding_window":
-        pred, hq = masks.sliding_window(o["window"], causal=causal), 1
-    elif mech.name == "sink_window":
-        return streaming_sinks.sink_window_mask(n, n, o["window"], o["sinks"], causal)[0, 0], "sink_window"
-    elif mech.name == "neighborhood_1d":
-        pred = neighborhood_1d.neighborhood_1d_mask_predicate(n, n, o["kernel_size"], o["dilation"], causal)
-        hq = 1
-    elif mech.name == "moa":
-        if not causal:
-            raise ValueError("causal: moa is causal only, got causal=False")
-        hq = heads if heads is not None else next(
-            (len(x) for x in (o["alphas"], o["betas"]) if isinstance(x, (tuple, list))), 1)
-        length = n if o["length"] is None else o["length"]
-        windows = moa.moa_windows(hq, length, alphas=o["alphas"], betas=o["betas"], sinks=o["sinks"],
-                                  min_span=o["min_span"], span_multiple=o["span_multiple"])
-        pred = moa.moa_mask_predicate(windows, o["sinks"], causal=True)
-    elif mech.name == "s2_attention":
-        if not causal:
-            raise ValueError("causal: s2_attention is causal only, got causal=False")
-        hq = 8 if heads is None else heads
-        hk = hq if kv_heads is None else kv_heads
-        if hk < 1 or hq % hk:
-            raise ValueError(f"kv_heads: expected a divisor of heads={hq}, got {kv_heads!r}")
-        pred = s2_attention.s2_mask_predicate(hq, hk, n, n, **s2_attention._pattern(o))
-    else:
+    """(Nq, Nk) bool mask of a static mechanism's head ``head`` for self-attention of length n: its registry
+    ``mask`` predicate (every mechanism whose pattern does not depend on the content declares one)."""
+    if mech.mask is None:
+        static = [m.name for m in registry.mechanisms() if m.mask is not None]
         raise ValueError(
-            f"mechanism_or_mask: {mech.name!r} has no static mask to draw; expected one of "
-            f"{['softmax', 'sliding_window', 'sink_window', 'neighborhood_1d', 'moa', 's2_attention', *PATTERNS]}, "
-            "a mask predicate or a bool array")
+            f"mechanism_or_mask: {mech.name!r} has no static mask to draw (its pattern depends on the content); "
+            f"expected one of {[*static, *PATTERNS]}, a mask predicate or a bool array")
+    if causal and not any(p.startswith("causal") for p in mech.patterns):
+        raise ValueError(f"causal: {mech.name} has no causal form, got causal=True")
+    if not causal and not any(p.startswith("noncausal") for p in mech.patterns):
+        raise ValueError(f"causal: {mech.name} is causal only, got causal=False")
+    pred = mech.mask(n, n, causal=causal, heads=heads, kv_heads=kv_heads, **mech.resolve_options(opts))
+    hq = getattr(pred, "heads", 1 if heads is None else heads)
     if not 0 <= head < hq:
         raise ValueError(f"head: expected an index in [0, {hq}) for {mech.name!r} with {hq} heads, got {head}")
     return masks.materialize(pred, 1, hq, n, n)[0, head], mech.name

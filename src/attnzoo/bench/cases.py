@@ -116,8 +116,9 @@ def _attention_fn(spec: dict[str, Any]) -> tuple[Callable[..., torch.Tensor], di
 
         if mech.mask is None:
             raise ValueError(f"sdpa_masked: mechanism {mech.name!r} declares no static mask")
-        pred = mech.mask(spec["nq"], spec["nk"], causal=causal, **opts)
-        mask = materialize(pred, 1, 1, spec["nq"], spec["nk"])  # (1, 1, Nq, Nk) bool
+        heads, kv_heads = spec["heads"], spec.get("kv_heads") or spec["heads"]
+        pred = mech.mask(spec["nq"], spec["nk"], causal=causal, heads=heads, kv_heads=kv_heads, **opts)
+        mask = materialize(pred, 1, getattr(pred, "heads", 1), spec["nq"], spec["nk"])  # (1, Hq or 1, Nq, Nk) bool
 
         def fn(q, k, v):
             return sdpa(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
@@ -130,8 +131,9 @@ def _attention_fn(spec: dict[str, Any]) -> tuple[Callable[..., torch.Tensor], di
 
         if mech.mask is None:
             raise ValueError(f"flex: mechanism {mech.name!r} declares no static mask")
-        pred = mech.mask(spec["nq"], spec["nk"], causal=causal, **opts)
-        bm = block_mask(pred, None, None, spec["nq"], spec["nk"])
+        heads, kv_heads = spec["heads"], spec.get("kv_heads") or spec["heads"]
+        pred = mech.mask(spec["nq"], spec["nk"], causal=causal, heads=heads, kv_heads=kv_heads, **opts)
+        bm = block_mask(pred, None, getattr(pred, "heads", None), spec["nq"], spec["nk"])
         compiled = torch.compile(flex_attention, dynamic=False)
         gqa = (spec.get("kv_heads") or spec["heads"]) != spec["heads"]
 

@@ -30,7 +30,7 @@ from typing import Any
 from .measure import child_env
 
 
-def _import_extra(name: str) -> None:
+def import_extra(name: str) -> None:
     """Import a module by dotted name or a ``.py`` file path (a user's own mechanisms)."""
     import importlib
     import importlib.util
@@ -114,7 +114,7 @@ def serve() -> None:  # pragma: no cover - runs in the server process
         from attnzoo import registry
 
         for name in first.get("imports", []):
-            _import_extra(name)
+            import_extra(name)
         registry.mechanisms()  # not attnzoo.mechanisms: loading the registry rebinds that name to the subpackage
         # What every child needs, imported once here (importing in each child costs seconds per case).
         import torch._dynamo  # noqa: F401  (torch.optim imports it lazily: seconds per child)

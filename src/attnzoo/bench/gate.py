@@ -21,22 +21,7 @@ from typing import Any
 import torch
 
 from .. import testing
-from ..masks import materialize
-from ..reference import softmax_attention
 from ..registry import Mechanism
-
-
-def check_mask_matches_reference(mech: Mechanism, pattern: str) -> None:
-    """The declared static mask reproduces the reference: softmax attention under it == reference."""
-    q, k, v = testing.qkv(mech, pattern, torch.float64)
-    opts = mech.resolve_options(dict(mech.test_options))
-    causal = pattern.startswith("causal")
-    ref = testing.run_functional(mech, pattern, q, k, v, backend="reference")
-    pred = mech.mask(q.shape[2], k.shape[2], causal=causal, **opts)
-    mask = materialize(pred, 1, 1, q.shape[2], k.shape[2])  # (1, 1, Nq, Nk)
-    dense = softmax_attention(q, k, v, attn_mask=mask, causal=causal)
-    testing.assert_close(dense, ref, torch.float64, f"{mech.name} {pattern}: softmax under the declared mask "
-                                                    "vs reference")
 
 
 def _run(name: str, pattern: str | None, fn, *args) -> dict[str, Any]:
@@ -68,7 +53,7 @@ def run_gate(mech: Mechanism, patterns: list[str] | tuple[str, ...] | None = Non
                 checks.append(_run("module_fast_vs_reference", p, testing.check_module_fast_matches_reference,
                                    mech, p))
             if mech.mask is not None and mech.functional:
-                checks.append(_run("mask_vs_reference", p, check_mask_matches_reference, mech, p))
+                checks.append(_run("mask_vs_reference", p, testing.check_declared_mask, mech, p))
         if mech.decodable and "causal_self" in mech.patterns:
             checks.append(_run("decode_vs_forward", None, testing.check_decode, mech))
     finally:

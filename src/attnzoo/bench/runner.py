@@ -55,10 +55,10 @@ def detect_peers(cfg: BenchConfig) -> list[dict[str, Any]]:
 
 
 def import_extra(names: list[str]) -> None:
-    from .forkserver import _import_extra
+    from .forkserver import import_extra
 
     for name in names:
-        _import_extra(name)
+        import_extra(name)
 
 
 def select_mechanisms(names: list[str] | None) -> list[registry.Mechanism]:

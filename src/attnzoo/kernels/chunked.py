@@ -30,9 +30,10 @@ of C ends with one shorter chunk (its own decay tables), so no token is padded a
 With feature maps given to the kernel (``q_map``/``k_map``), features are computed piece by piece (~4096
 tokens), never stored, and recomputed with their states and scores in the backward.
 
-:func:`chunked_taylor_attention` is BASED's variant: packed 2nd-order Taylor features carry the state
-across chunks, while inside a chunk the kernel 1 + s + s^2/2 (s = scale q.k) is evaluated from q, k
-directly (16 wide instead of 153), forward and backward.
+The chunk engine's pieces (:class:`ChunkTables`, :func:`to_rows`/:func:`from_rows`, :func:`scan_states`,
+:func:`mask_scores`, :func:`chunk_pieces`) are public for variants that change the intra-chunk kernel:
+BASED's Taylor form (``attnzoo.mechanisms.linear.based.chunked_taylor_attention``) evaluates 1 + s + s^2/2
+inside a chunk from q, k directly and carries the state with packed Taylor features.
 
 Grouped-query attention: the ``G = Hq / Hk`` query heads sharing a key/value head are stacked as rows of
 one (G C x F) block against that head's keys and state, so the state is kept once per key/value head.
@@ -45,20 +46,18 @@ from collections.abc import Callable
 
 import torch
 
+from ..reference import acc_dtype
+
 __all__ = [
-    "chunked_linear_attention", "chunked_taylor_attention", "global_linear_attention", "decay_weights",
-    "taylor_map", "DEFAULT_CHUNK",
+    "DEFAULT_CHUNK", "PIECE_TOKENS", "ChunkTables", "chunk_pieces", "chunked_linear_attention", "decay_weights",
+    "from_rows", "global_linear_attention", "mask_scores", "per_head", "scan_states", "to_rows",
 ]
 
 DEFAULT_CHUNK = 64
 """Chunk size: about the feature dimension balances the intra-chunk (C) and state (F) costs."""
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-class _Tables:
+class ChunkTables:
     """Decay tables of one chunk size c for Hk heads (all None / a plain triangle without decay)."""
 
     def __init__(self, log_decay: torch.Tensor | None, c: int, G: int, dtype: torch.dtype, device) -> None:
@@ -88,7 +87,7 @@ class _Tables:
             self.kdec = self.kdec.unsqueeze(1)  # (Hk, 1, c, 1)
 
 
-def _to_rows(x: torch.Tensor, hk: int, nc: int, c: int) -> torch.Tensor:
+def to_rows(x: torch.Tensor, hk: int, nc: int, c: int) -> torch.Tensor:
     """(B, Hq, nc*c, F) -> (B*Hk, nc, G*c, F): each chunk's G query heads stacked as rows (a view when
     G == 1 and x is contiguous)."""
     B, Hq, _, F = x.shape
@@ -99,8 +98,8 @@ def _to_rows(x: torch.Tensor, hk: int, nc: int, c: int) -> torch.Tensor:
     return x.reshape(B * hk, nc, G * c, F)
 
 
-def _from_rows(x: torch.Tensor, b: int, hq: int) -> torch.Tensor:
-    """Inverse of :func:`_to_rows`: (B*Hk, nc, G*c, D) -> (B, Hq, nc*c, D)."""
+def from_rows(x: torch.Tensor, b: int, hq: int) -> torch.Tensor:
+    """Inverse of :func:`to_rows`: (B*Hk, nc, G*c, D) -> (B, Hq, nc*c, D)."""
     BH, nc, R, D = x.shape
     hk = BH // b
     G = hq // hk
@@ -110,20 +109,20 @@ def _from_rows(x: torch.Tensor, b: int, hq: int) -> torch.Tensor:
     return x.view(b, hk, nc, G, c, D).transpose(2, 3).reshape(b, hq, nc * c, D)
 
 
-def _per_head(x: torch.Tensor, b: int, table: torch.Tensor) -> torch.Tensor:
+def per_head(x: torch.Tensor, b: int, table: torch.Tensor) -> torch.Tensor:
     """x (B*Hk, ...) multiplied in place by a per-head table (Hk, ...) broadcast over the batch."""
     x.view(b, -1, *x.shape[1:]).mul_(table)
     return x
 
 
-def _mask_scores(A: torch.Tensor, b: int, tab: _Tables) -> torch.Tensor:
+def mask_scores(A: torch.Tensor, b: int, tab: ChunkTables) -> torch.Tensor:
     """A (B*Hk, nc, R, c) *= the chunk mask, in place (a plain lower triangle: tril_)."""
     if tab.tril:
         return A.tril_()
-    return _per_head(A, b, tab.mask)
+    return per_head(A, b, tab.mask)
 
 
-def _scan(x: torch.Tensor, s_in: torch.Tensor, log_decay: torch.Tensor | None, c: int, b: int,
+def scan_states(x: torch.Tensor, s_in: torch.Tensor, log_decay: torch.Tensor | None, c: int, b: int,
           reverse: bool = False):
     """Exclusive scan of chunk contributions with decay lambda^c per chunk.
 
@@ -152,7 +151,7 @@ def _scan(x: torch.Tensor, s_in: torch.Tensor, log_decay: torch.Tensor | None, c
     return S, x[:, end] + last
 
 
-def _seg_states(qb, kb, vb, tab: _Tables, s_in, b: int):
+def _seg_states(qb, kb, vb, tab: ChunkTables, s_in, b: int):
     """States and masked scores of one piece of nc chunks of c tokens, heads flattened: qb (BH, nc, R, F)
     with R = G*c, kb (BH, nc, c, F), vb (BH, nc, c, Dv), s_in (BH, F, Dv) the state before the piece.
 
@@ -161,63 +160,63 @@ def _seg_states(qb, kb, vb, tab: _Tables, s_in, b: int):
     BH, nc, c, F = kb.shape
     R, Dv = qb.shape[2], vb.shape[3]
     q3, k3, v3 = qb.view(-1, R, F), kb.view(-1, c, F), vb.view(-1, c, Dv)
-    kd3 = k3 if tab.kdec is None else _per_head(kb.clone(), b, tab.kdec).view(-1, c, F)  # Gamma K_c
+    kd3 = k3 if tab.kdec is None else per_head(kb.clone(), b, tab.kdec).view(-1, c, F)  # Gamma K_c
     kv = torch.bmm(kd3.transpose(1, 2), v3).view(BH, nc, F, Dv)  # each chunk's (Gamma K_c)^T V_c
-    S, s_out = _scan(kv, s_in, tab.log_decay, c, b)  # states before each chunk, state after the piece
+    S, s_out = scan_states(kv, s_in, tab.log_decay, c, b)  # states before each chunk, state after the piece
     del kv
-    A = _mask_scores(torch.bmm(q3, k3.transpose(1, 2)).view(BH, nc, R, c), b, tab)  # masked scores
+    A = mask_scores(torch.bmm(q3, k3.transpose(1, 2)).view(BH, nc, R, c), b, tab)  # masked scores
     return S, s_out, A
 
 
-def _seg_forward(qb, kb, vb, tab: _Tables, s_in, b: int):
+def _seg_forward(qb, kb, vb, tab: ChunkTables, s_in, b: int):
     """One piece's output (BH, nc, R, Dv), with its states, final state and masked scores
     (:func:`_seg_states`)."""
     BH, nc, c, F = kb.shape
     R, Dv = qb.shape[2], vb.shape[3]
     S, s_out, A = _seg_states(qb, kb, vb, tab, s_in, b)
     q3 = qb.view(-1, R, F)
-    qd3 = q3 if tab.qdec is None else _per_head(qb.clone(), b, tab.qdec).view(-1, R, F)  # Lambda Q_c
+    qd3 = q3 if tab.qdec is None else per_head(qb.clone(), b, tab.qdec).view(-1, R, F)  # Lambda Q_c
     out = torch.bmm(qd3, S.view(-1, F, Dv))  # (BH*nc, R, Dv): inter-chunk term
     del qd3
     out.baddbmm_(A.view(-1, R, c), vb.view(-1, c, Dv))  # + intra-chunk term
     return out.view(BH, nc, R, Dv), S, s_out, A
 
 
-def _seg_backward(qb, kb, vb, tab: _Tables, S, A, dob, g_out, b: int):
+def _seg_backward(qb, kb, vb, tab: ChunkTables, S, A, dob, g_out, b: int):
     """Gradients of one segment given its states S and masked scores A from the forward, dO (BH, nc, R, Dv)
     and the gradient of the state after it (BH, F, Dv) or None. Returns dq (BH, nc, R, F), dk (BH, nc, c, F),
     dv (BH, nc, c, Dv) and the gradient of the state before the segment (BH, F, Dv)."""
     BH, nc, c, F = kb.shape
     R, Dv = qb.shape[2], vb.shape[3]
     q3, k3, v3, do3 = qb.view(-1, R, F), kb.view(-1, c, F), vb.view(-1, c, Dv), dob.view(-1, R, Dv)
-    qd3 = q3 if tab.qdec is None else _per_head(qb.clone(), b, tab.qdec).view(-1, R, F)
+    qd3 = q3 if tab.qdec is None else per_head(qb.clone(), b, tab.qdec).view(-1, R, F)
     qdo = torch.bmm(qd3.transpose(1, 2), do3).view(BH, nc, F, Dv)  # (Lambda Q_i)^T dO_i
     del qd3
     # dS_i = (Lambda Q_i)^T dO_i + lambda^c dS_(i+1): the same scan, run backwards from g_out
     g0 = torch.zeros(BH, F, Dv, dtype=kb.dtype, device=kb.device) if g_out is None else g_out
-    Gn, g_in = _scan(qdo, g0, tab.log_decay, c, b, reverse=True)  # (BH, nc, F, Dv): after each chunk
+    Gn, g_in = scan_states(qdo, g0, tab.log_decay, c, b, reverse=True)  # (BH, nc, F, Dv): after each chunk
     del qdo
     G3 = Gn.view(-1, F, Dv)
     S3 = S.view(-1, F, Dv)
 
-    dP = _mask_scores(torch.bmm(do3, v3.transpose(1, 2)).view(BH, nc, R, c), b, tab).view(-1, R, c)
+    dP = mask_scores(torch.bmm(do3, v3.transpose(1, 2)).view(BH, nc, R, c), b, tab).view(-1, R, c)
     dq = torch.bmm(do3, S3.transpose(1, 2))  # dO_i S_i^T
     if tab.qdec is not None:
-        _per_head(dq.view(BH, nc, R, F), b, tab.qdec)
+        per_head(dq.view(BH, nc, R, F), b, tab.qdec)
     dq.baddbmm_(dP, k3)
     dk = torch.bmm(v3, G3.transpose(1, 2))  # V_i dS_(i+1)^T
     if tab.kdec is not None:
-        _per_head(dk.view(BH, nc, c, F), b, tab.kdec)
+        per_head(dk.view(BH, nc, c, F), b, tab.kdec)
     dk.baddbmm_(dP.transpose(1, 2), q3)
     del dP
     A = A.view(-1, R, c)  # the forward's masked scores
-    kd3 = k3 if tab.kdec is None else _per_head(kb.clone(), b, tab.kdec).view(-1, c, F)
+    kd3 = k3 if tab.kdec is None else per_head(kb.clone(), b, tab.kdec).view(-1, c, F)
     dv = torch.bmm(kd3, G3)  # (Gamma K_i) dS_(i+1)
     dv.baddbmm_(A.transpose(1, 2), do3)
     return dq.view(BH, nc, R, F), dk.view(BH, nc, c, F), dv.view(BH, nc, c, Dv), g_in
 
 
-def _pieces(n: int, chunk: int, max_chunks: int | None) -> list[tuple[int, int, int]]:
+def chunk_pieces(n: int, chunk: int, max_chunks: int | None) -> list[tuple[int, int, int]]:
     """(start, chunk size, number of chunks) of each piece: groups of at most ``max_chunks`` full chunks
     (all of them when None), then one shorter chunk if ``n % chunk``."""
     full, rest = divmod(n, chunk)
@@ -228,7 +227,7 @@ def _pieces(n: int, chunk: int, max_chunks: int | None) -> list[tuple[int, int, 
     return out
 
 
-_PIECE_TOKENS = 4096
+PIECE_TOKENS = 4096
 """With fused feature maps, the sequence is processed in pieces of about this many tokens, so that the
 (wide) features exist for one piece at a time."""
 
@@ -245,10 +244,10 @@ class _ChunkedLinearAttention(torch.autograd.Function):
         B, Hq, N, _ = q.shape
         Hk, Dv = k.shape[1], v.shape[3]
         G = Hq // Hk
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         fused = q_map is not None
         q, k, v = (t.contiguous() for t in (q, k, v))
-        pieces = _pieces(N, chunk, max(1, _PIECE_TOKENS // chunk) if fused else None)
+        pieces = chunk_pieces(N, chunk, max(1, PIECE_TOKENS // chunk) if fused else None)
         out = state = None
         saved = []
         for start, c, nc in pieces:
@@ -260,16 +259,16 @@ class _ChunkedLinearAttention(torch.autograd.Function):
                     s0.to(acc).reshape(B * Hk, F, Dv)
                 if len(pieces) > 1:
                     out = torch.empty(B, Hq, N, Dv, dtype=acc, device=q.device)
-            tab = _Tables(log_decay, c, G, acc, q.device)
-            qb = _to_rows(qf, Hk, nc, c).contiguous()  # (B*Hk, nc, G*c, F)
+            tab = ChunkTables(log_decay, c, G, acc, q.device)
+            qb = to_rows(qf, Hk, nc, c).contiguous()  # (B*Hk, nc, G*c, F)
             kb = kf.reshape(B * Hk, nc, c, F).contiguous()  # (B*Hk, nc, c, F)
             vb = v[:, :, sl].to(acc).reshape(B * Hk, nc, c, Dv).contiguous()  # (B*Hk, nc, c, Dv)
             s_before = state
             ob, S, state, A = _seg_forward(qb, kb, vb, tab, state, B)
             if out is None:
-                out = _from_rows(ob, B, Hq)  # (B, Hq, N, Dv)
+                out = from_rows(ob, B, Hq)  # (B, Hq, N, Dv)
             else:
-                out[:, :, sl] = _from_rows(ob, B, Hq)
+                out[:, :, sl] = from_rows(ob, B, Hq)
             saved += [s_before] if fused else [S, A]
             del qb, kb, vb, ob, S, A
         if any(ctx.needs_input_grad):
@@ -287,7 +286,7 @@ class _ChunkedLinearAttention(torch.autograd.Function):
         B, Hq, N, _ = q.shape
         Hk, Dv = k.shape[1], v.shape[3]
         G = Hq // Hk
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         g = None if dstate is None else dstate.to(acc).reshape(B * Hk, -1, Dv)
         dout = torch.zeros(B, Hq, N, Dv, dtype=acc, device=q.device) if dout is None else dout.to(acc).contiguous()
         pieces = ctx.pieces
@@ -298,24 +297,24 @@ class _ChunkedLinearAttention(torch.autograd.Function):
         for i in range(len(pieces) - 1, -1, -1):
             start, c, nc = pieces[i]
             sl = slice(start, start + c * nc)
-            tab = _Tables(log_decay, c, G, acc, q.device)
+            tab = ChunkTables(log_decay, c, G, acc, q.device)
             with torch.enable_grad():
                 qx = q[:, :, sl].detach().requires_grad_(fused)
                 kx = k[:, :, sl].detach().requires_grad_(fused)
                 qf, kf = _features(qx, kx, slice(None), q_map, k_map,
                                    None if k_mask is None else k_mask[:, sl], acc)
             F = kf.shape[-1]
-            qb = _to_rows(qf.detach(), Hk, nc, c).contiguous()
+            qb = to_rows(qf.detach(), Hk, nc, c).contiguous()
             kb = kf.detach().reshape(B * Hk, nc, c, F).contiguous()
             vb = v[:, :, sl].to(acc).reshape(B * Hk, nc, c, Dv).contiguous()
             if fused:  # recompute this piece's states and scores from its boundary state
                 S, _, A = _seg_states(qb, kb, vb, tab, saved[i], B)
             else:
                 S, A = saved[2 * i], saved[2 * i + 1]
-            dob = _to_rows(dout[:, :, sl], Hk, nc, c).contiguous()
+            dob = to_rows(dout[:, :, sl], Hk, nc, c).contiguous()
             dqb, dkb, dvb, g = _seg_backward(qb, kb, vb, tab, S, A, dob, g, B)
             del S, A, qb, kb, vb, dob
-            dqf, dkf = _from_rows(dqb, B, Hq), dkb.view(B, Hk, nc * c, F)
+            dqf, dkf = from_rows(dqb, B, Hq), dkb.view(B, Hk, nc * c, F)
             if fused:  # through the feature maps (and the key mask), by autograd on this piece only
                 dqf, dkf = torch.autograd.grad((qf, kf), (qx, kx), (dqf, dkf))
             elif k_mask is not None:
@@ -393,7 +392,7 @@ def global_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     q (B, Hq, Nq, F), k (B, Hk, Nk, F), v (B, Hk, Nk, Dv) -> (B, Hq, Nq, Dv) in float32 (or wider).
     O((Nq + Nk) F Dv) time, O(F Dv) state; autograd differentiates the two matmuls.
     """
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     B, Hq, Nq, F = q.shape
     Hk = k.shape[1]
     kv = torch.matmul(k.to(acc).transpose(-1, -2), v.to(acc))  # (B, Hk, F, Dv)
@@ -408,211 +407,3 @@ def decay_weights(decay: torch.Tensor | None, length: int, dtype: torch.dtype, d
     j = torch.arange(length, device=device, dtype=torch.float64)
     ld = torch.log(decay.detach().to(device=device, dtype=torch.float64)).view(-1, 1)  # (Hk, 1)
     return torch.exp(ld * (length - 1 - j).view(1, -1)).to(dtype).unsqueeze(-1)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Taylor-feature (BASED) linear attention: features for the states, the polynomial inside chunks
-# --------------------------------------------------------------------------------------------------------
-def taylor_feature_dim(d: int) -> int:
-    """1 + d + d (d + 1) / 2: the packed 2nd-order Taylor features of a d-vector."""
-    return 1 + d + d * (d + 1) // 2
-
-
-def taylor_map(x: torch.Tensor, scale: float, dim: int = -1) -> torch.Tensor:
-    """Packed 2nd-order Taylor features, ``phi(q).phi(k) = 1 + s + s^2 / 2`` with s = scale q.k.
-
-    Along axis ``dim`` of x (d entries) -> 1 + d + d (d + 1) / 2 entries: [1, sqrt(scale) x, then for
-    i = 0..d-1 the row scale x_i x_(i..d-1) with its first (diagonal) entry divided by sqrt(2)] (the upper
-    triangle of scale x x^T; off-diagonal entries stand for both symmetric ones). Built row by row, no
-    gathers; with ``dim=-2`` (features along the second-to-last axis, tokens last) every row is a
-    contiguous block, which is how the chunked kernel uses it. (A full outer product followed by a
-    gather of the triangle measured 1.6x slower end to end.)"""
-    x = x.movedim(dim, -2)  # (..., d, T)
-    d = x.shape[-2]
-    out = torch.empty(*x.shape[:-2], taylor_feature_dim(d), x.shape[-1], dtype=x.dtype, device=x.device)
-    out[..., 0, :] = 1
-    torch.mul(x, scale ** 0.5, out=out[..., 1 : 1 + d, :])
-    xs = x * scale
-    off = 1 + d
-    for i in range(d):
-        row = out[..., off : off + d - i, :]
-        torch.mul(xs[..., i : i + 1, :], x[..., i:, :], out=row)
-        row[..., 0, :] *= 0.5 ** 0.5
-        off += d - i
-    return out.movedim(-2, dim)
-
-
-def _pair_weights(d: int, scale: float, dtype, device) -> torch.Tensor:
-    """(P, 1) d(feature)/d(x_i x_j) of the packed second-order features: scale, times sqrt(2) on the
-    diagonal where the feature is scale x_i^2 / sqrt(2) and its derivative sqrt(2) scale x_i = w * 2 x_i / 2."""
-    w = torch.full((d * (d + 1) // 2, 1), float(scale), dtype=dtype, device=device)
-    off = 0
-    for i in range(d):
-        w[off] *= 2 ** 0.5
-        off += d - i
-    return w
-
-
-def taylor_map_backward(x: torch.Tensor, g: torch.Tensor, scale: float, dim: int = -1) -> torch.Tensor:
-    """The gradient w.r.t. x of ``(taylor_map(x, scale, dim) * g).sum()``; features along ``dim``.
-
-    For row i of the second-order block (entries (i, j), j >= i, weighted gradients r): x_i receives
-    sum_j r_j x_j and x_j (j > i) receives r_j x_i; three streaming operations per row."""
-    x, g = x.movedim(dim, -2), g.movedim(dim, -2)  # (..., d, T), (..., F, T)
-    d = x.shape[-2]
-    dx = g[..., 1 : 1 + d, :] * scale ** 0.5
-    r = g[..., 1 + d :, :] * _pair_weights(d, scale, g.dtype, g.device)  # (..., P, T)
-    off = 0
-    for i in range(d):
-        row = r[..., off : off + d - i, :]
-        dx[..., i, :] += (row * x[..., i:, :]).sum(-2)
-        dx[..., i + 1 :, :].addcmul_(row[..., 1:, :], x[..., i : i + 1, :])
-        off += d - i
-    return dx.movedim(-2, dim)
-
-
-def _taylor_scores(qr, kr, tab: _Tables, scale: float, km, b: int):
-    """Masked intra-chunk kernel values ``1 + s + s^2/2``, s = scale q.k, straight from q, k (d wide, not F):
-    returns (A, s), both (BH, nc, R, c); ``km`` (B, nc, c) key mask or None."""
-    BH, nc, R, d = qr.shape
-    c = kr.shape[2]
-    s = torch.bmm(qr.view(-1, R, d), kr.view(-1, c, d).transpose(1, 2)).mul_(scale).view(BH, nc, R, c)
-    A = torch.mul(s, 0.5).add_(1).mul_(s).add_(1)  # 1 + s (1 + s / 2)
-    _mask_scores(A, b, tab)
-    if km is not None:
-        A.view(b, -1, nc, R, c).mul_(km.view(b, 1, nc, 1, c))
-    return A, s
-
-
-def _key_features(kr, scale, km, b):
-    """Masked key features, feature-major: kr (BH, nc, c, d) -> (BH, nc, F, c)."""
-    fk = taylor_map(kr.transpose(-1, -2).contiguous(), scale, dim=-2)  # (BH, nc, F, c)
-    if km is not None:
-        BH, nc, F, c = fk.shape
-        fk.view(b, -1, nc, F, c).mul_(km.view(b, 1, nc, 1, c))
-    return fk
-
-
-class _ChunkedTaylorAttention(torch.autograd.Function):
-    """BASED's linear attention (no decay): packed Taylor features carry the state between chunks; inside a
-    chunk the kernel ``1 + s + s^2/2`` is evaluated from q.k directly (d = 16 wide instead of F = 153),
-    in the forward and in the backward (``d/ds = 1 + s``). The features are kept feature-major per chunk,
-    (F x c), so that building them and their gradients streams contiguous rows, and every product with
-    them is a plain or transposed bmm. Pieces of ~4096 tokens; features are never stored (recomputed per
-    piece in the backward); the chunk states are kept."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, s0, scale, chunk, k_mask):
-        B, Hq, N, d = q.shape
-        Hk, Dv = k.shape[1], v.shape[3]
-        G = Hq // Hk
-        acc = _acc_dtype(q.dtype)
-        F = taylor_feature_dim(d)
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        q, k, v = (t.to(acc).contiguous() for t in (q, k, v))
-        km_all = None if k_mask is None else k_mask.to(acc)
-        pieces = _pieces(N, chunk, max(1, _PIECE_TOKENS // chunk))
-        state = torch.zeros(B * Hk, F, Dv, dtype=acc, device=q.device) if s0 is None else \
-            s0.to(acc).reshape(B * Hk, F, Dv)
-        out = torch.empty(B, Hq, N, Dv, dtype=acc, device=q.device)
-        saved = []
-        for start, c, nc in pieces:
-            sl = slice(start, start + c * nc)
-            tab = _Tables(None, c, G, acc, q.device)
-            qr = _to_rows(q[:, :, sl], Hk, nc, c).contiguous()  # (BH, nc, R, d)
-            R = qr.shape[2]
-            kr = k[:, :, sl].reshape(B * Hk, nc, c, d).contiguous()  # (BH, nc, c, d)
-            v3 = v[:, :, sl].reshape(B * Hk, nc, c, Dv).contiguous().view(-1, c, Dv)  # (BH*nc, c, Dv)
-            km = None if km_all is None else km_all[:, sl].reshape(B, nc, c)
-            fk = _key_features(kr, scale, km, B)  # (BH, nc, F, c)
-            kv = torch.bmm(fk.view(-1, F, c), v3).view(-1, nc, F, Dv)  # phi(K_i)^T V_i
-            del fk
-            S, state = _scan(kv, state, None, c, B)  # (BH, nc, F, Dv) before each chunk
-            del kv
-            fq = taylor_map(qr.transpose(-1, -2).contiguous(), scale, dim=-2)  # (BH, nc, F, R)
-            o = torch.bmm(fq.view(-1, F, R).transpose(1, 2), S.view(-1, F, Dv))  # inter-chunk term
-            del fq
-            A, _ = _taylor_scores(qr, kr, tab, scale, km, B)
-            o.baddbmm_(A.view(-1, R, c), v3)  # intra-chunk term
-            out[:, :, sl] = _from_rows(o.view(B * Hk, nc, R, Dv), B, Hq)
-            saved.append(S)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, k_mask, *saved)
-        ctx.scale, ctx.pieces, ctx.has_s0 = scale, pieces, s0 is not None
-        ctx.set_materialize_grads(False)
-        return out, state.view(B, Hk, F, Dv)
-
-    @staticmethod
-    def backward(ctx, dout, dstate):
-        q, k, v, k_mask, *saved = ctx.saved_tensors
-        scale = ctx.scale
-        B, Hq, N, d = q.shape
-        Hk, Dv = k.shape[1], v.shape[3]
-        G = Hq // Hk
-        acc = q.dtype
-        F = taylor_feature_dim(d)
-        km_all = None if k_mask is None else k_mask.to(acc)
-        g = None if dstate is None else dstate.to(acc).reshape(B * Hk, F, Dv)
-        dout = torch.zeros(B, Hq, N, Dv, dtype=acc, device=q.device) if dout is None else dout.to(acc).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for i in range(len(ctx.pieces) - 1, -1, -1):
-            start, c, nc = ctx.pieces[i]
-            S3 = saved[i].view(-1, F, Dv)  # (BH*nc, F, Dv): states before each chunk
-            sl = slice(start, start + c * nc)
-            tab = _Tables(None, c, G, acc, q.device)
-            qr = _to_rows(q[:, :, sl], Hk, nc, c).contiguous()  # (BH, nc, R, d)
-            R = qr.shape[2]
-            kr = k[:, :, sl].reshape(B * Hk, nc, c, d).contiguous()
-            v3 = v[:, :, sl].reshape(B * Hk, nc, c, Dv).contiguous().view(-1, c, Dv)
-            km = None if km_all is None else km_all[:, sl].reshape(B, nc, c)
-            do3 = _to_rows(dout[:, :, sl], Hk, nc, c).contiguous().view(-1, R, Dv)  # (BH*nc, R, Dv)
-            qT = qr.transpose(-1, -2).contiguous()  # (BH, nc, d, R)
-            fq = taylor_map(qT, scale, dim=-2)  # (BH, nc, F, R)
-            qdo = torch.bmm(fq.view(-1, F, R), do3).view(-1, nc, F, Dv)  # phi(Q_i)^T dO_i
-            del fq
-            g0 = torch.zeros(B * Hk, F, Dv, dtype=acc, device=q.device) if g is None else g
-            Gn, g = _scan(qdo, g0, None, c, B, reverse=True)  # gradient of the state after each chunk
-            del qdo
-            G3 = Gn.view(-1, F, Dv)
-            dfq = torch.bmm(S3, do3.transpose(1, 2)).view(-1, nc, F, R)  # (dO_i S_i^T)^T, feature-major
-            dqT = taylor_map_backward(qT, dfq, scale, dim=-2)  # (BH, nc, d, R)
-            del dfq
-            dfk = torch.bmm(G3, v3.transpose(1, 2)).view(-1, nc, F, c)  # (V_i dS_(i+1)^T)^T
-            if km is not None:
-                dfk.view(B, -1, nc, F, c).mul_(km.view(B, 1, nc, 1, c))
-            dkT = taylor_map_backward(kr.transpose(-1, -2).contiguous(), dfk, scale, dim=-2)  # (BH, nc, d, c)
-            del dfk
-            fk = _key_features(kr, scale, km, B)  # (BH, nc, F, c)
-            dvb = torch.bmm(fk.view(-1, F, c).transpose(1, 2), G3)  # phi(K_i) dS_(i+1)
-            del fk, Gn, G3
-            A, s = _taylor_scores(qr, kr, tab, scale, km, B)
-            dvb.baddbmm_(A.view(-1, R, c).transpose(1, 2), do3)  # + A^T dO
-            dA = torch.bmm(do3, v3.transpose(1, 2)).view(-1, nc, R, c)  # dO V^T
-            _mask_scores(dA, B, tab)
-            if km is not None:
-                dA.view(B, -1, nc, R, c).mul_(km.view(B, 1, nc, 1, c))
-            ds = dA.mul_(s.add_(1)).mul_(scale).view(-1, R, c)  # d(1 + s + s^2/2)/ds = 1 + s
-            dqr = torch.baddbmm(dqT.view(-1, d, R).transpose(1, 2), ds, kr.view(-1, c, d))  # (BH*nc, R, d)
-            dkr = torch.baddbmm(dkT.view(-1, d, c).transpose(1, 2), ds.transpose(1, 2), qr.view(-1, R, d))
-            dq[:, :, sl] = _from_rows(dqr.view(-1, nc, R, d), B, Hq)
-            dk[:, :, sl] = dkr.view(B, Hk, nc * c, d)
-            dv[:, :, sl] = dvb.view(B, Hk, nc * c, Dv)
-        ds0 = g.view(B, Hk, F, Dv) if ctx.has_s0 else None
-        qt, kt, vt = ctx.dtypes
-        return dq.to(qt), dk.to(kt), dv.to(vt), ds0, None, None, None
-
-
-def chunked_taylor_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk: int = DEFAULT_CHUNK,
-    initial_state: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal linear attention with the Taylor kernel ``1 + s + s^2/2`` (s = scale q.k), chunk by chunk.
-
-    q (B, Hq, N, d), k (B, Hk, N, d), v (B, Hk, N, Dv); initial_state (B, Hk, F, Dv) over the packed features
-    of :func:`taylor_map` (F = 1 + d + d(d+1)/2); key_padding_mask (B, N). Unnormalised: append a column of
-    ones to v for the denominator. Returns out (B, Hq, N, Dv) and the final state (B, Hk, F, Dv) in float32
-    (or float64), both differentiable.
-    """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
-    return _ChunkedTaylorAttention.apply(q, k, v, initial_state, float(scale), chunk, key_padding_mask)

@@ -3,21 +3,16 @@
 Every state implements the :class:`DecodeState` protocol: ``seq_len`` (tokens seen so far),
 ``reorder(index)`` for beam search, ``crop(length)`` to roll back to the first ``length`` tokens
 (speculative decoding, retries) and ``nbytes()``. States are updated in place by a mechanism's ``step``.
+
+This package holds the protocol and the states several mechanisms share (the KV cache, the sliding-window and
+sink+window caches, the fixed-size recurrent state). A state that serves one mechanism lives in that mechanism's
+file (e.g. ``CCAState`` in ``attnzoo.mechanisms.memory.cca``), or in its family's ``_common.py`` when the family
+shares it.
 """
 
 from .base import DecodeState
-from .dense import PositionState, TokenHistoryCache
-from .heads import DiffKVCache, EchoAttentionCache, RoutedKVCache, TokenBuffers
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
-from .memory import CCAState, FITState, LandmarkCache, LongHeadsState, NeuralMemoryState, RecycledState, TitansState
-from .moa import PerHeadWindowCache
+from .memory import LandmarkCache
 from .recurrent import RecurrentState
-from .s2 import S2Cache
 
-__all__ = [
-    "DecodeState", "KVCache", "SinkWindowCache", "SlidingWindowCache",
-    "PositionState", "TokenHistoryCache",
-    "DiffKVCache", "EchoAttentionCache", "RoutedKVCache", "TokenBuffers",
-    "PerHeadWindowCache", "S2Cache", "RecurrentState",
-    "CCAState", "FITState", "LandmarkCache", "LongHeadsState", "NeuralMemoryState", "RecycledState", "TitansState",
-]
+__all__ = ["DecodeState", "KVCache", "LandmarkCache", "RecurrentState", "SinkWindowCache", "SlidingWindowCache"]

@@ -6,8 +6,13 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.mechanisms.heads.sigma_diffqkv import DiffQKVAttention, diffqkv_decode, diffqkv_fast, diffqkv_reference
-from attnzoo.state import DiffKVCache
+from attnzoo.mechanisms.heads.sigma_diffqkv import (
+    DiffKVCache,
+    DiffQKVAttention,
+    diffqkv_decode,
+    diffqkv_fast,
+    diffqkv_reference,
+)
 from attnzoo.testing import assert_close
 
 F64 = torch.float64

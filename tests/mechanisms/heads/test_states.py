@@ -4,10 +4,10 @@ padded prefill + decoding through DiffKVCache / EchoAttentionCache / RoutedKVCac
 import pytest
 import torch
 
+from attnzoo.mechanisms.heads._common import TokenBuffers
 from attnzoo.mechanisms.heads.attention_aware_smoe import AttentionAwareSMoE
 from attnzoo.mechanisms.heads.echoatt import EchoAttention
-from attnzoo.mechanisms.heads.sigma_diffqkv import DiffQKVAttention
-from attnzoo.state import DiffKVCache, TokenBuffers
+from attnzoo.mechanisms.heads.sigma_diffqkv import DiffKVCache, DiffQKVAttention
 from attnzoo.testing import assert_close
 
 F64 = torch.float64

@@ -137,7 +137,7 @@ def test_taylor_kernel_in_pieces_with_mask_and_prefix(monkeypatch):
     a causal-cross prefix (initial state): outputs and gradients equal the reference's."""
     from attnzoo.kernels import chunked
 
-    monkeypatch.setattr(chunked, "_PIECE_TOKENS", 8)
+    monkeypatch.setattr(chunked, "PIECE_TOKENS", 8)
     q, k, v = rand(2, 4, 19, 4, seed=1), rand(2, 2, 23, 4, seed=2), rand(2, 2, 23, 3, seed=3)
     mask = torch.rand(2, 23, generator=torch.Generator().manual_seed(4)) > 0.3
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
@@ -152,7 +152,7 @@ def test_taylor_kernel_in_pieces_with_mask_and_prefix(monkeypatch):
 
 
 def test_kernel_taylor_map_matches_the_feature_map():
-    from attnzoo.kernels.chunked import taylor_map, taylor_map_backward
+    from attnzoo.mechanisms.linear.based import taylor_map, taylor_map_backward
 
     x, g = rand(3, 5, 16, seed=6), rand(3, 5, 153, seed=7)
     assert_close(taylor_map(x, 0.3), taylor_features(x, 0.3), F64, "row-wise vs gathered packing")

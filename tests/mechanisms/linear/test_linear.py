@@ -237,7 +237,7 @@ def test_kernel_feature_maps_and_mask_in_pieces(monkeypatch, fused):
     outputs, final state and gradients equal the explicit sums on precomputed, masked features."""
     from attnzoo.kernels import chunked
 
-    monkeypatch.setattr(chunked, "_PIECE_TOKENS", 6)
+    monkeypatch.setattr(chunked, "PIECE_TOKENS", 6)
     q, k, v = (t.requires_grad_(True) for t in qkv(17))
     s0 = rand(2, 2, 5, 3, seed=9).requires_grad_(True)
     mask = torch.rand(2, 17, generator=torch.Generator().manual_seed(2)) > 0.3

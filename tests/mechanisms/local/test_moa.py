@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.mechanisms.local.moa import MoAState, moa_fast, moa_windows
+from attnzoo.mechanisms.local.moa import MoAState, PerHeadWindowCache, moa_fast, moa_windows
 from attnzoo.reference import softmax_attention
-from attnzoo.state import PerHeadWindowCache
 from attnzoo.testing import assert_close
 
 MECH = "moa"

@@ -5,12 +5,17 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.kernels.grid import na2d as kernel_na2d
-from attnzoo.kernels.grid import neighborhood_2d
-from attnzoo.masks import materialize
-from attnzoo.mechanisms.local.neighborhood_2d import NeighborhoodAttention2d, na2d
+from attnzoo.kernels import grid
+from attnzoo.masks import materialize, neighborhood_2d
+from attnzoo.mechanisms.local.neighborhood_2d import NeighborhoodAttention2d, na2d_dense_reference, na2d_tiled
+from attnzoo.mechanisms.local.neighborhood_2d import na2d as natten_na2d
 from attnzoo.reference import softmax_attention
 from attnzoo.testing import assert_close
+
+
+def na2d(q, k, v, **kw):
+    """The oracles below are written on heads-first tensors (B, heads, H, W, D)."""
+    return natten_na2d(q, k, v, layout="heads_first", **kw)
 
 
 def _natten_window_start(index, length, kernel, dilation):
@@ -152,7 +157,7 @@ def test_tile_shapes_do_not_change_the_result(tile):
     q, k, v = _qkv(1, 2, 9, 8, 4)
     rpb = torch.randn(2, 5, 5, dtype=torch.float64)
     want = na2d(q, k, v, kernel_size=3, dilation=2, rpb=rpb, backend="reference")
-    got = kernel_na2d(q, k, v, kernel_size=3, dilation=2, rpb=rpb, tile=tile)
+    got = na2d_tiled(q, k, v, kernel_size=(3, 3), dilation=(2, 2), rpb=rpb, tile=tile)
     assert_close(got, want, torch.float64, f"tile {tile}")
 
 
@@ -212,3 +217,34 @@ def test_errors():
         NeighborhoodAttention2d(16, 2, kernel_size=3)(torch.randn(1, 5, 5, 8))
     with pytest.raises(ValueError, match="kernel_size"):
         NeighborhoodAttention2d(16, 2, kernel_size=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_natten_layout_heads_last_is_the_default(backend):
+    """na2d takes NATTEN's own layout, (B, H, W, heads, D), by default: the same computation as heads-first on
+    the permuted tensors, checked against the NATTEN loop; a heads-last tensor is never read as heads-first."""
+    q, k, v = _qkv(2, 3, 7, 6, 4)  # heads-first (B, heads, H, W, D)
+    rpb = torch.randn(3, 5, 5, dtype=torch.float64)
+    want = _loop_na2d(q, k, v, 3, 1, rpb, 0.5)  # (B, heads, H, W, D)
+    last = lambda x: x.permute(0, 2, 3, 1, 4).contiguous()  # (B, H, W, heads, D)
+    got = natten_na2d(last(q), last(k), last(v), kernel_size=3, rpb=rpb, scale=0.5, backend=backend)
+    assert got.shape == (2, 7, 6, 3, 4)
+    assert_close(got, last(want), torch.float64, f"heads-last na2d ({backend}) vs NATTEN loop")
+    with pytest.raises(ValueError, match="layout"):
+        natten_na2d(q, k, v, kernel_size=3, layout="bhwd")
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_tiles_chunked_and_recomputed(monkeypatch, store):
+    """The tiled form with tiny chunks, with the tile probabilities kept or recomputed in the backward."""
+    monkeypatch.setattr(grid, "_STORE_BYTES", 1 << 30 if store else 0)
+    monkeypatch.setattr(grid, "_TILE_ELEMENTS", 200)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 9, 10, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    fast = na2d_tiled(q, k, v, kernel_size=(3, 3), dilation=(2, 1), rpb=rpb)
+    ref = na2d_dense_reference(q, k, v, kernel_size=(3, 3), dilation=(2, 1), rpb=rpb)
+    assert_close(fast, ref, torch.float64, "na2d")
+    gout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v, rpb), gout), torch.autograd.grad(ref, (q, k, v, rpb), gout)):
+        assert_close(a, b, torch.float64, "na2d gradient")

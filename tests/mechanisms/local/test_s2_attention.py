@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.mechanisms.local.s2_attention import s2_fast, s2_mask
+from attnzoo.mechanisms.local.s2_attention import S2Cache, s2_fast, s2_mask
 from attnzoo.reference import softmax_attention
-from attnzoo.state import S2Cache
 from attnzoo.testing import assert_close
 
 MECH = "s2_attention"

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.mechanisms.memory.cca import cca_fast, cca_reference, cca_step, init_cca_state
+from attnzoo.mechanisms.memory.cca import CCAState, cca_fast, cca_reference, cca_step, init_cca_state
 from attnzoo.reference import softmax_attention
-from attnzoo.state.memory import CCAState
 from attnzoo.testing import assert_close
 
 F64 = torch.float64

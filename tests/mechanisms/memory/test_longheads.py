@@ -5,6 +5,7 @@ import torch
 
 import attnzoo
 from attnzoo.mechanisms.memory.longheads import (
+    LongHeadsState,
     _selection,
     chunk_summaries,
     init_longheads_state,
@@ -13,7 +14,6 @@ from attnzoo.mechanisms.memory.longheads import (
     longheads_step,
 )
 from attnzoo.reference import softmax_attention
-from attnzoo.state.memory import LongHeadsState
 from attnzoo.testing import assert_close
 
 F64 = torch.float64

@@ -5,13 +5,13 @@ import torch
 
 import attnzoo
 from attnzoo.mechanisms.memory.recycled import (
+    RecycledState,
     init_recycled_state,
     recycled_fast,
     recycled_reference,
     recycled_step,
 )
 from attnzoo.reference import softmax_attention
-from attnzoo.state.memory import RecycledState
 from attnzoo.testing import assert_close
 
 F64 = torch.float64

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.mechanisms.memory.titans import (
-    Titans,
+from attnzoo.mechanisms.memory.titans import Titans, TitansState
+from attnzoo.mechanisms.memory.titans_memory import (
+    NeuralMemoryState,
     memory_fast,
     memory_forward,
     memory_loss_grad,
     memory_reference,
 )
-from attnzoo.state.memory import NeuralMemoryState, TitansState
 from attnzoo.testing import assert_close
 
 F64 = torch.float64

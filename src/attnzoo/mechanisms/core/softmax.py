@@ -9,7 +9,10 @@ Hq / Hk query heads (Hk = 1 is multi-query attention). The dense baseline of eve
 
 from __future__ import annotations
 
+import torch
+
 from ...kernels.sdpa import sdpa
+from ...masks import causal as causal_mask
 from ...reference import softmax_attention
 from ...registry import PATTERNS, Mechanism, register
 from ...state import KVCache
@@ -38,6 +41,17 @@ def softmax_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None):
     return softmax_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale)
 
 
+def softmax_mask(nq: int, nk: int, *, causal: bool, heads=None, kv_heads=None):
+    """Every key (non-causal) or the bottom-right causal triangle."""
+    if causal:
+        return causal_mask(nk - nq)
+
+    def full(b, h, q_idx, kv_idx):
+        return torch.ones_like(q_idx + kv_idx, dtype=torch.bool)
+
+    return full
+
+
 SOFTMAX = register(Mechanism(
     name="softmax",
     aliases=("sdpa", "mha", "gqa", "mqa", "dense"),
@@ -55,5 +69,6 @@ SOFTMAX = register(Mechanism(
     fast=softmax_fast,
     step=softmax_step,
     init_state=init_kv_cache,
+    mask=softmax_mask,
     permutation_equivariant=True,
 ))

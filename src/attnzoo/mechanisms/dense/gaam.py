@@ -16,7 +16,7 @@ remainder), each with its own G offsets (init 0) and scales (init exp(N(0, 1))).
 Choices (options):
 - ``axis="features"`` (default): statistics and normalisation over each head's channels, token by token
   (the official code's ``norm_axis=-1``; the catalog reading). This never mixes tokens, so it is causal
-  and decodes with no memory (:class:`~attnzoo.state.PositionState`).
+  and decodes with no memory (:class:`PositionState`).
 - ``axis="tokens"``: statistics and normalisation over the sequence, per channel (the official
   experiments normalise over a sequence-like axis). Heads are still channel chunks with their own
   Gaussians; the official code would instead cut the normalised axis itself into chunks, which is not
@@ -47,9 +47,11 @@ import math
 import torch
 from torch import nn
 
+from ...errors import check_backend, check_int
+from ...reference import acc_dtype
 from ...registry import Mechanism, Option, register
-from ...state import PositionState
-from ._common import acc_dtype, check_backend, check_call, check_int, check_pattern_flag
+from ...state.base import DecodeState
+from ._common import check_call, check_pattern_flag
 
 
 def _moments(x: torch.Tensor, dim: int, mask: torch.Tensor | None, unbiased: bool):
@@ -181,6 +183,26 @@ class GaussianAdaptiveAttention(nn.Module):
 
 def build_gaam(dim, heads, *, kv_heads=None, causal=False, **options):
     return GaussianAdaptiveAttention(dim, heads, kv_heads=kv_heads, causal=causal, **options)
+
+
+class PositionState(DecodeState):
+    """The number of tokens decoded so far and nothing else (token-wise mechanisms)."""
+
+    def __init__(self, batch: int) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+        super().__init__()
+        self.batch = batch
+
+    def advance(self, tokens: int) -> None:
+        self.seq_len += tokens
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_index(index, self.batch)
+        self.batch = index.numel()
+
+    def crop(self, length: int) -> None:
+        self.seq_len = self._check_crop(length)
 
 
 GAAM = register(Mechanism(

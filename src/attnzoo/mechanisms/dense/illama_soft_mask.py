@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.sdpa import has_visible_key, sdpa
-from ...reference import dense_mask, repeat_kv
+from ...reference import acc_dtype, dense_mask, repeat_kv
 from ...registry import Mechanism, Option, register
 from ...state import KVCache
-from ._common import acc_dtype, masked_softmax
+from ._common import masked_softmax
 
 FORMS = ("official", "mixture")
 

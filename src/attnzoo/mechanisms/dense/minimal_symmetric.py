@@ -30,20 +30,12 @@ import math
 import torch
 from torch import nn
 
+from ...errors import check_backend
 from ...kernels.sdpa import sdpa
-from ...reference import dense_mask
+from ...reference import acc_dtype, dense_mask
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import KVCache
-from ._common import (
-    acc_dtype,
-    check_backend,
-    check_call,
-    check_heads,
-    check_pattern_flag,
-    masked_softmax,
-    merge_heads,
-    split_heads,
-)
+from ._common import check_call, check_heads, check_pattern_flag, masked_softmax, merge_heads, split_heads
 
 QK_FORMS = ("separate", "collapsed", "symmetric", "symmetric_collapsed")
 VALUE_FORMS = ("identity", "collapsed", "separate")

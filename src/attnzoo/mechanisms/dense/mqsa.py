@@ -20,7 +20,7 @@ Choices (options; from the abstract and catalog, the paper's exact pooling is un
 Forms: the reference builds the (N x N) pooling matrix and each branch's softmax explicitly; the fast form
 pools with L shifted adds (O(N L d)) and runs both branches in one fused SDPA call (the two query sets
 interleaved as query heads sharing each key/value head). Decoding keeps a KV cache plus the last
-``L_long - 1`` projected items (:class:`~attnzoo.state.TokenHistoryCache`).
+``L_long - 1`` projected items (:class:`TokenHistoryCache`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import check_backend
 from ...kernels.sdpa import sdpa
-from ...reference import dense_mask, repeat_kv
+from ...reference import acc_dtype, dense_mask, repeat_kv
 from ...registry import Mechanism, Option, register
-from ...state import TokenHistoryCache
 from ._common import (
-    acc_dtype,
-    check_backend,
+    TokenHistoryCache,
     check_call,
     check_heads,
     check_pattern_flag,

@@ -25,7 +25,7 @@ Choices (options; the abstract and catalog leave them open):
 Forms: the reference gathers W_R r_{i-j} for every (i, j) pair and writes both score terms out; the fast
 form computes the position term on the 2N-1 distinct distances (Transformer-XL's trick), adds it as a float
 bias and runs PyTorch's SDPA on (q + u, k, v) -- still O(N^2) memory for the bias. Decoding keeps a KV
-cache and the last ``kernel_size - 1`` pre-convolution rows (:class:`~attnzoo.state.TokenHistoryCache`).
+cache and the last ``kernel_size - 1`` pre-convolution rows (:class:`TokenHistoryCache`).
 """
 
 from __future__ import annotations
@@ -36,12 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...reference import dense_mask
+from ...errors import check_backend
+from ...reference import acc_dtype, dense_mask
 from ...registry import Mechanism, Option, register
-from ...state import TokenHistoryCache
 from ._common import (
-    acc_dtype,
-    check_backend,
+    TokenHistoryCache,
     check_call,
     check_heads,
     check_pattern_flag,

@@ -36,14 +36,12 @@ import math
 import torch
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_qkv, check_scale
+from ...errors import check_backend, check_key_padding_mask, check_qkv, check_scale
 from ...kernels.sdpa import sdpa
-from ...reference import dense_mask, repeat_kv
+from ...reference import acc_dtype, dense_mask, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import KVCache
 from ._common import (
-    acc_dtype,
-    check_backend,
     check_call,
     check_heads,
     check_pattern_flag,

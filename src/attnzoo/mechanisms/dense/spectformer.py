@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import check_tensor
+from ...errors import check_backend, check_int, check_tensor
+from ...reference import acc_dtype
 from ...registry import Mechanism, Option, register
-from ._common import acc_dtype, check_backend, check_int
 
 
 def spectral_gating_fast(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,3 @@ def split_heads(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     return x.view(B, N, heads, dim).transpose(1, 2)
 
 
-def check_int(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value

@@ -18,7 +18,7 @@ FFNs of hidden size ``expert_hidden`` (default 2 * dim). Auxiliary loss (``modul
 ``aux_loss_weight * E * sum_e f_e P_e`` on the mixed probabilities ``p~`` (Switch load balancing).
 
 Patterns: self attention only (the routing mixes the gates of the tokens of one sequence); causal uses a causal
-A / S, so decoding works with a :class:`~attnzoo.state.RoutedKVCache` (keys, values and each past token's gate
+A / S, so decoding works with a :class:`RoutedKVCache` (keys, values and each past token's gate
 probabilities, plus its router features for similarity routing). Fast form: each expert runs only on the tokens
 routed to it (gather, FFN, scatter-add); the reference runs every expert on every token and masks.
 """
@@ -32,12 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
-from ...functional import BACKENDS
+from ...errors import check_backend, check_int, check_key_padding_mask, check_tensor
 from ...reference import dense_mask, repeat_kv
 from ...registry import Mechanism, Option, register
-from ...state import RoutedKVCache
-from ._routing import check_int, load_balancing_loss, split_heads, topk_mask
+from ._common import TokenBuffers
+from ._routing import load_balancing_loss, split_heads, topk_mask
 from .echoatt import attention_probs
 
 ROUTERS = ("attention", "similarity", "standard")
@@ -99,8 +98,7 @@ class AttentionAwareSMoE(nn.Module):
         self.tau, self.aux_loss_weight = opts["tau"], opts["aux_loss_weight"]
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {causal!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.causal, self.backend = causal, backend
         self.scale = 1.0 / math.sqrt(hd)
         hidden = 2 * dim if opts["expert_hidden"] is None else opts["expert_hidden"]
@@ -229,6 +227,19 @@ def smoe_fast(y: torch.Tensor, gates: torch.Tensor, selected: torch.Tensor, w1: 
 
 def _smoe_module(dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = False, **options: Any):
     return AttentionAwareSMoE(dim, heads, kv_heads=kv_heads, causal=causal, **options)
+
+
+class RoutedKVCache(TokenBuffers):
+    """Keys (B, Hk, L, D), values (B, Hk, L, Dv) and one feature row per token (B, 1, L, F).
+
+    Used by the attention-aware / similarity-aware MoE block: the router of a new token mixes the routing
+    probabilities (and, for similarity routing, the router features) of every token before it.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int, features: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(batch, [(kv_heads, head_dim), (kv_heads, value_dim), (1, features)], dtype=dtype,
+                         device=device, names=["k", "v", "router features"])
 
 
 SMOE = register(Mechanism(

@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
-from ...functional import BACKENDS
+from ...errors import check_backend, check_int, check_key_padding_mask, check_tensor
 from ...kernels.sdpa import sdpa
 from ...reference import softmax_attention
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import KVCache
-from ._routing import check_int, gather_positions, load_balancing_loss, routed_attention, split_heads, topk_mask
+from ._routing import gather_positions, load_balancing_loss, routed_attention, split_heads, topk_mask
 
 ROUTINGS = ("soft", "topk")
 
@@ -73,8 +72,7 @@ class BAMAttention(nn.Module):
             raise ValueError(f"top_k: expected at most experts={self.experts}, got {self.top_k}")
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {causal!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.causal, self.backend = causal, backend
         self.context_dim = dim if context_dim is None else check_int("context_dim", context_dim)
         self.scale = 1.0 / math.sqrt(hd)

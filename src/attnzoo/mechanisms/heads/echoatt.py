@@ -15,7 +15,7 @@ own value heads (grouped-query layout as the leader's keys); no normalisation la
 
 There is one form: computing A once and reusing it is the efficient algorithm (it is what the reference does);
 A is materialised (B, H, N, M) because it is reused. ``last_attention`` keeps it (detached) after a forward.
-Decoding keeps an :class:`~attnzoo.state.EchoAttentionCache`: the leader's keys and every layer's values.
+Decoding keeps an :class:`EchoAttentionCache`: the leader's keys and every layer's values.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
+from ...errors import check_int, check_key_padding_mask, check_tensor
 from ...reference import dense_mask, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
-from ...state import EchoAttentionCache
-from ._routing import check_int, split_heads
+from ._common import TokenBuffers
+from ._routing import split_heads
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, *, causal: bool, key_padding_mask: torch.Tensor | None,
@@ -149,6 +149,37 @@ class EchoAttention(nn.Module):
 
 def _echoatt_module(dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = False, **options: Any):
     return EchoAttention(dim, heads, kv_heads=kv_heads, causal=causal, **options)
+
+
+class EchoAttentionCache(TokenBuffers):
+    """Decode state of an EchoAtt group of ``layers`` attention layers.
+
+    With sharing, buffer 0 holds the leader's keys (B, kv_heads, L, head_dim) and buffer 1 + l the values of
+    layer l: the layers that reuse the leader's attention matrix cache no keys at all. Without sharing
+    (independent layers) every layer keeps keys and values: buffers 2 l (keys) and 2 l + 1 (values).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, layers: int, *, share: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        check_int("layers", layers)
+        if share:
+            shapes = [(kv_heads, head_dim)] * (1 + layers)
+            names = ["leader k"] + [f"layer {i} v" for i in range(layers)]
+        else:
+            shapes = [(kv_heads, head_dim)] * (2 * layers)
+            names = [f"layer {i // 2} {'kv'[i % 2]}" for i in range(2 * layers)]
+        super().__init__(batch, shapes, dtype=dtype, device=device, names=names)
+        self.layers, self.share = layers, share
+
+    def key_index(self, layer: int) -> int:
+        if self.share:
+            if layer != 0:
+                raise ValueError(f"layer: only the leader (layer 0) caches keys when sharing, got layer {layer}")
+            return 0
+        return 2 * layer
+
+    def value_index(self, layer: int) -> int:
+        return 1 + layer if self.share else 2 * layer + 1
 
 
 ECHOATT = register(Mechanism(

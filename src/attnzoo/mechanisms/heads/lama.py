@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
+from ...errors import check_int, check_key_padding_mask, check_tensor
 from ...registry import Mechanism, Option, register
-from ._routing import check_int
 
 FORMS = ("mlb", "hadamard")
 CONTEXTS = ("mean", "last")

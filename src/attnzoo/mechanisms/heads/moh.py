@@ -37,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
-from ...functional import BACKENDS
+from ...errors import check_backend, check_int, check_key_padding_mask, check_tensor
 from ...reference import softmax_attention
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import KVCache
-from ._routing import check_int, gather_positions, load_balancing_loss, routed_attention, split_heads, topk_mask
+from ._routing import gather_positions, load_balancing_loss, routed_attention, split_heads, topk_mask
 
 GATES = ("official", "paper", "binary")
 ROUTERS = ("linear", "query_norm")
@@ -78,8 +77,7 @@ class MixtureOfHeadsAttention(nn.Module):
         self.head_dim = check_int("head_dim", head_dim)
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {causal!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.causal, self.backend = causal, backend
         hs = heads // 2 if opts["shared_heads"] is None else opts["shared_heads"]
         if hs > heads:

@@ -28,11 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_tensor
-from ...functional import BACKENDS
+from ...errors import check_backend, check_int, check_tensor
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
-from ._routing import check_int
 
 
 class ConvBN(nn.Sequential):
@@ -62,8 +60,7 @@ class SingleHeadSelfAttention(nn.Module):
         pdim = max(1, round(dim / 4.67)) if opts["partial_dim"] is None else opts["partial_dim"]
         if pdim > dim:
             raise ValueError(f"partial_dim: expected at most dim={dim}, got {pdim}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.qk_dim, self.pdim, self.norm, self.backend = opts["qk_dim"], pdim, opts["norm"], backend
         self.scale = 1.0 / math.sqrt(self.qk_dim)
         self.pre_norm = nn.GroupNorm(1, pdim) if self.norm else nn.Identity()

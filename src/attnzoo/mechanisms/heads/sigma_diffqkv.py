@@ -37,13 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
-from ...functional import BACKENDS
+from ...errors import check_backend, check_int, check_key_padding_mask, check_tensor
 from ...kernels.sdpa import sdpa
 from ...reference import dense_mask, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
-from ...state import DiffKVCache
-from ._routing import check_int, split_heads
+from ._common import TokenBuffers
+from ._routing import split_heads
 
 
 def _topk_renormalise(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -131,7 +130,7 @@ class DiffQKVAttention(nn.Module):
     -> ``(B, N, dim)``.
 
     Projections: W_Q (dim -> heads * head_dim) [+ augmented-Q SwiGLU], W_K (-> key_heads * key_dim),
-    W_V (-> value_heads * head_dim), W_O. Decoding keeps a :class:`~attnzoo.state.DiffKVCache`.
+    W_V (-> value_heads * head_dim), W_O. Decoding keeps a :class:`DiffKVCache`.
     """
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = False,
@@ -159,8 +158,7 @@ class DiffQKVAttention(nn.Module):
         self.aug_q_dim, self.v_topk = opts["aug_q_dim"], opts["v_topk"]
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {causal!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.causal, self.backend = causal, backend
         self.context_dim = dim if context_dim is None else check_int("context_dim", context_dim)
         self.scale = 1.0 / math.sqrt(hd)
@@ -245,6 +243,40 @@ class DiffQKVAttention(nn.Module):
 
 def _sigma_module(dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = False, **options: Any):
     return DiffQKVAttention(dim, heads, kv_heads=kv_heads, causal=causal, **options)
+
+
+class DiffKVCache(TokenBuffers):
+    """Sigma's DiffQKV cache: keys (B, key_heads, L, key_dim), values (B, value_heads, L, value_dim).
+
+    With the paper's configuration (key_heads < value_heads, key_dim <= value_dim) the key part of the cache
+    is smaller than the value part, unlike a GQA cache where both are equal. ``nbytes()`` reports the
+    allocated storage.
+    """
+
+    def __init__(self, batch: int, key_heads: int, key_dim: int, value_heads: int, value_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(batch, [(key_heads, key_dim), (value_heads, value_dim)], dtype=dtype, device=device,
+                         names=["k", "v"])
+        self.key_heads, self.key_dim, self.value_heads, self.value_dim = key_heads, key_dim, value_heads, value_dim
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.buffer(0)  # (B, n_k, L, d_k)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.buffer(1)  # (B, n_v, L, d_v)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append T tokens, k (B, n_k, T, d_k), v (B, n_v, T, d_v); return (keys, values, mask) of the cache."""
+        if k.dim() == 4 and v.dim() == 4 and k.shape[2] != v.shape[2]:
+            raise ValueError(f"k, v: expected the same number of new tokens, got {k.shape[2]} and {v.shape[2]}")
+        T = k.shape[2] if k.dim() == 4 else 0
+        keys = self.write(0, k)
+        values = self.write(1, v)
+        self.advance(T, key_padding_mask)
+        return keys, values, self.mask
 
 
 SIGMA = register(Mechanism(

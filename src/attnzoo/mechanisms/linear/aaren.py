@@ -38,10 +38,9 @@ import torch
 from torch import nn
 
 from ...errors import check_key_padding_mask, check_tensor
-from ...reference import softmax_attention
+from ...reference import acc_dtype, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state import RecurrentState
-from .linear_attention import acc_dtype
 
 NEG_INF = float("-inf")
 

@@ -36,9 +36,8 @@ from torch import nn
 
 from ...errors import check_tensor
 from ...kernels.sdpa import sdpa
-from ...reference import repeat_kv
+from ...reference import acc_dtype, repeat_kv
 from ...registry import Mechanism, Option, register
-from .linear_attention import acc_dtype
 
 
 def pool_agents(q: torch.Tensor, agents: int, valid: torch.Tensor | None = None) -> torch.Tensor:

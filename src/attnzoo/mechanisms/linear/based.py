@@ -26,7 +26,8 @@ Choices where the paper is silent (each an option or a documented convention):
   diagonal (1 + d' + d'(d'+1)/2 = 153 features for d' = 16 instead of 273). The inner products, hence the
   outputs and gradients, are identical; the decode state is the packed one. Inside each chunk the fast form
   evaluates the kernel 1 + s + s^2/2 from q.k directly (as the paper's IO-aware kernels do), so the features
-  only carry the state between chunks (:func:`attnzoo.kernels.chunked.chunked_taylor_attention`).
+  only carry the state between chunks (:func:`chunked_taylor_attention` below, on the chunk engine of
+  :mod:`attnzoo.kernels.chunked`).
 - ``eps`` = 1e-12 is added to the denominator as in the official code; a row that sees no key returns 0.
 - The window mixer has no rotary embedding (positions belong to the model, not the attention function).
 - ``key_padding_mask`` in the conv mixer zeroes masked tokens before the convolution, so they cannot leak
@@ -43,12 +44,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import check_key_padding_mask, check_tensor
-from ...kernels.chunked import chunked_taylor_attention
+from ...kernels import chunked  # chunked.PIECE_TOKENS read at call time (tests shrink it)
+from ...kernels.chunked import (
+    DEFAULT_CHUNK,
+    ChunkTables,
+    chunk_pieces,
+    from_rows,
+    mask_scores,
+    scan_states,
+    to_rows,
+)
+from ...reference import acc_dtype
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import RecurrentState
 from .linear_attention import (
     CHUNK_OPTION,
-    acc_dtype,
     fast_linear_attention,
     init_linear_state,
     linear_state_step,
@@ -100,8 +110,212 @@ def _taylor_qk(q, k, scale):
     return taylor_features(q.to(acc), scale), taylor_features(k.to(acc), scale)
 
 
+# --------------------------------------------------------------------------------------------------------
+# The fast form: packed Taylor features carry the chunk states, the polynomial is evaluated inside chunks
+# (the chunk engine of attnzoo.kernels.chunked with BASED's intra-chunk kernel)
+# --------------------------------------------------------------------------------------------------------
+def taylor_map(x: torch.Tensor, scale: float, dim: int = -1) -> torch.Tensor:
+    """Packed 2nd-order Taylor features, ``phi(q).phi(k) = 1 + s + s^2 / 2`` with s = scale q.k.
+
+    Along axis ``dim`` of x (d entries) -> 1 + d + d (d + 1) / 2 entries: [1, sqrt(scale) x, then for
+    i = 0..d-1 the row scale x_i x_(i..d-1) with its first (diagonal) entry divided by sqrt(2)] (the upper
+    triangle of scale x x^T; off-diagonal entries stand for both symmetric ones). Built row by row, no
+    gathers; with ``dim=-2`` (features along the second-to-last axis, tokens last) every row is a
+    contiguous block, which is how the chunked kernel uses it. (A full outer product followed by a
+    gather of the triangle measured 1.6x slower end to end.)"""
+    x = x.movedim(dim, -2)  # (..., d, T)
+    d = x.shape[-2]
+    out = torch.empty(*x.shape[:-2], taylor_feature_dim(d), x.shape[-1], dtype=x.dtype, device=x.device)
+    out[..., 0, :] = 1
+    torch.mul(x, scale ** 0.5, out=out[..., 1 : 1 + d, :])
+    xs = x * scale
+    off = 1 + d
+    for i in range(d):
+        row = out[..., off : off + d - i, :]
+        torch.mul(xs[..., i : i + 1, :], x[..., i:, :], out=row)
+        row[..., 0, :] *= 0.5 ** 0.5
+        off += d - i
+    return out.movedim(-2, dim)
+
+
+def _pair_weights(d: int, scale: float, dtype, device) -> torch.Tensor:
+    """(P, 1) d(feature)/d(x_i x_j) of the packed second-order features: scale, times sqrt(2) on the
+    diagonal where the feature is scale x_i^2 / sqrt(2) and its derivative sqrt(2) scale x_i = w * 2 x_i / 2."""
+    w = torch.full((d * (d + 1) // 2, 1), float(scale), dtype=dtype, device=device)
+    off = 0
+    for i in range(d):
+        w[off] *= 2 ** 0.5
+        off += d - i
+    return w
+
+
+def taylor_map_backward(x: torch.Tensor, g: torch.Tensor, scale: float, dim: int = -1) -> torch.Tensor:
+    """The gradient w.r.t. x of ``(taylor_map(x, scale, dim) * g).sum()``; features along ``dim``.
+
+    For row i of the second-order block (entries (i, j), j >= i, weighted gradients r): x_i receives
+    sum_j r_j x_j and x_j (j > i) receives r_j x_i; three streaming operations per row."""
+    x, g = x.movedim(dim, -2), g.movedim(dim, -2)  # (..., d, T), (..., F, T)
+    d = x.shape[-2]
+    dx = g[..., 1 : 1 + d, :] * scale ** 0.5
+    r = g[..., 1 + d :, :] * _pair_weights(d, scale, g.dtype, g.device)  # (..., P, T)
+    off = 0
+    for i in range(d):
+        row = r[..., off : off + d - i, :]
+        dx[..., i, :] += (row * x[..., i:, :]).sum(-2)
+        dx[..., i + 1 :, :].addcmul_(row[..., 1:, :], x[..., i : i + 1, :])
+        off += d - i
+    return dx.movedim(-2, dim)
+
+
+def _taylor_scores(qr, kr, tab: ChunkTables, scale: float, km, b: int):
+    """Masked intra-chunk kernel values ``1 + s + s^2/2``, s = scale q.k, straight from q, k (d wide, not F):
+    returns (A, s), both (BH, nc, R, c); ``km`` (B, nc, c) key mask or None."""
+    BH, nc, R, d = qr.shape
+    c = kr.shape[2]
+    s = torch.bmm(qr.view(-1, R, d), kr.view(-1, c, d).transpose(1, 2)).mul_(scale).view(BH, nc, R, c)
+    A = torch.mul(s, 0.5).add_(1).mul_(s).add_(1)  # 1 + s (1 + s / 2)
+    mask_scores(A, b, tab)
+    if km is not None:
+        A.view(b, -1, nc, R, c).mul_(km.view(b, 1, nc, 1, c))
+    return A, s
+
+
+def _key_features(kr, scale, km, b):
+    """Masked key features, feature-major: kr (BH, nc, c, d) -> (BH, nc, F, c)."""
+    fk = taylor_map(kr.transpose(-1, -2).contiguous(), scale, dim=-2)  # (BH, nc, F, c)
+    if km is not None:
+        BH, nc, F, c = fk.shape
+        fk.view(b, -1, nc, F, c).mul_(km.view(b, 1, nc, 1, c))
+    return fk
+
+
+class _ChunkedTaylorAttention(torch.autograd.Function):
+    """BASED's linear attention (no decay): packed Taylor features carry the state between chunks; inside a
+    chunk the kernel ``1 + s + s^2/2`` is evaluated from q.k directly (d = 16 wide instead of F = 153),
+    in the forward and in the backward (``d/ds = 1 + s``). The features are kept feature-major per chunk,
+    (F x c), so that building them and their gradients streams contiguous rows, and every product with
+    them is a plain or transposed bmm. Pieces of ~4096 tokens; features are never stored (recomputed per
+    piece in the backward); the chunk states are kept."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, s0, scale, chunk, k_mask):
+        B, Hq, N, d = q.shape
+        Hk, Dv = k.shape[1], v.shape[3]
+        G = Hq // Hk
+        acc = acc_dtype(q.dtype)
+        F = taylor_feature_dim(d)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        q, k, v = (t.to(acc).contiguous() for t in (q, k, v))
+        km_all = None if k_mask is None else k_mask.to(acc)
+        pieces = chunk_pieces(N, chunk, max(1, chunked.PIECE_TOKENS // chunk))
+        state = torch.zeros(B * Hk, F, Dv, dtype=acc, device=q.device) if s0 is None else \
+            s0.to(acc).reshape(B * Hk, F, Dv)
+        out = torch.empty(B, Hq, N, Dv, dtype=acc, device=q.device)
+        saved = []
+        for start, c, nc in pieces:
+            sl = slice(start, start + c * nc)
+            tab = ChunkTables(None, c, G, acc, q.device)
+            qr = to_rows(q[:, :, sl], Hk, nc, c).contiguous()  # (BH, nc, R, d)
+            R = qr.shape[2]
+            kr = k[:, :, sl].reshape(B * Hk, nc, c, d).contiguous()  # (BH, nc, c, d)
+            v3 = v[:, :, sl].reshape(B * Hk, nc, c, Dv).contiguous().view(-1, c, Dv)  # (BH*nc, c, Dv)
+            km = None if km_all is None else km_all[:, sl].reshape(B, nc, c)
+            fk = _key_features(kr, scale, km, B)  # (BH, nc, F, c)
+            kv = torch.bmm(fk.view(-1, F, c), v3).view(-1, nc, F, Dv)  # phi(K_i)^T V_i
+            del fk
+            S, state = scan_states(kv, state, None, c, B)  # (BH, nc, F, Dv) before each chunk
+            del kv
+            fq = taylor_map(qr.transpose(-1, -2).contiguous(), scale, dim=-2)  # (BH, nc, F, R)
+            o = torch.bmm(fq.view(-1, F, R).transpose(1, 2), S.view(-1, F, Dv))  # inter-chunk term
+            del fq
+            A, _ = _taylor_scores(qr, kr, tab, scale, km, B)
+            o.baddbmm_(A.view(-1, R, c), v3)  # intra-chunk term
+            out[:, :, sl] = from_rows(o.view(B * Hk, nc, R, Dv), B, Hq)
+            saved.append(S)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, k, v, k_mask, *saved)
+        ctx.scale, ctx.pieces, ctx.has_s0 = scale, pieces, s0 is not None
+        ctx.set_materialize_grads(False)
+        return out, state.view(B, Hk, F, Dv)
+
+    @staticmethod
+    def backward(ctx, dout, dstate):
+        q, k, v, k_mask, *saved = ctx.saved_tensors
+        scale = ctx.scale
+        B, Hq, N, d = q.shape
+        Hk, Dv = k.shape[1], v.shape[3]
+        G = Hq // Hk
+        acc = q.dtype
+        F = taylor_feature_dim(d)
+        km_all = None if k_mask is None else k_mask.to(acc)
+        g = None if dstate is None else dstate.to(acc).reshape(B * Hk, F, Dv)
+        dout = torch.zeros(B, Hq, N, Dv, dtype=acc, device=q.device) if dout is None else dout.to(acc).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for i in range(len(ctx.pieces) - 1, -1, -1):
+            start, c, nc = ctx.pieces[i]
+            S3 = saved[i].view(-1, F, Dv)  # (BH*nc, F, Dv): states before each chunk
+            sl = slice(start, start + c * nc)
+            tab = ChunkTables(None, c, G, acc, q.device)
+            qr = to_rows(q[:, :, sl], Hk, nc, c).contiguous()  # (BH, nc, R, d)
+            R = qr.shape[2]
+            kr = k[:, :, sl].reshape(B * Hk, nc, c, d).contiguous()
+            v3 = v[:, :, sl].reshape(B * Hk, nc, c, Dv).contiguous().view(-1, c, Dv)
+            km = None if km_all is None else km_all[:, sl].reshape(B, nc, c)
+            do3 = to_rows(dout[:, :, sl], Hk, nc, c).contiguous().view(-1, R, Dv)  # (BH*nc, R, Dv)
+            qT = qr.transpose(-1, -2).contiguous()  # (BH, nc, d, R)
+            fq = taylor_map(qT, scale, dim=-2)  # (BH, nc, F, R)
+            qdo = torch.bmm(fq.view(-1, F, R), do3).view(-1, nc, F, Dv)  # phi(Q_i)^T dO_i
+            del fq
+            g0 = torch.zeros(B * Hk, F, Dv, dtype=acc, device=q.device) if g is None else g
+            Gn, g = scan_states(qdo, g0, None, c, B, reverse=True)  # gradient of the state after each chunk
+            del qdo
+            G3 = Gn.view(-1, F, Dv)
+            dfq = torch.bmm(S3, do3.transpose(1, 2)).view(-1, nc, F, R)  # (dO_i S_i^T)^T, feature-major
+            dqT = taylor_map_backward(qT, dfq, scale, dim=-2)  # (BH, nc, d, R)
+            del dfq
+            dfk = torch.bmm(G3, v3.transpose(1, 2)).view(-1, nc, F, c)  # (V_i dS_(i+1)^T)^T
+            if km is not None:
+                dfk.view(B, -1, nc, F, c).mul_(km.view(B, 1, nc, 1, c))
+            dkT = taylor_map_backward(kr.transpose(-1, -2).contiguous(), dfk, scale, dim=-2)  # (BH, nc, d, c)
+            del dfk
+            fk = _key_features(kr, scale, km, B)  # (BH, nc, F, c)
+            dvb = torch.bmm(fk.view(-1, F, c).transpose(1, 2), G3)  # phi(K_i) dS_(i+1)
+            del fk, Gn, G3
+            A, s = _taylor_scores(qr, kr, tab, scale, km, B)
+            dvb.baddbmm_(A.view(-1, R, c).transpose(1, 2), do3)  # + A^T dO
+            dA = torch.bmm(do3, v3.transpose(1, 2)).view(-1, nc, R, c)  # dO V^T
+            mask_scores(dA, B, tab)
+            if km is not None:
+                dA.view(B, -1, nc, R, c).mul_(km.view(B, 1, nc, 1, c))
+            ds = dA.mul_(s.add_(1)).mul_(scale).view(-1, R, c)  # d(1 + s + s^2/2)/ds = 1 + s
+            dqr = torch.baddbmm(dqT.view(-1, d, R).transpose(1, 2), ds, kr.view(-1, c, d))  # (BH*nc, R, d)
+            dkr = torch.baddbmm(dkT.view(-1, d, c).transpose(1, 2), ds.transpose(1, 2), qr.view(-1, R, d))
+            dq[:, :, sl] = from_rows(dqr.view(-1, nc, R, d), B, Hq)
+            dk[:, :, sl] = dkr.view(B, Hk, nc * c, d)
+            dv[:, :, sl] = dvb.view(B, Hk, nc * c, Dv)
+        ds0 = g.view(B, Hk, F, Dv) if ctx.has_s0 else None
+        qt, kt, vt = ctx.dtypes
+        return dq.to(qt), dk.to(kt), dv.to(vt), ds0, None, None, None
+
+
+def chunked_taylor_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk: int = DEFAULT_CHUNK,
+    initial_state: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention with the Taylor kernel ``1 + s + s^2/2`` (s = scale q.k), chunk by chunk.
+
+    q (B, Hq, N, d), k (B, Hk, N, d), v (B, Hk, N, Dv); initial_state (B, Hk, F, Dv) over the packed features
+    of :func:`taylor_map` (F = 1 + d + d(d+1)/2); key_padding_mask (B, N). Unnormalised: append a column of
+    ones to v for the denominator. Returns out (B, Hq, N, Dv) and the final state (B, Hk, F, Dv) in float32
+    (or float64), both differentiable.
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
+    return _ChunkedTaylorAttention.apply(q, k, v, initial_state, float(scale), chunk, key_padding_mask)
+
+
 def based_fast(q, k, v, *, causal, key_padding_mask, scale, normalize, eps, chunk):
-    """Causal: :func:`~attnzoo.kernels.chunked.chunked_taylor_attention` (packed Taylor features for the
+    """Causal: :func:`chunked_taylor_attention` (packed Taylor features for the
     chunk states, computed piece by piece and never stored, ~10x wider than q, k; the polynomial
     1 + s + s^2/2 from q.k inside chunks); non-causal: the global summary. Never N x N."""
     phi = functools.partial(taylor_features, scale=scale)

@@ -32,14 +32,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ...reference import acc_dtype, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
 from .linear_attention import (
     CHUNK_OPTION,
-    acc_dtype,
+    decay_matrix,
     fast_linear_attention,
     init_linear_state,
     linear_state_step,
-    quadratic_linear_attention,
 )
 
 
@@ -99,13 +99,25 @@ def _check_noncausal(causal: bool, decay: torch.Tensor | None) -> None:
 
 
 def lightning_reference(q, k, v, *, causal, key_padding_mask, scale, decay, chunk):
-    """``[(scale Q K^T) (.) D] V`` with ``D_ij = lambda^(p_i - j)`` for j <= p_i (bottom-right causal)."""
-    lam = resolve_decay(decay, k.shape[1])
+    """The readable parallel form, ``O = [(scale Q K^T) (.) D] V`` with ``D_ij = lambda^(p_i - j)`` for keys
+    j <= p_i = i + Nk - Nq (bottom-right causal) and 0 after; non-causal only at lambda = 1 (D = 1).
+
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) -> (B, Hq, Nq, Dv); O(Nq Nk) memory. A decay tensor
+    that requires grad is differentiated through D.
+    """
+    lam = resolve_decay(decay, k.shape[1])  # (Hk,) or None when every lambda is 1
     _check_noncausal(causal, lam)
+    B, Hq, Nq, _ = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
     acc = acc_dtype(q.dtype)
-    out = quadratic_linear_attention(q.to(acc) * scale, k.to(acc), v, causal=causal, decay=lam, normalize=False,
-                                     eps=0.0, key_padding_mask=key_padding_mask)
-    return out.to(q.dtype)
+    kk = repeat_kv(k, Hq // Hk).to(acc)  # (B, Hq, Nk, D): query head h reads key/value head h // G
+    vv = repeat_kv(v, Hq // Hk).to(acc)  # (B, Hq, Nk, Dv)
+    scores = torch.matmul(q.to(acc) * scale, kk.transpose(-1, -2))  # (B, Hq, Nq, Nk): no softmax
+    D = decay_matrix(lam, Hq, Nq, Nk, causal, acc, q.device)  # (1, Hq or 1, Nq, Nk)
+    scores = scores * D  # (B, Hq, Nq, Nk)
+    if key_padding_mask is not None:
+        scores = scores * key_padding_mask.view(B, 1, 1, Nk).to(acc)  # a masked key contributes nothing
+    return torch.matmul(scores, vv).to(q.dtype)  # (B, Hq, Nq, Dv): no denominator
 
 
 def lightning_fast(q, k, v, *, causal, key_padding_mask, scale, decay, chunk):

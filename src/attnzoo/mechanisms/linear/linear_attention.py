@@ -30,16 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.chunked import DEFAULT_CHUNK, chunked_linear_attention, decay_weights, global_linear_attention
-from ...reference import repeat_kv
+from ...reference import acc_dtype, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import RecurrentState
 
 FEATURE_MAPS = ("elu+1", "identity")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32 for low precision, else the input's."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import check_key_padding_mask, check_tensor
+from ...reference import acc_dtype
 from ...registry import Mechanism, Option, register
 from .lightning import alibi_slopes, lightning_fast, lightning_reference, lightning_step
-from .linear_attention import CHUNK_OPTION, acc_dtype, init_linear_state
+from .linear_attention import CHUNK_OPTION, init_linear_state
 
 GATES = ("none", "silu", "sigmoid")
 

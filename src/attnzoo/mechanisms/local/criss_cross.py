@@ -26,12 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import check_tensor
+from ...errors import check_backend, check_tensor
 from ...masks import Predicate, materialize
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
-
-BACKENDS = ("auto", "reference", "fast")
 
 
 def criss_cross_mask(height: int, width: int) -> Predicate:
@@ -84,8 +82,7 @@ class CrissCrossAttention(nn.Module):
         if qk_dim < heads or qk_dim % heads or dim % heads:
             raise ValueError(f"heads: dim // qk_reduction = {qk_dim} and dim = {dim} must both be divisible by heads "
                              f"(and qk channels >= heads), got heads={heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.dim, self.heads, self.qk_dim, self.recurrence, self.backend = dim, heads, qk_dim, recurrence, backend
         # The three 1x1 convolutions as one Linear (weights [W_q; W_k; W_v], biases likewise).
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
@@ -108,8 +105,7 @@ class CrissCrossAttention(nn.Module):
         check_tensor("x", x, ndim=4)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend)
         for _ in range(self.recurrence):
             x = self.attend(x)
         return x

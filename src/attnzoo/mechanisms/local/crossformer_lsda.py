@@ -30,19 +30,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import check_tensor
+from ...errors import check_backend, check_int, check_tensor
 from ...kernels.grid import tile_attention
 from ...masks import document, materialize
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
-
-BACKENDS = ("auto", "reference", "fast")
-
-
-def _int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
 
 
 def lsda_geometry(height: int, width: int, mode: str, group_size: int, interval: int | None):
@@ -158,22 +150,21 @@ class CrossFormerLSDA(nn.Module):
     def __init__(self, dim: int, heads: int, *, mode: str = "sda", group_size: int = 7, interval: int | None = None,
                  qkv_bias: bool = True, dpb_dim: int | None = None, backend: str = "auto") -> None:
         super().__init__()
-        _int("dim", dim)
-        _int("heads", heads)
+        check_int("dim", dim)
+        check_int("heads", heads)
         if dim % heads:
             raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
         if mode not in ("sda", "lda"):
             raise ValueError(f"mode: expected 'sda' or 'lda', got {mode!r}")
-        _int("group_size", group_size)
+        check_int("group_size", group_size)
         if interval is not None:
-            _int("interval", interval)
+            check_int("interval", interval)
             if mode != "lda":
                 raise ValueError(f"interval: only applies to mode='lda', got interval={interval} with mode={mode!r}")
         if not isinstance(qkv_bias, bool):
             raise TypeError(f"qkv_bias: expected a bool, got {qkv_bias!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
-        dpb_dim = max(dim // 16, 4) if dpb_dim is None else _int("dpb_dim", dpb_dim)
+        check_backend(backend)
+        dpb_dim = max(dim // 16, 4) if dpb_dim is None else check_int("dpb_dim", dpb_dim)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.mode, self.group_size, self.interval, self.backend = mode, group_size, interval, backend
         self.scale = self.head_dim ** -0.5
@@ -190,8 +181,7 @@ class CrossFormerLSDA(nn.Module):
         B, H, W, C = x.shape
         if C != self.dim:
             raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend)
         Gh, Gw, Ih, Iw = lsda_geometry(H, W, self.mode, self.group_size, self.interval)
         qkv = self.qkv(x).view(B, H, W, 3, self.heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)  # (3, B, h, H, W, d)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, h, H, W, d)

@@ -28,13 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_tensor
+from ...errors import check_backend, check_tensor
 from ...kernels.grid import from_tiles, tile_attention, to_tiles
 from ...masks import Predicate, materialize
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
-
-BACKENDS = ("auto", "reference", "fast")
 
 
 def halo_mask(height: int, width: int, block: int, halo: int, *, mask_padding: bool = True) -> Predicate:
@@ -137,8 +135,7 @@ class HaloAttention(nn.Module):
         for name, val in (("qkv_bias", qkv_bias), ("mask_padding", mask_padding)):
             if not isinstance(val, bool):
                 raise TypeError(f"{name}: expected a bool, got {val!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.block_size, self.halo_size, self.mask_padding, self.backend = block_size, halo_size, mask_padding, backend
         self.scale = self.head_dim ** -0.5
@@ -160,8 +157,7 @@ class HaloAttention(nn.Module):
             raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
         if H % self.block_size or W % self.block_size:
             raise ValueError(f"x: grid {H}x{W} must be a multiple of block_size={self.block_size} on both axes")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend)
         split = lambda t: t.view(B, H, W, self.heads, self.head_dim).permute(0, 3, 1, 2, 4)  # (B, h, H, W, d)
         q = split(self.q(x))
         k, v = (split(t) for t in self.kv(x).chunk(2, dim=-1))

@@ -36,25 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_tensor
+from ...errors import check_backend, check_int, check_tensor
 from ...kernels.grid import from_tiles, tile_attention, to_tiles
 from ...masks import document, materialize
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 from .halonet import halo_mask
 
-BACKENDS = ("auto", "reference", "fast")
-
-
-def _int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
 
 def _check_backend(backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    check_backend(backend)
     return backend
 
 
@@ -278,12 +269,12 @@ class HybridAttentionBlock(nn.Module):
                  conv_scale: float = 0.01, mlp_ratio: float = 2.0, qkv_bias: bool = True, ocab: bool = True,
                  backend: str = "auto") -> None:
         super().__init__()
-        _int("dim", dim)
-        _int("heads", heads)
-        _int("window_size", window_size)
-        _int("shift_size", shift_size, low=0)
-        _int("compress_ratio", compress_ratio)
-        _int("squeeze_factor", squeeze_factor)
+        check_int("dim", dim)
+        check_int("heads", heads)
+        check_int("window_size", window_size)
+        check_int("shift_size", shift_size, low=0)
+        check_int("compress_ratio", compress_ratio)
+        check_int("squeeze_factor", squeeze_factor)
         if dim % heads:
             raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
         for name, val in (("qkv_bias", qkv_bias), ("ocab", ocab)):

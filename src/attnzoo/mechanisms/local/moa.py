@@ -19,7 +19,7 @@ Choices (each is an option):
 - Windows are token-granular (as MoA's decode cache); the official prefill kernels round them to 64-token
   blocks. Causal only, as MoA (its profiler and kernels assert causal attention): non-causal calls raise.
 - Grouped-query attention: windows are per query head; a key/value head keeps the widest window among its
-  query heads (:class:`~attnzoo.state.PerHeadWindowCache`).
+  query heads (:class:`PerHeadWindowCache`).
 
 Fast form: query heads are grouped by window and each group runs the blocked sliding-window kernel with
 sinks (``kernels/local.py``, hand-written backward); a window reaching every key runs fused SDPA.
@@ -37,7 +37,8 @@ from ...kernels.sdpa import sdpa
 from ...masks import materialize
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
-from ...state import DecodeState, PerHeadWindowCache
+from ...state import DecodeState
+from ...state.kv import SinkWindowCache
 
 
 def _per_head(name: str, value, heads: int, kind: type) -> list:
@@ -84,6 +85,21 @@ def moa_mask_predicate(windows: Sequence[int], sinks: int, causal: bool, offset:
         return band | ((sink & (d >= 0)) if causal else sink)
 
     return moa_mask
+
+
+def moa_registry_mask(nq: int, nk: int, *, causal: bool, heads=None, kv_heads=None, alphas, betas, sinks, length,
+                      min_span, span_multiple):
+    """The registry's predicate: each query head's window (``heads`` default: one per value of a per-head
+    ``alphas``/``betas`` tuple, else 1) plus the sinks, for keys of length ``nk`` (or ``length``)."""
+    if not causal:
+        raise ValueError("causal: moa is causal only, got causal=False")
+    if heads is None:
+        heads = next((len(x) for x in (alphas, betas) if isinstance(x, (tuple, list))), 1)
+    windows = moa_windows(heads, nk if length is None else length, alphas=alphas, betas=betas, sinks=sinks,
+                          min_span=min_span, span_multiple=span_multiple)
+    pred = moa_mask_predicate(windows, sinks, causal=True, offset=nk - nq)
+    pred.heads = heads
+    return pred
 
 
 def _resolve(q, k, alphas, betas, sinks, length, min_span, span_multiple) -> list[int]:
@@ -155,7 +171,7 @@ def moa_fast(q, k, v, *, causal, key_padding_mask, scale, alphas, betas, sinks, 
 # Decoding
 # ---------------------------------------------------------------------------------------------------------
 class MoAState(DecodeState):
-    """MoA's decode state: a :class:`~attnzoo.state.PerHeadWindowCache` (``self.cache``) whose per-head windows
+    """MoA's decode state: a :class:`PerHeadWindowCache` (``self.cache``) whose per-head windows
     are fixed at the first step -- from ``length`` if given, else from the prefill length, as MoA's runtime
     sizes its cache at prefill. ``reorder``/``crop``/``nbytes`` act on that cache."""
 
@@ -226,6 +242,80 @@ def moa_step(q, k, v, state: MoAState, *, scale, alphas, betas, sinks, length, m
     return out
 
 
+class PerHeadWindowCache(DecodeState):
+    """Sinks + a per-key/value-head window: key/value head ``k`` keeps ``sinks + windows[k] - 1 + extra`` tokens.
+
+    Args:
+        windows: one causal window (keys including the query's own) per key/value head.
+        sinks: leading tokens every head keeps.
+        extra: additional recent tokens kept so that ``crop`` can roll back that many.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
+                 windows: Sequence[int], sinks: int, extra: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        windows = list(windows)
+        if len(windows) != kv_heads:
+            raise ValueError(f"windows: expected one window per key/value head ({kv_heads}), got {len(windows)}")
+        for w in windows:
+            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+                raise ValueError(f"windows: expected ints >= 1, got {windows!r}")
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.value_dim = head_dim if value_dim is None else value_dim
+        self.windows, self.sinks, self.extra = windows, sinks, extra
+        self.groups: list[tuple[list[int], SinkWindowCache]] = []
+        for w in sorted(set(windows)):
+            heads = [h for h in range(kv_heads) if windows[h] == w]
+            cache = SinkWindowCache(batch, len(heads), head_dim, self.value_dim, window=w, sinks=sinks, extra=extra,
+                                    dtype=dtype, device=device)
+            self.groups.append((heads, cache))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, cache in self.groups for t in cache.tensors()]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
+        """Append T tokens, k (B, Hk, T, D), v (B, Hk, T, Dv); return per group (heads, keys, values, mask)
+        with keys (B, |heads|, L_g, D) laid out [sinks | recent] as in SinkWindowCache."""
+        if k.dim() != 4 or k.shape[1] != self.kv_heads:
+            raise ValueError(f"k: expected (B, Hk, T, D) with Hk = {self.kv_heads}, got {tuple(k.shape)}")
+        out = []
+        for heads, cache in self.groups:
+            idx = torch.tensor(heads, device=k.device)
+            keys, values, mask = cache.append(k.index_select(1, idx), v.index_select(1, idx), key_padding_mask)
+            out.append((heads, keys, values, mask))
+        self.seq_len += k.shape[2]
+        return out
+
+    def evict(self) -> None:
+        for _, cache in self.groups:
+            cache.evict()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_index(index, self.batch)
+        for _, cache in self.groups:
+            cache.reorder(index)
+        self.batch = index.numel()
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        for _, cache in self.groups:  # check every group first, so that a crop that fails changes nothing
+            recent = cache.length - min(cache.sinks, cache.seq_len)  # SinkWindowCache.crop's condition
+            if recent - (cache.seq_len - length) < min(cache.window - 1, max(0, length - cache.sinks)):
+                cache.crop(length)  # raises, naming the tokens that are gone and the `extra` needed
+        for _, cache in self.groups:
+            cache.crop(length)
+        self.seq_len = length
+
+    def stored_tokens(self) -> list[int]:
+        """Tokens currently stored for each key/value head."""
+        out = [0] * self.kv_heads
+        for heads, cache in self.groups:
+            for h in heads:
+                out[h] = cache.length
+        return out
+
+
 MOA = register(Mechanism(
     name="moa",
     aliases=("mixture_of_sparse_attention",),
@@ -244,6 +334,7 @@ MOA = register(Mechanism(
     fast=moa_fast,
     step=moa_step,
     init_state=init_moa_state,
+    mask=moa_registry_mask,
     options=(
         Option("alphas", 2048, (int, float, tuple), doc="span offset alpha_h: a number for every head or a tuple "
                                                         "with one per query head"),

@@ -80,7 +80,8 @@ def neighborhood_1d_mask_predicate(nq: int, nk: int, kernel_size: int, dilation:
     return neighborhood_1d_shifted
 
 
-def neighborhood_1d_registry_mask(nq: int, nk: int, *, causal: bool, kernel_size: int, dilation: int):
+def neighborhood_1d_registry_mask(nq: int, nk: int, *, causal: bool, kernel_size: int, dilation: int, heads=None,
+                                  kv_heads=None):
     """The registry's static-mask predicate (no padding: with padding, non-causal rows run on their own tokens)."""
     return neighborhood_1d_mask_predicate(nq, nk, kernel_size, dilation, causal)
 

@@ -17,7 +17,7 @@ from ...registry import Mechanism, Option, register
 from ...state import SlidingWindowCache
 
 
-def sliding_window_predicate(nq: int, nk: int, *, causal: bool, window: int):
+def sliding_window_predicate(nq: int, nk: int, *, causal: bool, window: int, heads=None, kv_heads=None):
     """The window as a mask predicate (b, h, q_idx, kv_idx) -> bool, bottom-right aligned."""
     return sliding_window(window, causal=causal, offset=nk - nq)
 

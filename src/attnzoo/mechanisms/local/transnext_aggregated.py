@@ -38,13 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_tensor
-from ...kernels.grid import pair
+from ...errors import check_backend, check_pair, check_tensor
 from ...masks import Predicate, materialize, sliding_window
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
-
-BACKENDS = ("auto", "reference", "fast")
 
 
 def window_2d(height: int, width: int, window: int) -> Predicate:
@@ -164,11 +161,10 @@ class AggregatedAttention(nn.Module):
             raise ValueError(f"window_size: expected an odd int (a window centred on the query), got {window_size}")
         if not isinstance(qkv_bias, bool):
             raise TypeError(f"qkv_bias: expected a bool, got {qkv_bias!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
-        self.window, self.pool_size = window_size, pair("pool_size", pool_size)
-        self.pretrain_size = None if pretrain_size is None else pair("pretrain_size", pretrain_size)
+        self.window, self.pool_size = window_size, check_pair("pool_size", pool_size)
+        self.pretrain_size = None if pretrain_size is None else check_pair("pretrain_size", pretrain_size)
         self.backend = backend
         K = window_size * window_size
         self.temperature = nn.Parameter(torch.full((heads, 1, 1), math.log(math.expm1(1 / 0.24))))  # softplus = 1/0.24
@@ -192,8 +188,7 @@ class AggregatedAttention(nn.Module):
         B, H, W, C = x.shape
         if C != self.dim:
             raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend)
         h, d, N = self.heads, self.head_dim, H * W
         Ph, Pw = self.pool_size
         split = lambda t: t.reshape(B, -1, h, d).permute(0, 2, 1, 3)  # (B, h, tokens, d)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import check_int
 from ...kernels.sdpa import sdpa
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
-from ...state.memory import CCAState
+from ...state.base import DecodeState
+from ...state.kv import KVCache, SlidingWindowCache
 from ._common import attend_parts, check_step_inputs, masked_lse
 
 
@@ -146,6 +148,62 @@ def cca_step(q, k, v, state: CCAState, *, scale, group_size, window, key_padding
         out = sdpa(q, all_k, all_v, attn_mask=mask, scale=scale)  # (B, Hq, T, Dv)
     state.raw.evict()
     return out
+
+
+class CCAState(DecodeState):
+    """CCA-Attention's decode state: core tokens and a raw window.
+
+    ``cores``: a :class:`KVCache` over query heads holding one pooled key/value per completed group of
+    ``group_size`` tokens (its mask marks groups whose keys were all padded); ``raw``: a
+    :class:`SlidingWindowCache` keeping the last ``window + group_size - 2 (+ extra)`` raw tokens, enough for
+    every future query's local window. Memory O(N / group_size + window).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
+                 group_size: int, window: int, query_heads: int | None = None, extra: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        self.group_size = check_int("group_size", group_size)
+        self.window = check_int("window", window)
+        self.raw = SlidingWindowCache(batch, kv_heads, head_dim, value_dim, window=window + group_size - 1,
+                                      extra=extra, dtype=dtype, device=device)
+        self.cores: KVCache | None = None
+        self._geometry = (batch, head_dim, self.raw.value_dim, dtype, device)
+        if query_heads is not None:
+            self.bind_query_heads(query_heads)
+
+    def bind_query_heads(self, heads: int) -> None:
+        """Core tokens are per query head; the first step tells how many there are."""
+        if self.cores is None:
+            if heads % self.raw.kv_heads:
+                raise ValueError(f"q: query heads must be a multiple of the state's {self.raw.kv_heads} key/value "
+                                 f"heads, got {heads}")
+            batch, hd, vd, dtype, device = self._geometry
+            self.cores = KVCache(self.raw.batch, heads, hd, vd, dtype=dtype, device=device)
+        elif self.cores.kv_heads != heads:
+            raise ValueError(f"q: this CCAState holds core tokens for {self.cores.kv_heads} query heads, got {heads}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.raw.seq_len
+
+    @seq_len.setter
+    def seq_len(self, value: int) -> None:  # DecodeState.__init__ compatibility; the raw cache counts
+        if value != 0:
+            raise AttributeError("seq_len of a CCAState follows its raw cache")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.raw.tensors() + ([] if self.cores is None else self.cores.tensors())
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.raw.reorder(index)
+        if self.cores is not None:
+            self.cores.reorder(index)
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        self.raw.crop(length)
+        if self.cores is not None:
+            self.cores.crop(length // self.group_size)
 
 
 CCA = register(Mechanism(

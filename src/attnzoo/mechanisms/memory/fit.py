@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
+from ...errors import check_int, check_key_padding_mask, check_tensor
 from ...kernels.sdpa import sdpa
-from ...layers import _check_int
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
-from ...state.memory import FITState
+from ...state.base import DecodeState
+from ...state.kv import KVCache
 
 
 class _Attn(nn.Module):
@@ -73,8 +73,8 @@ class FIT(nn.Module):
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = False,
                  group_size: int = 256, latents: int = 16, backend: str = "auto") -> None:
         super().__init__()
-        dim, heads = _check_int("dim", dim), _check_int("heads", heads)
-        kv_heads = heads if kv_heads is None else _check_int("kv_heads", kv_heads)
+        dim, heads = check_int("dim", dim), check_int("heads", heads)
+        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
         if dim % heads or heads % kv_heads:
             raise ValueError(f"heads, kv_heads: need dim % heads == 0 and heads % kv_heads == 0, got dim={dim}, "
                              f"heads={heads}, kv_heads={kv_heads}")
@@ -190,7 +190,7 @@ class FIT(nn.Module):
     def init_state(self, batch_size: int, *, dtype=None, device=None) -> FITState:
         if not self.causal:
             raise ValueError("causal: decoding needs a causal FIT layer; build it with causal=True")
-        _check_int("batch_size", batch_size)
+        check_int("batch_size", batch_size)
         w = self.latents
         return FITState(batch_size, self.dim, self.heads, self.kv_heads, self.group_size, self.n_latents,
                         dtype=dtype or w.dtype, device=device or w.device)
@@ -232,6 +232,62 @@ class FIT(nn.Module):
             state.prev_latents = lat + self.glob.out(self._attend(q, keys, values, None))
             state.clear_group()
         return out
+
+
+class FITState(DecodeState):
+    """Causal FIT's decode state: the current group's local keys/values, its tokens after local attention
+    (``g_h``, read by the group's latents once it completes), the latents' keys/values of the completed
+    groups (``latent_kv``) and the latents of the last completed group (``prev_latents``, the write context
+    of the current group). Memory O(group_size + N * latents / group_size).
+    """
+
+    def __init__(self, batch: int, dim: int, heads: int, kv_heads: int, group_size: int, latents: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.batch, self.dim, self.group_size = batch, dim, check_int("group_size", group_size)
+        hd = dim // heads
+        self._empty = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device=device)
+        self.g_k, self.g_v = self._empty(batch, kv_heads, 0, hd), self._empty(batch, kv_heads, 0, hd)
+        self.g_mask = self._empty(batch, 0, dt=torch.bool)
+        self.g_h = self._empty(batch, 0, dim)
+        self.latent_kv = KVCache(batch, heads, hd, hd, dtype=dtype, device=device)
+        self.prev_latents: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.g_k, self.g_v, self.g_mask, self.g_h] + self.latent_kv.tensors()
+        return out + ([] if self.prev_latents is None else [self.prev_latents])
+
+    def push_group(self, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor) -> None:
+        self.g_k, self.g_v = torch.cat([self.g_k, k], 2), torch.cat([self.g_v, v], 2)
+        self.g_mask = torch.cat([self.g_mask, ok], 1)
+
+    def push_h(self, h: torch.Tensor) -> None:
+        self.g_h = torch.cat([self.g_h, h], 1)
+
+    def clear_group(self) -> None:
+        self.g_k, self.g_v = self.g_k[:, :, :0], self.g_v[:, :, :0]
+        self.g_mask, self.g_h = self.g_mask[:, :0], self.g_h[:, :0]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_index(index, self.batch)
+        sel = lambda t: t.index_select(0, index.to(t.device))
+        self.g_k, self.g_v, self.g_mask, self.g_h = map(sel, (self.g_k, self.g_v, self.g_mask, self.g_h))
+        self.latent_kv.reorder(index)
+        if self.prev_latents is not None:
+            self.prev_latents = sel(self.prev_latents)
+        self.batch = index.numel()
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        start = (self.seq_len // self.group_size) * self.group_size
+        if length < start:
+            raise ValueError(f"length: cannot crop this FITState to {length} tokens: the latents of the completed "
+                             f"group ending at {start} already include later tokens (crop within the current group, "
+                             f"positions >= {start})")
+        keep = length - start
+        self.g_k, self.g_v = self.g_k[:, :, :keep], self.g_v[:, :, :keep]
+        self.g_mask, self.g_h = self.g_mask[:, :keep], self.g_h[:, :keep]
+        self.seq_len = length
 
 
 FIT_RECORD = register(Mechanism(

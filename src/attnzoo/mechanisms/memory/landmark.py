@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
-from ...layers import _check_int
+from ...errors import check_int, check_key_padding_mask, check_tensor
 from ...reference import repeat_kv
 from ...registry import Mechanism, Option, register
 from ...state.memory import LandmarkCache
@@ -347,8 +346,8 @@ class LandmarkAttention(nn.Module):
         super().__init__()
         if causal is not True:
             raise ValueError(f"causal: landmark attention is causal (causal_self, causal_cross), got {causal!r}")
-        dim, heads = _check_int("dim", dim), _check_int("heads", heads)
-        kv_heads = heads if kv_heads is None else _check_int("kv_heads", kv_heads)
+        dim, heads = check_int("dim", dim), check_int("heads", heads)
+        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
         if dim % heads or heads % kv_heads:
             raise ValueError(f"heads, kv_heads: need dim % heads == 0 and heads % kv_heads == 0, got dim={dim}, "
                              f"heads={heads}, kv_heads={kv_heads}")

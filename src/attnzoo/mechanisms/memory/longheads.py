@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import check_int, check_tensor
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
-from ...state.memory import LongHeadsState
+from ...state.base import DecodeState
+from ...state.kv import KVCache
 from ._common import check_step_inputs, masked_lse, query_positions, rows_per_tile
 from .landmark import top_k_indices
 
@@ -310,6 +312,90 @@ def _gather_per_head(q, k, v, idx, w, scale, key_padding_mask):
         out = out + torch.einsum("bhtk,bhtke->bhte", p[..., i : i + n], vv)
         i += n
     return out.to(q.dtype)
+
+
+class LongHeadsState(DecodeState):
+    """LongHeads' decode state: every key/value (``kv``, O(N), offloadable in the paper), one summary key
+    per completed chunk and query head (``summaries``; its mask marks chunks whose keys were all padded),
+    and the queries of the current incomplete chunk (a chunk's summary needs all of its queries).
+
+    ``extra = r`` keeps the queries of the last r tokens as well, so that ``crop`` can roll back into a
+    chunk that was already summarised (its summary is recomputed when it completes again).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
+                 chunk_size: int, extra: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        self.chunk_size = check_int("chunk_size", chunk_size)
+        self.extra = check_int("extra", extra, low=0)
+        self.kv = KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+        self.summaries: KVCache | None = None
+        self._q: torch.Tensor | None = None  # (B, Hq, L_q, D): queries of positions q_start ..
+        self.q_start = 0
+
+    @property
+    def seq_len(self) -> int:
+        return self.kv.seq_len
+
+    @seq_len.setter
+    def seq_len(self, value: int) -> None:
+        if value != 0:
+            raise AttributeError("seq_len of a LongHeadsState follows its key/value cache")
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = self.kv.tensors() + ([] if self.summaries is None else self.summaries.tensors())
+        return out + ([] if self._q is None else [self._q])
+
+    def summaries_count(self, heads: int) -> int:
+        if self.summaries is not None and self.summaries.kv_heads != heads:
+            raise ValueError(f"q: this LongHeadsState holds summaries for {self.summaries.kv_heads} query heads, "
+                             f"got {heads}")
+        return 0 if self.summaries is None else self.summaries.length
+
+    def push_queries(self, q: torch.Tensor) -> None:
+        check_tensor("q", q, ndim=4)
+        self._q = q.detach() if self._q is None else torch.cat([self._q, q.detach()], 2)
+
+    def chunk_queries(self, c: int) -> torch.Tensor:
+        w = self.chunk_size
+        lo = c * w - self.q_start
+        if lo < 0:
+            raise ValueError(f"the queries of chunk {c} are no longer held (kept from position {self.q_start})")
+        return self._q[:, :, lo : lo + w]
+
+    def add_summary(self, c_k: torch.Tensor, valid: torch.Tensor) -> None:
+        B, H, _, D = c_k.shape
+        if self.summaries is None:
+            self.summaries = KVCache(B, H, D, 0, dtype=self.kv.dtype, device=self.kv.device)
+        self.summaries.append(c_k.detach().to(self.kv.dtype), c_k.new_empty(B, H, c_k.shape[2], 0).to(self.kv.dtype),
+                              None if bool(valid.all()) and self.summaries.mask is None else valid)
+
+    def trim_queries(self) -> None:
+        """Drop the queries of completed, summarised chunks (keeping the last ``extra`` tokens' queries)."""
+        keep_from = min((self.seq_len // self.chunk_size) * self.chunk_size, max(0, self.seq_len - self.extra))
+        if self._q is not None and keep_from > self.q_start:
+            self._q = self._q[:, :, keep_from - self.q_start :].clone()
+            self.q_start = keep_from
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.kv.reorder(index)
+        if self.summaries is not None:
+            self.summaries.reorder(index)
+        if self._q is not None:
+            self._q = self._q.index_select(0, index.to(self._q.device))
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        chunk_start = (length // self.chunk_size) * self.chunk_size
+        if chunk_start < self.q_start:
+            raise ValueError(f"length: cannot crop this LongHeadsState to {length} tokens: the queries of its chunk "
+                             f"(from position {chunk_start}) are gone (kept from {self.q_start}); build it with "
+                             f"extra >= {self.seq_len - chunk_start}")
+        self.kv.crop(length)
+        if self.summaries is not None:
+            self.summaries.crop(min(self.summaries.length, length // self.chunk_size))
+        if self._q is not None:
+            self._q = self._q[:, :, : length - self.q_start]
 
 
 LONGHEADS = register(Mechanism(

@@ -29,10 +29,12 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from ...errors import check_int
 from ...kernels.sdpa import sdpa
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
-from ...state.memory import RecycledState
+from ...state.base import DecodeState
+from ...state.kv import KVCache
 from ._common import check_step_inputs, masked_lse
 from .landmark import top_k_indices
 
@@ -198,6 +200,90 @@ def recycled_step(q, k, v, state: RecycledState, *, scale, stride, top_k, start,
             outs.append(sdpa(q[:, :, t:run], ck, cv, attn_mask=repeat_kv(mask, Hq // Hk), scale=scale))
         t = run
     return torch.cat(outs, 2)
+
+
+class RecycledState(DecodeState):
+    """Recycled Attention's decode state: the full key/value cache (the paper does not reduce memory) and
+    the recycled top-K sets recorded at the last ``keep`` full steps (indices (B, Hk, K) into the cache,
+    and whether each index is a real key). ``crop`` can roll back to any length whose anchor (the last
+    full step before it) is still held.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
+                 stride: int, start: int = 0, keep: int = 2, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        self.stride = check_int("stride", stride)
+        self.start = check_int("start", start, low=0)
+        self.keep = check_int("keep", keep)
+        self.kv = KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+        self._sets: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._cr: KVCache | None = None  # the paper's recycled cache C_r: the set, then the tokens since
+        self._cr_anchor = self._cr_upto = -1
+
+    @property
+    def seq_len(self) -> int:
+        return self.kv.seq_len
+
+    @seq_len.setter
+    def seq_len(self, value: int) -> None:
+        if value != 0:
+            raise AttributeError("seq_len of a RecycledState follows its key/value cache")
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = self.kv.tensors() + [t for _, i, o in self._sets for t in (i, o)]
+        return out + ([] if self._cr is None else self._cr.tensors())
+
+    def recycled_kv(self, anchor: int, idx: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recycled cache C_r: keys/values (B, Hk, K' + upto - anchor - 1, D) of the set recorded at
+        ``anchor`` (gathered once) followed by the tokens ``anchor + 1 .. upto - 1`` (appended as they come)."""
+        kv = self.kv
+        if self._cr is None or self._cr_anchor != anchor or self._cr_upto > upto:
+            B, Hk, cap, D = kv._k.shape
+            flat = (torch.arange(B * Hk, device=idx.device).view(B, Hk, 1) * cap + idx).flatten()
+            gk = kv._k.reshape(B * Hk * cap, D).index_select(0, flat).view(B, Hk, -1, D)
+            gv = kv._v.reshape(B * Hk * cap, kv.value_dim).index_select(0, flat).view(B, Hk, -1, kv.value_dim)
+            self._cr = KVCache(B, Hk, D, kv.value_dim, dtype=kv.dtype, device=kv.device)
+            self._cr.append(gk, gv)
+            self._cr_anchor, self._cr_upto = anchor, anchor + 1
+        if upto > self._cr_upto:
+            self._cr.append(kv.keys[:, :, self._cr_upto : upto], kv.values[:, :, self._cr_upto : upto])
+            self._cr_upto = upto
+        return self._cr.keys, self._cr.values
+
+    def record(self, anchor: int, idx: torch.Tensor, ok: torch.Tensor) -> None:
+        """Keep the recycled set of the full step at position ``anchor``: idx, ok (B, Hk, K')."""
+        self._sets = [s for s in self._sets if s[0] < anchor] + [(anchor, idx, ok)]
+        del self._sets[: -self.keep]
+
+    def current(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        if not self._sets:
+            raise RuntimeError("no full attention step has been recorded yet")
+        return self._sets[-1]
+
+    def _anchor(self, p: int) -> int | None:
+        a = max(self.start - 1, 0)
+        if p <= a or (p - a) % self.stride == 0:
+            return None  # a full step: needs no recycled set
+        return a + ((p - a) // self.stride) * self.stride
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = self._check_index(index, self.kv.batch)
+        self.kv.reorder(index)
+        self._sets = [(a, i.index_select(0, index.to(i.device)), o.index_select(0, index.to(o.device)))
+                      for a, i, o in self._sets]
+        self._cr = None
+
+    def crop(self, length: int) -> None:
+        length = self._check_crop(length)
+        need = self._anchor(length)
+        held = [a for a, _, _ in self._sets if a < length]
+        if need is not None and need not in held:
+            raise ValueError(f"length: cannot crop this RecycledState to {length} tokens: position {length} "
+                             f"recycles the set of step {need}, which is not held (held: {held}); build it with a "
+                             f"larger keep")
+        self._sets = [s for s in self._sets if s[0] < length]
+        self.kv.crop(length)
+        self._cr = None
 
 
 RECYCLED = register(Mechanism(

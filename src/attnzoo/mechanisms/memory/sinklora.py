@@ -51,6 +51,26 @@ def sinklora_mask(hq, q_pos, k_pos, group_size, sinks, shift, key_padding_mask=N
     return mask
 
 
+def sinklora_predicate(nq: int, nk: int, *, causal: bool, group_size: int, sinks: int, shift: bool, heads=None,
+                       kv_heads=None):
+    """The registry's predicate of SF-Attn (causal, bottom-right): query head h sees the keys of its group
+    (the second half of the heads shifted by G/2 when ``shift``) and the sinks."""
+    if not causal:
+        raise ValueError("causal: sinklora is causal only, got causal=False")
+    hq = 2 if heads is None else heads
+    off = _head_offsets(hq, group_size, shift)  # (Hq,)
+
+    def sinklora_mask_mod(b, h, q_idx, kv_idx):
+        p = q_idx + (nk - nq)
+        o = off.to(q_idx.device)[h]
+        same = torch.div(p + o, group_size, rounding_mode="floor") == torch.div(kv_idx + o, group_size,
+                                                                               rounding_mode="floor")
+        return (kv_idx <= p) & (same | (kv_idx < sinks))
+
+    sinklora_mask_mod.heads = hq
+    return sinklora_mask_mod
+
+
 def sinklora_reference(q, k, v, *, causal, key_padding_mask, scale, group_size, sinks, shift):
     """Softmax attention with the SF-Attn mask materialized densely."""
     Nq, Nk = q.shape[2], k.shape[2]
@@ -155,6 +175,7 @@ SINKLORA = register(Mechanism(
     exact=False,
     state="sink_window",
     complexity="time O(N (G + s) d), memory O(N d); decode state O(G + s)",
+    mask=sinklora_predicate,
     reference=sinklora_reference,
     fast=sinklora_fast,
     step=sinklora_step,

@@ -21,7 +21,7 @@ from ...state import SinkWindowCache
 from ..local.sliding_window import _SMALL
 
 
-def sink_window_predicate(nq: int, nk: int, *, causal: bool, window: int, sinks: int):
+def sink_window_predicate(nq: int, nk: int, *, causal: bool, window: int, sinks: int, heads=None, kv_heads=None):
     """Mask predicate (b, h, q_idx, kv_idx) -> bool: the window (bottom-right aligned) or a sink key."""
     offset = nk - nq
 

@@ -36,12 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import check_tensor
+from ...errors import check_backend, check_tensor
 from ...kernels.gather import gather_attention
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
-
-BACKENDS = ("auto", "reference", "fast")
 
 
 def route_regions(q_region: torch.Tensor, k_region: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
@@ -120,8 +118,7 @@ class BiLevelRoutingAttention(nn.Module):
         qk_dim = dim if opts["qk_dim"] is None else opts["qk_dim"]
         if qk_dim % heads or dim % heads:
             raise ValueError(f"heads: dim ({dim}) and qk_dim ({qk_dim}) must be divisible by heads, got heads={heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.dim, self.heads, self.qk_dim = dim, heads, qk_dim
         self.n_win, self.topk, self.side_dwconv = opts["n_win"], opts["topk"], opts["side_dwconv"]
         self.scale = qk_dim ** -0.5 if opts["qk_scale"] is None else opts["qk_scale"]
@@ -146,8 +143,7 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"x: height and width must be multiples of n_win={S}, got H={H}, W={W}")
         if self.topk > S * S:
             raise ValueError(f"topk: {self.topk} routed regions requested but the grid has only {S * S}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend)
         N, hd, vd = H * W, self.qk_dim // self.heads, self.dim // self.heads
         q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)  # (B, H, W, .)
         rh, rw = H // S, W // S

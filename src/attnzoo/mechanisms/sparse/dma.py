@@ -47,13 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
+from ...errors import check_backend, check_key_padding_mask, check_tensor
 from ...kernels.gather import gather_attention
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state import KVCache
 
-BACKENDS = ("auto", "reference", "fast")
 _QUERY_BLOCK = 64
 
 
@@ -268,8 +267,7 @@ class DynamicMaskAttention(nn.Module):
             raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {causal!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, dim // heads
         self.causal, self.backend = causal, backend
         self.window, self.bias_form = opts["window"], opts["bias_form"]
@@ -310,8 +308,7 @@ class DynamicMaskAttention(nn.Module):
             raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
         if context is not None:
             raise ValueError("context: the dma module is self attention only (its mask comes from its own values)")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend)
         B, N, _ = x.shape
         check_key_padding_mask(key_padding_mask, B, N)
         hd = self.head_dim

@@ -45,12 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
+from ...errors import check_backend, check_key_padding_mask, check_tensor
 from ...kernels.gather import gather_attention
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 
-BACKENDS = ("auto", "reference", "fast")
 _ROW_CHUNK = 1024
 
 
@@ -105,8 +104,7 @@ class SparsifinerAttention(nn.Module):
                              "got causal=True")
         if dim % heads:
             raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        check_backend(backend)
         hd = dim // heads
         n = opts["num_tokens"]
         reduced_c = max(1, hd // opts["reduce_c_factor"])
@@ -178,8 +176,7 @@ class SparsifinerAttention(nn.Module):
             raise ValueError("context: sparsifiner is self attention only, got a context")
         if state is not None:
             raise ValueError("state: sparsifiner has no decoding form (non-causal vision attention)")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend)
         check_key_padding_mask(key_padding_mask, B, N)
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, hd)

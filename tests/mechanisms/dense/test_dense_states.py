@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from attnzoo.mechanisms.dense._common import TokenHistoryCache
+from attnzoo.mechanisms.dense.gaam import PositionState
 from attnzoo.mechanisms.dense.mqsa import MultiQuerySelfAttention
 from attnzoo.mechanisms.dense.rcmha import RelativeConvolutionalMHA
-from attnzoo.state import PositionState, TokenHistoryCache
 from attnzoo.testing import assert_close
 
 F64 = torch.float64

@@ -1,15 +1,7 @@
-"""Decode states of the head-level mechanisms (``attnzoo.mechanisms.heads``).
-
-- :class:`DiffKVCache`: Sigma's DiffQKV cache, keys (B, n_k, L, d_k) and values (B, n_v, L, d_v) with
-  *different* head counts and head dims (n_k < n_v in the paper), so K takes less memory than V.
-- :class:`EchoAttentionCache`: one cache for a group of EchoAtt layers; the leader keeps keys and values,
-  every layer that reuses the leader's attention matrix keeps its values only.
-- :class:`RoutedKVCache`: a key/value cache plus one per-token feature row (the routing probabilities and
-  features an attention-aware / similarity-aware MoE router needs for the tokens already seen).
-
-All are built on :class:`TokenBuffers`: several growable per-token tensors (B, H_i, capacity, D_i) that share
-one length, one optional key-padding mask and the reorder/crop/nbytes protocol of
-:class:`~attnzoo.state.base.DecodeState`.
+"""What the head-level mechanisms share: :class:`TokenBuffers`, the growable per-token buffers their decode states
+(Sigma's ``DiffKVCache``, EchoAtt's ``EchoAttentionCache``, the attention-aware MoE's ``RoutedKVCache``, each in its
+mechanism's file) are built on: several tensors (B, H_i, capacity, D_i) that share one length, one optional
+key-padding mask and the reorder/crop/nbytes protocol of :class:`~attnzoo.state.base.DecodeState`.
 """
 
 from __future__ import annotations
@@ -18,14 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import check_key_padding_mask, check_tensor
-from .base import DecodeState
-
-
-def _check_positive(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
+from ...errors import check_int, check_key_padding_mask, check_tensor
+from ...state.base import DecodeState
 
 
 class TokenBuffers(DecodeState):
@@ -43,8 +29,8 @@ class TokenBuffers(DecodeState):
     def __init__(self, batch: int, shapes: Sequence[tuple[int, int]], *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, names: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.batch = _check_positive("batch", batch)
-        self.shapes = [(_check_positive("heads", h), _check_positive("dim", d, 0)) for h, d in shapes]
+        self.batch = check_int("batch", batch)
+        self.shapes = [(check_int("heads", h), check_int("dim", d, low=0)) for h, d in shapes]
         self.names = list(names) if names is not None else [f"buffer {i}" for i in range(len(self.shapes))]
         self.dtype, self.device = dtype, device
         self._bufs = [torch.empty(batch, h, 0, d, dtype=dtype, device=device) for h, d in self.shapes]
@@ -125,79 +111,3 @@ class TokenBuffers(DecodeState):
         self.seq_len = length
 
 
-class DiffKVCache(TokenBuffers):
-    """Sigma's DiffQKV cache: keys (B, key_heads, L, key_dim), values (B, value_heads, L, value_dim).
-
-    With the paper's configuration (key_heads < value_heads, key_dim <= value_dim) the key part of the cache
-    is smaller than the value part, unlike a GQA cache where both are equal. ``nbytes()`` reports the
-    allocated storage.
-    """
-
-    def __init__(self, batch: int, key_heads: int, key_dim: int, value_heads: int, value_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        super().__init__(batch, [(key_heads, key_dim), (value_heads, value_dim)], dtype=dtype, device=device,
-                         names=["k", "v"])
-        self.key_heads, self.key_dim, self.value_heads, self.value_dim = key_heads, key_dim, value_heads, value_dim
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.buffer(0)  # (B, n_k, L, d_k)
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.buffer(1)  # (B, n_v, L, d_v)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Append T tokens, k (B, n_k, T, d_k), v (B, n_v, T, d_v); return (keys, values, mask) of the cache."""
-        if k.dim() == 4 and v.dim() == 4 and k.shape[2] != v.shape[2]:
-            raise ValueError(f"k, v: expected the same number of new tokens, got {k.shape[2]} and {v.shape[2]}")
-        T = k.shape[2] if k.dim() == 4 else 0
-        keys = self.write(0, k)
-        values = self.write(1, v)
-        self.advance(T, key_padding_mask)
-        return keys, values, self.mask
-
-
-class EchoAttentionCache(TokenBuffers):
-    """Decode state of an EchoAtt group of ``layers`` attention layers.
-
-    With sharing, buffer 0 holds the leader's keys (B, kv_heads, L, head_dim) and buffer 1 + l the values of
-    layer l: the layers that reuse the leader's attention matrix cache no keys at all. Without sharing
-    (independent layers) every layer keeps keys and values: buffers 2 l (keys) and 2 l + 1 (values).
-    """
-
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, layers: int, *, share: bool = True,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        _check_positive("layers", layers)
-        if share:
-            shapes = [(kv_heads, head_dim)] * (1 + layers)
-            names = ["leader k"] + [f"layer {i} v" for i in range(layers)]
-        else:
-            shapes = [(kv_heads, head_dim)] * (2 * layers)
-            names = [f"layer {i // 2} {'kv'[i % 2]}" for i in range(2 * layers)]
-        super().__init__(batch, shapes, dtype=dtype, device=device, names=names)
-        self.layers, self.share = layers, share
-
-    def key_index(self, layer: int) -> int:
-        if self.share:
-            if layer != 0:
-                raise ValueError(f"layer: only the leader (layer 0) caches keys when sharing, got layer {layer}")
-            return 0
-        return 2 * layer
-
-    def value_index(self, layer: int) -> int:
-        return 1 + layer if self.share else 2 * layer + 1
-
-
-class RoutedKVCache(TokenBuffers):
-    """Keys (B, Hk, L, D), values (B, Hk, L, Dv) and one feature row per token (B, 1, L, F).
-
-    Used by the attention-aware / similarity-aware MoE block: the router of a new token mixes the routing
-    probabilities (and, for similarity routing, the router features) of every token before it.
-    """
-
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int, features: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        super().__init__(batch, [(kv_heads, head_dim), (kv_heads, value_dim), (1, features)], dtype=dtype,
-                         device=device, names=["k", "v", "router features"])
