@@ -46,11 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .errors import check_choice, check_int
+from .errors import check_choice, check_int, check_pair
 from .functional import attention
-from .kernels.grid import neighborhood_2d, pair
 from .kernels.window import window_layout
-from .masks import materialize
+from .masks import materialize, neighborhood_2d
 
 __all__ = ["GRID_PATTERNS", "replace_attention", "restore_attention", "pattern_mask", "PatternAttention"]
 
@@ -82,8 +81,8 @@ def _pattern_options(mechanism: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _window_mask(height: int, width: int, window: int, shift: int, strided: bool, device) -> torch.Tensor:
-    hp, wp, group, valid, _ = window_layout(height, width, pair("window", window), pair("shift", shift, low=0),
-                                            strided, str(device))
+    window, shift = check_pair("window", window), check_pair("shift", shift, low=0)
+    hp, wp, group, valid, _ = window_layout(height, width, window, shift, strided, str(device))
     real = valid.nonzero().squeeze(1)  # padded-grid indices of the real tokens, row-major
     return _same(group[real])  # (HW, HW)
 
@@ -282,7 +281,7 @@ def replace_attention(model: nn.Module, mechanism: str, *, prefix: str = "global
         if bad:
             raise ValueError(f"layers: expected indices in [0, {len(targets) - 1}], got {bad}")
         targets = [targets[i] for i in idx]
-    context = _GridContext(tuple(pair("patch_size", patch)), prefix_tokens)
+    context = _GridContext(tuple(check_pair("patch_size", patch)), prefix_tokens)
     handle = embeddings.register_forward_pre_hook(context.hook, with_kwargs=True)
     for parent, name, attn in targets:
         setattr(parent, name, PatternAttention(attn, mechanism, context, prefix=prefix, options=options))

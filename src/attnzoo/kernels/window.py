@@ -27,9 +27,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..errors import check_backend, check_tensor
+from ..errors import check_backend, check_pair, check_tensor
 from ..reference import softmax_attention
-from .grid import pair, tile_attention
+from .grid import tile_attention
 
 __all__ = ["padded_length", "relative_index", "window_attention", "window_attention_reference", "window_layout"]
 
@@ -43,8 +43,8 @@ def relative_index(window, device=None, table_window=None) -> torch.Tensor:
     """(M1 M2, M1 M2) Swin index into a ((2 T1 - 1) (2 T2 - 1), heads) table: (dy + T1 - 1) (2 T2 - 1) + dx + T2 - 1
     with (dy, dx) = query minus key (window-local, row-major tokens) and T = ``table_window`` (default: the window;
     a table built for a larger window T >= M holds every offset of the smaller one)."""
-    m1, m2 = pair("window", window)
-    t1, t2 = (m1, m2) if table_window is None else pair("table_window", table_window)
+    m1, m2 = check_pair("window", window)
+    t1, t2 = (m1, m2) if table_window is None else check_pair("table_window", table_window)
     if t1 < m1 or t2 < m2:
         raise ValueError(f"table_window: expected >= window {(m1, m2)} per axis, got {(t1, t2)}")
     y, x = torch.meshgrid(torch.arange(m1, device=device), torch.arange(m2, device=device), indexing="ij")
@@ -54,8 +54,8 @@ def relative_index(window, device=None, table_window=None) -> torch.Tensor:
 
 
 def _check_geometry(height: int, width: int, window, shift, strided: bool) -> tuple[int, int, int, int]:
-    m1, m2 = pair("window", window)
-    s1, s2 = pair("shift", shift, low=0)
+    m1, m2 = check_pair("window", window)
+    s1, s2 = check_pair("shift", shift, low=0)
     if strided and (s1 or s2):
         raise ValueError(f"shift: strided (spanning) windows take no shift, got shift={shift!r}")
     if s1 >= m1 or s2 >= m2:
@@ -104,8 +104,8 @@ def _check(q, k, v, table, window, table_window):
         raise ValueError(f"q, k, v: expected (B, heads, H, W, D) with equal (B, heads, H, W) and q/k D, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if table is not None:
-        m1, m2 = pair("window", window)
-        t1, t2 = (m1, m2) if table_window is None else pair("table_window", table_window)
+        m1, m2 = check_pair("window", window)
+        t1, t2 = (m1, m2) if table_window is None else check_pair("table_window", table_window)
         if t1 < m1 or t2 < m2:
             raise ValueError(f"table_window: expected >= window {(m1, m2)} per axis, got {(t1, t2)}")
         want = ((2 * t1 - 1) * (2 * t2 - 1), q.shape[1])
@@ -119,7 +119,7 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                table_window=None, scale: float | None = None) -> torch.Tensor:
     """Dense masked softmax over all (padded) tokens: q, k (B, h, H, W, D), v (B, h, H, W, Dv) -> (B, h, H, W, Dv).
     O((HW)^2) memory: the oracle of :func:`window_attention`."""
-    window, shift = pair("window", window), pair("shift", shift, low=0)
+    window, shift = check_pair("window", window), check_pair("shift", shift, low=0)
     _check(q, k, v, table, window, table_window)
     B, h, H, W, _ = q.shape
     hp, wp, group, valid, local = window_layout(H, W, window, shift, strided, str(q.device))
@@ -128,7 +128,7 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     mask = (group.view(n, 1) == group.view(1, n)) & valid.view(1, n)  # (N, N) same window, real key
     bias = None
     if table is not None:
-        t1, t2 = window if table_window is None else pair("table_window", table_window)
+        t1, t2 = window if table_window is None else check_pair("table_window", table_window)
         dy = local[:, 0].view(n, 1) - local[:, 0].view(1, n) + t1 - 1  # query minus key, window-local
         dx = local[:, 1].view(n, 1) - local[:, 1].view(1, n) + t2 - 1
         bias = table[dy * (2 * t2 - 1) + dx].permute(2, 0, 1).unsqueeze(0).to(q.dtype)  # (1, h, N, N)
@@ -174,7 +174,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
         (B, heads, H, W, Dv).
     """
     check_backend(backend)
-    window, shift = pair("window", window), pair("shift", shift, low=0)
+    window, shift = check_pair("window", window), check_pair("shift", shift, low=0)
     if backend == "reference":
         return window_attention_reference(q, k, v, window=window, shift=shift, strided=strided, table=table,
                                           table_window=table_window, scale=scale)
