@@ -153,3 +153,24 @@ def test_image_tasks_train_grid_channel_and_sequence_models():
                         (NO_ATTENTION, "channel")):
         rec = train_case(t, mech, seed=0, steps=2, budget=30, options={}, dim=16, heads=1 if mech == "eca" else 2)
         assert rec["status"] == "ok" and rec["model"] == model and 0 <= rec["value"] <= 1, rec["message"]
+
+
+def test_every_task_is_in_the_results_schema():
+    from attnzoo.bench.quality import TASKS
+    from attnzoo.bench.results import load_schema
+
+    enums = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            task = node.get("properties", {}).get("task") if isinstance(node.get("properties"), dict) else None
+            if isinstance(task, dict) and "enum" in task:
+                enums.append(set(task["enum"]))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(load_schema())
+    assert enums and all(set(TASKS) <= e for e in enums), (sorted(TASKS), enums)
