@@ -153,5 +153,6 @@ def test_fast_backward_equals_autograd(memory):
         grads[backend] = (out.detach(), xi.grad, m.conv.weight.grad.clone())
     for a, b, what in zip(grads["fast"], grads["reference"], ("output", "input grad", "kernel grad")):
         assert_close(a, b, F64, f"ECA fast vs autograd: {what}")
-    xg = x.detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t, w: eca_fast(t, w), (xg, m.conv.weight.detach().requires_grad_(True)))
+    xg = x[:1, :, :3, :4].detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t, w: eca_fast(t, w), (xg, m.conv.weight.detach().requires_grad_(True)),
+                                    fast_mode=True)
