@@ -699,8 +699,8 @@ class CrossAttention(nn.Module):
         src = self.single
         if (mha.embed_dim, mha.num_heads, mha.kdim) != (self.dim, self.heads, self.context_dims[src]) or (
                 self.kv_heads != self.heads or self.head_dim * self.heads != self.dim):
-            raise ValueError(f"mha: embed_dim {mha.embed_dim}, heads {mha.num_heads}, kdim {mha.kdim} do not match this "
-                             f"layer (dim {self.dim}, heads {self.heads}, context width {self.context_dims[src]})")
+            raise ValueError(f"mha: embed_dim {mha.embed_dim}, heads {mha.num_heads}, kdim {mha.kdim} do not match "
+                             f"this layer (dim {self.dim}, heads {self.heads}, context width {self.context_dims[src]})")
         if (mha.in_proj_bias is None) != (self.q_proj.bias is None) or (
                 (mha.out_proj.bias is None) != (self.o_proj.bias is None)):
             raise ValueError("mha: its biases do not match this layer's (build it with bias/out_bias as the module)")

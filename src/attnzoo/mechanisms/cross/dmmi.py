@@ -15,7 +15,8 @@ reproduces the official call); the official image-to-text branch first maps the 
 ReLU to the text width (outside the attention: give the visual tokens at ``context_dim``). Dropout is omitted.
 Built from :class:`attnzoo.mechanisms.cross._blocks.DecoderBlock` (``load_torch`` copies a torch layer's weights).
 
-Each branch is one record instance: build two (the paper's pair), ``x`` = the decoder's target, ``context`` = its memory.
+Each branch is one instance of this record: build two (the paper's pair); ``x`` = the decoder's target, ``context`` =
+its memory.
 
 Example:
     >>> import torch, attnzoo

@@ -11,7 +11,9 @@ module leaves the original decoder exactly unchanged.
 no norm around the residual (``norm="none"``; ``"pre"`` normalises the queries first; a post-norm would change q at
 initialisation, so it is not offered), biases as torch's ``nn.MultiheadAttention``, defaults of Mask2Former's decoder
 (dim 256, 8 heads) and CLIP ViT-B's text width (``context_dim=512``). Padded prompt tokens: ``key_padding_mask``.
-Runs on :class:`attnzoo.cross.CrossAttention` (one fused SDPA call).
+Runs on :class:`attnzoo.cross.CrossAttention` (one fused SDPA call). The same composition serves LightCLIP's MLM
+fusion (P112, ``lightclip.py``: masked text over image tokens, pre-norm, not zero-initialised): one implementation,
+two records.
 
 Example:
     >>> import torch, attnzoo
