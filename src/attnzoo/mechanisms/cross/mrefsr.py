@@ -88,7 +88,8 @@ class MultiReferenceAttention(nn.Module):
             context = context.view(B, context.shape[1] // N, N, self.context_dim)
         check_module_input(self, context, name="context", layout="(B, M, N, C)", channels=self.context_dim)
         if context.shape[0] != B or context.shape[2] != N:
-            raise ValueError(f"context: expected (B, M, N, C_r) with x's batch {B} and N={N}, got {tuple(context.shape)}")
+            raise ValueError(f"context: expected (B, M, N, C_r) with x's batch {B} and N={N}, got "
+                             f"{tuple(context.shape)}")
         H, W = (1, N) if hw is None else hw
         if hw is None and self.kernel_size > 1:
             raise ValueError(f"hw: kernel_size={self.kernel_size} needs the pixel grid of token inputs, (H, W); pass "

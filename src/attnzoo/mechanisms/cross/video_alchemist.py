@@ -12,8 +12,8 @@ the text prompt, a second dedicated to personalization over ``[P_1; ...; P_S]``:
 
 (?) No official code: the two cross-attention layers and the channel-concatenation binding of image and word
 embeddings follow the paper's description (CATALOG's concatenated single condition set is the personalization layer);
-pre-norm residuals, biases and widths are choices (options).  ``forward(x, {"text": prompt, "references": R, "words": w})``
-binds R (B, S R, reference_dim), the S subjects' reference tokens subject-major, to the S entity words w (B, S,
+pre-norm residuals, biases and widths are choices (options).
+``forward(x, {"text": prompt, "references": R, "words": w})`` binds R (B, S R, reference_dim), the S subjects' reference tokens subject-major, to the S entity words w (B, S,
 word_dim) (:meth:`SubjectBindingAttention.bind`) and runs the two layers; without references the block is its text
 cross-attention. Each layer is :class:`attnzoo.cross.CrossAttention`; ``key_padding_mask={"text": ..., "references":
 ..., "words": ...}``: a masked word removes its whole subject, a masked reference token its bound token.
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ...cross import CrossAttention
-from ...errors import check_int, check_key_padding_mask, check_module_input, check_tensor
+from ...errors import check_int, check_key_padding_mask, check_module_input
 from ...registry import CrossSpec, Mechanism, Option, register
 from ._blocks import plain_heads
 
@@ -71,8 +71,8 @@ class SubjectBindingAttention(nn.Module):
         B, M, _ = references.shape
         S = words.shape[1]
         if words.shape[0] != B or M % S:
-            raise ValueError(f"context['words']: {S} subjects must split the {M} reference tokens evenly (subject-major) "
-                             f"with the same batch, got references {tuple(references.shape)}, words "
+            raise ValueError(f"context['words']: {S} subjects must split the {M} reference tokens evenly "
+                             f"(subject-major) with the same batch, got references {tuple(references.shape)}, words "
                              f"{tuple(words.shape)}")
         w = words.repeat_interleave(M // S, dim=1)  # (B, S R, word_dim): each token with its subject's word
         return self.binding(torch.cat([references, w], dim=-1))  # (B, S R, dim): W_b [R_s ; w_s]
