@@ -9,8 +9,8 @@ linear map over the token axis mixes them back to N_v tokens: ``V' = A [V; T'] +
 initialised to ``[I | 0]`` and b to 0, so the untrained module returns the visual tokens unchanged (< 0.2 % extra
 parameters).
 
-Confirmed against the official code (CATALOG's "(?)" resolved): ``image_text_infusion`` is
-``nn.Linear(num_image_tokens + num_text_tokens, num_image_tokens)`` applied to the token axis with weight ``[I | 0]`` and zero bias, the text goes
+Confirmed against the official code (CATALOG's "(?)" resolved): ``image_text_infusion`` is ``nn.Linear(num_image_tokens
++ num_text_tokens, num_image_tokens)`` applied to the token axis with weight ``[I | 0]`` and zero bias, the text goes
 through ``GELU(text_projection(...))`` (encoder versions v1/v3; v3 also adds learnable tokens, not here); 576 image
 tokens (CLIP ViT-L/14-336) and 77 text tokens. It is not softmax attention: a fixed-size token mixer, so the token
 counts are options. Padded instruction tokens: the official mixes them in; ``key_padding_mask`` (B, N_t) zeroes their

@@ -10,13 +10,13 @@ channels with its subject's word embedding, then projected), and a DiT block has
 the text prompt, a second dedicated to personalization over ``[P_1; ...; P_S]``:
 ``x1 = x + CA_text(LN(x), text)``, ``x2 = x1 + CA_pers(LN(x1), P)``.
 
-(?) No official code: the two cross-attention layers and the channel-concatenation binding of image and word
-embeddings follow the paper's description (CATALOG's concatenated single condition set is the personalization layer);
-pre-norm residuals, biases and widths are choices (options).
-``forward(x, {"text": prompt, "references": R, "words": w})`` binds R (B, S R, reference_dim), the S subjects' reference tokens subject-major, to the S entity words w (B, S,
-word_dim) (:meth:`SubjectBindingAttention.bind`) and runs the two layers; without references the block is its text
-cross-attention. Each layer is :class:`attnzoo.cross.CrossAttention`; ``key_padding_mask={"text": ..., "references":
-..., "words": ...}``: a masked word removes its whole subject, a masked reference token its bound token.
+(?) No official code: the two cross-attention layers and the channel-concatenation binding of image and word embeddings
+follow the paper's description (CATALOG's concatenated single condition set is the personalization layer); pre-norm
+residuals, biases and widths are choices (options). ``forward(x, {"text": prompt, "references": R, "words": w})`` binds
+R (B, S R, reference_dim), the S subjects' reference tokens subject-major, to the S entity words w (B, S, word_dim)
+(:meth:`SubjectBindingAttention.bind`) and runs the two layers; without references the block is its text cross-
+attention. Each layer is :class:`attnzoo.cross.CrossAttention`; ``key_padding_mask={"text": ..., "references": ...,
+"words": ...}``: a masked word removes its whole subject, a masked reference token its bound token.
 
 Example:
     >>> import torch, attnzoo
