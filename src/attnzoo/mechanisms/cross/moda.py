@@ -13,13 +13,13 @@ d x d fuser); duplex: the text keys likewise through the visual coordinates. Cor
 Confirmed against the official eager attention (CATALOG's "(?)"): ``phi`` is the identity plus 1e-6 before the L2
 norm, the Gram is ``key_t^T @ value_t`` normalised over its last axis, ``aligned = key_v_n @ gram_t``, ``fused =
 pfuser_v(res_v + ratio_v * aligned)`` written back at the visual positions, per query head after ``repeat_kv``; the
-text-side alignment (``aligned_t``, ``pfuser_t``) is commented out in that code -- ``duplex=False`` (default) follows it,
-``duplex=True`` is the paper's both-ways form; ``ratio_v`` starts at zero. Choice: ``pfuser`` starts as the identity
-(the official ``nn.Linear`` default init would transform the visual keys of an untrained model), so the untrained module
-is plain attention; the mask is the host's (``attn_mask``, True = attend). The text Gram spans every text key of the
-call, later ones included, so with a causal mask this is a prefill-time operation (the official too): the record is
-non-causal and a causal host mask goes in through ``attn_mask``. Visual positions: ``visual_mask`` (B, N) per call or the
-``visual_start``/``visual_end`` span options. LLaMA layout: no projection biases.
+text-side alignment (``aligned_t``, ``pfuser_t``) is commented out in that code -- ``duplex=False`` (default) follows
+it, ``duplex=True`` is the paper's both-ways form; ``ratio_v`` starts at zero. Choice: ``pfuser`` starts as the
+identity (the official ``nn.Linear`` default init would transform the visual keys of an untrained model), so the
+untrained module is plain attention; the mask is the host's (``attn_mask``, True = attend). The text Gram spans every
+text key of the call, later ones included, so with a causal mask this is a prefill-time operation (the official too):
+the record is non-causal and a causal host mask goes in through ``attn_mask``. Visual positions: ``visual_mask`` (B,
+N) per call or the ``visual_start``/``visual_end`` span options. LLaMA layout: no projection biases.
 
 Example:
     >>> import torch, attnzoo
