@@ -148,6 +148,33 @@ def plain_heads(mechanism: str, kv_heads: object, causal: object, *, causal_ok: 
     return bool(causal)
 
 
+class EncoderBlock(nn.Module):
+    """torch's ``nn.TransformerEncoderLayer`` (post-norm, no dropout) on attnzoo's attention: ``x = LN1(x + SA(x))``,
+    ``x = LN2(x + FF(x))``. :meth:`load_torch` copies a torch layer's weights (parity tests, ported checkpoints)."""
+
+    def __init__(self, dim: int, heads: int, *, ffn: int = 2048, activation: str = "relu", eps: float = 1e-5) -> None:
+        super().__init__()
+        self.self_attn = AttentionSublayer(dim, heads, self_attention=True, eps=eps)
+        self.ff = MLP(dim, check_int("ffn", ffn), activation=activation)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, dim), key_padding_mask (B, N) bool (True = a real token) -> (B, N, dim)."""
+        x = self.self_attn(x, key_padding_mask=key_padding_mask)
+        return self.norm2(x + self.ff(x))
+
+    @torch.no_grad()
+    def load_torch(self, layer: nn.TransformerEncoderLayer) -> EncoderBlock:
+        """Copy the weights of a post-norm ``torch.nn.TransformerEncoderLayer``. Returns self."""
+        if not isinstance(layer, nn.TransformerEncoderLayer) or layer.norm_first:
+            raise TypeError("layer: expected a post-norm torch.nn.TransformerEncoderLayer (norm_first=False)")
+        self.self_attn.attn.load_multihead_attention(layer.self_attn)
+        for mine, theirs in ((self.self_attn.norm, layer.norm1), (self.norm2, layer.norm2),
+                             (self.ff.fc1, layer.linear1), (self.ff.fc2, layer.linear2)):
+            mine.load_state_dict(theirs.state_dict())
+        return self
+
+
 class DecoderBlock(nn.Module):
     """torch's ``nn.TransformerDecoderLayer`` (post-norm, no dropout) on attnzoo's attention: ``x = LN1(x + SA(x))``,
     ``x = LN2(x + CA(x, memory))``, ``x = LN3(x + FF(x))``; ``self_attention=False`` drops the first sublayer.
