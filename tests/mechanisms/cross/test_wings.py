@@ -5,7 +5,8 @@ textual learner.
 
 Distinctive terms: the learners and the router. Verified by hand: replacing the router weights by a constant 1/2
 (``weights = torch.full_like(weights, 0.5)`` in ``WingsLayer._main``) fails ``test_equals_the_official_layer`` with
-rel err 1.1e-3 (of the whole output, which the residual h dominates; the tolerance is 1e-10); ``test_removing_the_router_changes_the_output`` does the same ablation in place."""
+rel err 1.1e-3 (of the whole output, which the residual h dominates; the tolerance is 1e-10);
+``test_removing_the_router_changes_the_output`` does the same ablation in place."""
 
 import math
 
