@@ -717,6 +717,31 @@ class CrossAttention(nn.Module):
             self.o_proj.bias.copy_(mha.out_proj.bias)
         return self
 
+    @torch.no_grad()
+    def to_multihead_attention(self) -> nn.MultiheadAttention:
+        """A batch-first ``torch.nn.MultiheadAttention`` with this single-source layer's weights (the inverse of
+        :meth:`load_multihead_attention`; parity tests against torch, export). Same dtype and device."""
+        if self.single is None:
+            raise ValueError(f"this layer has several sources {self.names}; a torch MultiheadAttention has one")
+        src, w = self.single, self.q_proj.weight
+        if self.kv_heads != self.heads or self.head_dim * self.heads != self.dim:
+            raise ValueError("a torch MultiheadAttention needs kv_heads == heads and head_dim * heads == dim")
+        if (self.q_proj.bias is None) != (self.o_proj.bias is None):
+            raise ValueError("a torch MultiheadAttention has biases on all projections or none")
+        c = self.context_dims[src]
+        mha = nn.MultiheadAttention(self.dim, self.heads, bias=self.q_proj.bias is not None, kdim=c, vdim=c,
+                                    batch_first=True, device=w.device, dtype=w.dtype)
+        lins = (self.q_proj, self.k_proj[src], self.v_proj[src])
+        if mha.in_proj_weight is not None:
+            mha.in_proj_weight.copy_(torch.cat([lin.weight for lin in lins]))
+        else:
+            for name, lin in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), lins):
+                getattr(mha, name).copy_(lin.weight)
+        if mha.in_proj_bias is not None:
+            mha.in_proj_bias.copy_(torch.cat([lin.bias for lin in lins]))
+        mha.out_proj.load_state_dict(self.o_proj.state_dict())
+        return mha
+
     def context_cache(self, context, *, key_padding_mask=None, context_pos=None,
                       state: ContextCache | None = None) -> ContextCache:
         """A :class:`ContextCache` (new, or ``state``) holding the projected ``context`` of this layer."""

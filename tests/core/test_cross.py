@@ -312,3 +312,24 @@ def test_bad_sources_raise():
         cross_attention(q, {"text": (k, v), "image": (k, v[..., :3])})
     with pytest.raises(ValueError, match=r"sources\['text'\]: .*multiple of key/value heads"):
         cross_attention(q, {"text": (k[:, :1].expand(2, 3, 9, 8), v[:, :1].expand(2, 3, 9, 6))})
+
+
+def test_to_multihead_attention_is_the_inverse_of_load():
+    import torch.nn as tnn
+
+    from attnzoo.cross import CrossAttention
+
+    torch.manual_seed(0)
+    for kdim, bias in ((16, True), (12, True), (12, False)):
+        layer = CrossAttention(16, 4, context_dim=kdim, bias=bias).double()
+        mha = layer.to_multihead_attention()
+        g = torch.Generator().manual_seed(2)
+        x, c = torch.randn(2, 5, 16, generator=g, dtype=torch.float64), torch.randn(2, 7, kdim, generator=g,
+                                                                                  dtype=torch.float64)
+        want = mha(x, c, c, need_weights=False)[0]
+        assert torch.allclose(layer(x, c), want, rtol=0, atol=1e-12)
+        fresh = CrossAttention(16, 4, context_dim=kdim, bias=bias).double().load_multihead_attention(mha)
+        assert torch.allclose(fresh(x, c), want, rtol=0, atol=1e-12)
+        assert isinstance(mha, tnn.MultiheadAttention) and mha.batch_first
+    with pytest.raises(ValueError, match="several sources"):
+        CrossAttention(16, 4, context_dims={"a": 8, "b": 8}).to_multihead_attention()

@@ -4,7 +4,6 @@ cross-attention over the sampled keys; top-k covering every key: the unsampled r
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import attnzoo
 from attnzoo.testing import assert_close
@@ -33,14 +32,7 @@ def _setup(**kw):
 
 
 def _mha(m):
-    mha = nn.MultiheadAttention(16, 4, batch_first=True).double()
-    a = m.attn
-    with torch.no_grad():
-        n = a.names[0]
-        mha.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj[n].weight, a.v_proj[n].weight]))
-        mha.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj[n].bias, a.v_proj[n].bias]))
-        mha.out_proj.load_state_dict(a.o_proj.state_dict())
-    return mha
+    return m.attn.to_multihead_attention()
 
 
 def test_equals_the_official_relative_attention_written_out():

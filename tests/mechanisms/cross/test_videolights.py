@@ -3,7 +3,6 @@
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import attnzoo
 from attnzoo.testing import assert_close
@@ -12,13 +11,7 @@ F64 = torch.float64
 
 
 def _mha_like(attn):
-    mha = nn.MultiheadAttention(attn.dim, attn.heads, batch_first=True).double()
-    with torch.no_grad():
-        name = attn.names[0]
-        mha.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj[name].weight, attn.v_proj[name].weight]))
-        mha.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj[name].bias, attn.v_proj[name].bias]))
-        mha.out_proj.load_state_dict(attn.o_proj.state_dict())
-    return mha
+    return attn.to_multihead_attention()
 
 
 def _official(m, video, text, pv, pt, text_pad, video_pad):

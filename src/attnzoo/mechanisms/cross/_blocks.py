@@ -107,17 +107,22 @@ def check_pair(module: nn.Module, x: object, context: object, *, channels: int, 
     return x, context
 
 
+def _placed(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``t`` has ``shape`` and sits on ``device`` (x's)."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (x's), got {t.device}")
+    return t
+
+
 def check_ids(name: str, ids: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """An integer tensor of ``shape`` on ``device`` (subject ids, panel ids, modality ids, ...)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name}: expected an integer tensor of shape {shape}, got {type(ids).__name__}")
     if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"{name}: expected an integer tensor, got dtype {ids.dtype}")
-    if tuple(ids.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(ids.shape)}")
-    if ids.device != device:
-        raise ValueError(f"{name}: expected device {device} (x's), got {ids.device}")
-    return ids
+    return _placed(name, ids, shape, device)
 
 
 def check_bool_mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -128,13 +133,7 @@ def check_bool_mask(name: str, mask: object, shape: tuple[int, ...], device: tor
         hint = (" (an additive 0/-inf mask converts with `mask == 0`, 0/1 weights with `mask > 0`)"
                 if mask.is_floating_point() else "")
         raise TypeError(f"{name}: expected dtype torch.bool, got {mask.dtype}{hint}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"{name}: expected device {device} (x's), got {mask.device}")
-    return mask
-
-
+    return _placed(name, mask, shape, device)
 
 
 def plain_heads(mechanism: str, kv_heads: object, causal: object, *, causal_ok: bool = False) -> bool:
