@@ -1,12 +1,13 @@
 """Wings (P101): the CATALOG oracle (zero-initialised learners = the base layer exactly), the whole layer against the
 official wings_layer_forward written out with explicit attention weights (WingsAttention's identity + low-rank
-projections, ReweightLinear's router on the summed main-attention rows), the single-learner path, and the causal
-textual learner.
+projections, ReweightLinear's router on the summed main-attention rows, the rotary embedding of the learners' q/k),
+the single-learner path, and the causal textual learner.
 
 Distinctive terms: the learners and the router. Verified by hand: replacing the router weights by a constant 1/2
 (``weights = torch.full_like(weights, 0.5)`` in ``WingsLayer._main``) fails ``test_equals_the_official_layer`` with
 rel err 1.1e-3 (of the whole output, which the residual h dominates; the tolerance is 1e-10);
-``test_removing_the_router_changes_the_output`` does the same ablation in place."""
+``test_removing_the_router_changes_the_output`` does the same ablation in place; dropping the rotation of the learners'
+q/k (``rope_theta``) fails the RoPE parity test with rel err 1.0e-2."""
 
 import math
 
@@ -137,3 +138,38 @@ def test_causal_textual_learner_sees_only_earlier_text():
     out = layer(x, moved, q_pos=q_pos, context_pos={"text": t_pos})
     assert_close(out[:, :4], base[:, :4], F64, "queries before position 4")
     assert (out[:, 4:] - base[:, 4:]).abs().max() > 1e-6
+
+
+def _official_rope(t, pos, base):
+    """LlamaRotaryEmbedding + apply_rotary_pos_emb_with_position_ids (wings/utils.py): cos/sin tables indexed by the
+    position ids, rotate_half = cat(-x2, x1)."""
+    d = t.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=F64) / d))
+    emb = torch.cat([torch.outer(torch.arange(64, dtype=F64), inv_freq)] * 2, dim=-1)
+    cos, sin = emb.cos()[pos].unsqueeze(1), emb.sin()[pos].unsqueeze(1)
+    x1, x2 = t.chunk(2, dim=-1)
+    return t * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _official_rope_learner(lr, source, h, f, q_pos, f_pos, base):
+    q = _split(h + lr.q_proj.up(lr.q_proj.down(h)))
+    k = _split(f + lr.k_proj[source].up(lr.k_proj[source].down(f)))
+    v = _split(f + lr.v_proj[source].up(lr.v_proj[source].down(f)))
+    out, _ = _softmax_attention(_official_rope(q, q_pos, base), _official_rope(k, f_pos, base), v)
+    return lr.o_proj.up(lr.o_proj.down(_merge(out)))
+
+
+def test_rope_on_the_learners_equals_the_official_rotary_embedding():
+    layer = _trained(_layer(rope_theta=1e6))
+    x, ctx = _inputs()
+    q_pos = torch.arange(N).expand(B, N)
+    pos = {"image": torch.tensor([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]]), "text": torch.tensor([0, 6, 7, 8, 9, 10])}
+    h, r = _official_main(layer, x)
+    vis = _official_rope_learner(layer.visual, "image", h, ctx["image"], q_pos, pos["image"], 1e6)
+    txt = _official_rope_learner(layer.textual, "text", h, ctx["text"], q_pos, pos["text"].expand(B, -1), 1e6)
+    got = layer(x, ctx, q_pos=q_pos, context_pos=pos)
+    assert_close(got, h + r[..., :1] * vis + r[..., 1:] * txt, F64, "Wings with RoPE vs official")
+    shifted = layer(x, ctx, q_pos=q_pos + 3, context_pos={n: p + 3 for n, p in pos.items()})
+    assert_close(shifted, got, F64, "RoPE is relative: shifting every position changes nothing")
+    moved = {"image": pos["image"].flip(-1), "text": pos["text"]}
+    assert (layer(x, ctx, q_pos=q_pos, context_pos=moved) - got).abs().max() > 1e-6  # positions are seen
