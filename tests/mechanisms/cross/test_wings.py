@@ -173,3 +173,20 @@ def test_rope_on_the_learners_equals_the_official_rotary_embedding():
     assert_close(shifted, got, F64, "RoPE is relative: shifting every position changes nothing")
     moved = {"image": pos["image"].flip(-1), "text": pos["text"]}
     assert (layer(x, ctx, q_pos=q_pos, context_pos=moved) - got).abs().max() > 1e-6  # positions are seen
+
+
+def test_grouped_query_host_attention():
+    torch.manual_seed(0)
+    layer = _trained(attnzoo.build("wings", D, H, kv_heads=2, rank=3, router_positions=12).double())
+    x, ctx = _inputs()
+    a = layer.attn
+    hn = F.rms_norm(x, (D,), layer.norm.weight, 1e-6)
+    q = _split(a.q_proj(hn))
+    k, v = (t.view(B, N, 2, D // H).transpose(1, 2).repeat_interleave(2, dim=1)
+            for t in (a.k_proj["context"](hn), a.v_proj["context"](hn)))  # (B, H, N, hd): each kv head serves 2
+    out, attn = _softmax_attention(q, k, v, torch.ones(N, N, dtype=torch.bool).tril())
+    h = x + a.o_proj(_merge(out))
+    r = F.silu(F.linear(attn.sum(1), layer.router.weight[:, :N], layer.router.bias)).softmax(-1)
+    want = h + r[..., :1] * _official_learner(layer.visual, "image", h, ctx["image"]) + r[..., 1:] * _official_learner(
+        layer.textual, "text", h, ctx["text"])
+    assert_close(layer(x, ctx), want, F64, "GQA host attention")

@@ -17,7 +17,8 @@ the low-rank product alone, scores scaled by 1/sqrt(head_dim); the router is ``R
 ``Linear(P, 2)`` whose weight is truncated to the row length N (P = 4096 officially), SiLU, softmax over the two
 learners; the learners' queries are the hidden states after the main residual (not normed); with the image learner
 alone (the first training stage, or no text features) its output is added without the router. Defaults: Qwen1.5-7B's
-layer (width 4096, 32 heads, RMSNorm eps 1e-6, qkv bias), rank 64 (the official scripts' ``lora_dim``).
+layer (width 4096, 32 heads, RMSNorm eps 1e-6, qkv bias), rank 64 (the official scripts' ``lora_dim``); ``kv_heads``
+makes the host attention grouped-query (LLaMA-3.1), the learners keep every head as the official does.
 Deviations, each a choice: (1) the official layer adds each weighted learner output twice (the explicit sum and then a
 loop over the same terms, i.e. a factor 2 absorbed by the learners' zero-initialised output factors); here once, as the
 paper writes it. (2) The official applies the model's RoPE (rotate-half, ``rope_theta`` of the LLM: 1e6 for Qwen1.5) to
@@ -55,7 +56,7 @@ from ...cross import CrossAttention, cross_attention
 from ...errors import check_bool, check_float, check_int, check_key_padding_mask, check_module_input
 from ...registry import CrossSpec, Mechanism, Option, register
 from ...state.context import check_positions
-from ._blocks import plain_heads, zero_
+from ._blocks import zero_
 
 SOURCES = ("image", "text")
 
@@ -102,14 +103,16 @@ class WingsLayer(nn.Module):
     """``x (B, N, dim)`` hidden states, ``context {"image": (B, M_i, dim), "text": (B, M_t, dim)}`` (either or both)
     -> ``(B, N, dim)``: the main causal self-attention with its residual, plus the routed learners."""
 
-    def __init__(self, dim: int, heads: int, *, rank: int = 64, router_positions: int = 4096, bias: bool = True,
-                 eps: float = 1e-6, causal_text: bool = False, rope_theta: float | None = None) -> None:
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, rank: int = 64,
+                 router_positions: int = 4096, bias: bool = True, eps: float = 1e-6, causal_text: bool = False,
+                 rope_theta: float | None = None) -> None:
         super().__init__()
         self.dim = check_int("dim", dim)
         self.rank = check_int("rank", rank)
         self.router_positions = check_int("router_positions", router_positions)
         self.norm = nn.RMSNorm(dim, eps=check_float("eps", eps, low=0.0, low_open=True))
-        self.attn = CrossAttention(dim, heads, context_dim=dim, bias=check_bool("bias", bias), out_bias=False)
+        self.attn = CrossAttention(dim, heads, context_dim=dim, kv_heads=kv_heads, bias=check_bool("bias", bias),
+                                   out_bias=False)  # the host layer's attention (grouped-query with kv_heads)
         self.router = nn.Linear(router_positions, 2)
         self.causal_text = check_bool("causal_text", causal_text)
         self.rope_theta = None if rope_theta is None else check_float("rope_theta", rope_theta, low=1.0)
@@ -128,9 +131,9 @@ class WingsLayer(nn.Module):
         a, hd = self.attn, self.attn.head_dim
         hn = self.norm(x)
         q = a.q_proj(hn).view(B, N, a.heads, hd).transpose(1, 2)  # (B, H, N, hd)
-        k, v = a.project("context", hn)  # (B, H, N, hd)
+        k, v = a.project("context", hn)  # (B, Hk, N, hd)
         route = self.router.weight[:, :N].t().to(v.dtype)  # (N, 2): column j of W_r per key position
-        v = torch.cat([v, route.expand(B, a.heads, N, 2)], dim=-1)  # (B, H, N, hd + 2)
+        v = torch.cat([v, route.expand(B, a.kv_heads, N, 2)], dim=-1)  # (B, Hk, N, hd + 2)
         pos = torch.arange(N, device=x.device)
         out = cross_attention(q, {"self": (k, v)}, q_pos=pos, kv_pos={"self": pos}, scale=a.scale,
                               masks=None if x_padding_mask is None else {"self": x_padding_mask})  # (B, H, N, hd + 2)
@@ -207,8 +210,10 @@ class WingsLayer(nn.Module):
 
 
 def _module(dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = False, **options: Any):
-    plain_heads("wings", kv_heads, causal)
-    return WingsLayer(dim, heads, **WINGS.resolve_options(options))
+    if check_bool("causal", causal):
+        raise ValueError("causal: the learners' cross-attention is non-causal (the host attention is always causal); "
+                         "build wings with causal=False")
+    return WingsLayer(dim, heads, kv_heads=kv_heads, **WINGS.resolve_options(options))
 
 
 WINGS = register(Mechanism(
