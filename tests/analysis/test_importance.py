@@ -53,7 +53,7 @@ def test_gradient_score_is_the_derivative_in_the_gate(tiny):
             with torch.no_grad(), Analyzer(model, hooks=[scale]):
                 vals.append(float(loss(model)))
         fd = (vals[0] - vals[1]) / (2 * eps)
-        assert res["grad"][layer, head] == pytest.approx(fd, rel=1e-4, abs=1e-8)
+        assert res["grad"][layer, head] == pytest.approx(fd, rel=2e-3, abs=1e-8)
 
 
 def test_local_head_distance_profile_stays_in_its_window(tiny):
