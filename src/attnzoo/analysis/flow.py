@@ -79,13 +79,18 @@ def attention_flow(layers: Sequence[torch.Tensor], *, residual: float = 0.5, hea
     return flow
 
 
-def patch_heatmap(row: torch.Tensor, grid: tuple[int, int], *, skip: int = 1) -> torch.Tensor:
+def patch_heatmap(row: torch.Tensor, grid: tuple[int, int], *, skip: int = 1, clip: float | None = None
+                  ) -> torch.Tensor:
     """A flow/attention row over [CLS] + patches -> (gh, gw) patch map normalised to [0, 1] (``skip`` leading
-    non-patch tokens)."""
+    non-patch tokens). ``clip`` (a quantile, e.g. 0.98) saturates the few patches above it first, for display: a ViT's
+    high-norm artifact patches would otherwise take the whole colour range."""
     check_tensor("row", row, ndim=1)
     gh, gw = grid
     if row.numel() != skip + gh * gw:
         raise ValueError(f"row: expected {skip} + {gh} x {gw} = {skip + gh * gw} tokens, got {row.numel()}")
     m = row[skip:].reshape(gh, gw).double()
+    if clip is not None:
+        check_float("clip", clip, low=0.0, high=1.0)
+        m = m.clamp(max=float(torch.quantile(m.flatten(), clip)))
     m = m - m.min()
     return m / m.max().clamp_min(1e-300)

@@ -107,7 +107,16 @@ def structure(model: MultiHeadICL) -> dict[str, Any]:
     read = ov[:, d]  # (H, d+1): the row that makes the prediction
     mu, u = read[:, d], read[:, :d]
     last_share = mu.abs() / read.norm(dim=-1)
+    # heads of one sign act together (their softmax terms add up): the mu-weighted KQ of each sign group
+    group = []
+    for sign in (1.0, -1.0):
+        sel = (mu * sign) > 0
+        if bool(sel.any()):
+            G = (mu[sel].view(-1, 1, 1) * K[sel]).sum(0)
+            cg = torch.diagonal(G).mean()
+            group.append(float((G - cg * eye).norm() / G.norm()))
     return {
+        "group_kq_residual": group,
         "c": c.tolist(), "mu": mu.tolist(), "kq_residual": resid.tolist(), "kq_y_row": y_row.tolist(),
         "ov_last_share": last_share.tolist(), "ov_u_norm": u.norm(dim=-1).tolist(),
         "zero_sum": float(mu.sum().abs() / mu.abs().sum()),

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .capture import Analyzer, AttentionCall, HeadGates
+from .stats import weight_statistics
 
 __all__ = ["ablation_importance", "gradient_importance", "distance_profiles", "lm_loss", "pair_loss", "view_loss"]
 
@@ -79,16 +80,23 @@ def gradient_importance(model, loss: Loss, *, mechanism: str = "softmax", option
 
 
 def distance_profiles(model, run: Callable[[torch.nn.Module], Any], *, bins: Sequence[float],
-                      positions: torch.Tensor | None = None, rows: Sequence[int] | None = None,
+                      positions: torch.Tensor | None = None, rows: Sequence[int] | None = None, skip: int = 0,
                       mechanism: str = "softmax", options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Per layer and head: mean attention distance (L, H) (averaged over the rows) and the attention-mass histogram
     over distance ``bins`` (L, H, len(bins) - 1), normalised to sum to 1 over the bins covered. ``positions``
-    (N, P) gives token coordinates (patch rows/columns; None: 1-D positions)."""
+    (N - skip, P) gives token coordinates (patch rows/columns; None: 1-D positions). ``skip`` leading tokens with no
+    position (a ViT's [CLS]) are left out as queries and as keys, and each row renormalised over the others (from the
+    effective operator: short sequences)."""
     mean: dict[int, torch.Tensor] = {}
     hist: dict[int, torch.Tensor] = {}
 
     def hook(call: AttentionCall) -> None:
-        s = call.stats(rows=rows, topk=0, positions=positions, distance_bins=bins)
+        if skip:
+            w = call.weights()[..., skip:, skip:]
+            w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
+            s = weight_statistics(w, rows=rows, topk=0, positions=positions, distance_bins=bins)
+        else:
+            s = call.stats(rows=rows, topk=0, positions=positions, distance_bins=bins)
         mean[call.layer] = s.mean_distance[0].mean(-1)  # (H,)
         h = s.distance_histogram[0]  # (H, bins)
         hist[call.layer] = h / h.sum(-1, keepdim=True).clamp_min(1e-300)
