@@ -153,3 +153,24 @@ def test_source_operators_separate_and_joint():
     assert torch.allclose(torch.cat([joint["text"], joint["image"]], -1), want, atol=1e-15)
     with pytest.raises(ValueError, match="masks"):
         source_operators(q, keys, masks={"audio": mask["image"]})
+
+
+def test_source_operators_reproduce_attnzoo_cross_attention():
+    """Once the cross family is merged: per-source weights @ v (with the source scales) == attnzoo.cross_attention,
+    both modes, with masks; skipped before."""
+    cross_attention = getattr(attnzoo, "cross_attention", None)
+    if cross_attention is None:
+        pytest.skip("attnzoo.cross_attention is not in this tree yet (branch 'cross')")
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64)
+    src = {"text": (torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64),
+                    torch.randn(2, 2, 7, 5, generator=g, dtype=torch.float64)),
+           "image": (torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64),
+                     torch.randn(2, 4, 9, 5, generator=g, dtype=torch.float64))}
+    masks = {"image": torch.rand(2, 9, generator=g) > 0.3}
+    scales = {"text": 1.0, "image": 0.7}
+    for mode in ("separate", "joint"):
+        w = source_operators(q, {n: kv[0] for n, kv in src.items()}, mode=mode, masks=masks)
+        got = sum(scales[n] * apply_operator(w[n], src[n][1]) for n in src)
+        want = cross_attention(q, src, mode=mode, masks=masks, scales=scales)
+        assert rel_err(got, want) < 1e-10, mode
