@@ -6,6 +6,7 @@
     attnzoo analyze icl                                           # P037 in-context regression structure
     attnzoo analyze operators                                     # every mechanism's operator vs its reference
     attnzoo analyze all --out benchmarks/results/analysis         # the full report of issue 17
+    attnzoo analyze report --out DIR                               # re-render DIR/results.json (+ memory results)
 
 Each run writes PNG figures, results.json, summary.md and a self-contained report.html into ``--out`` (default
 ``analysis-out``), with a progress bar on stderr (``--no-progress`` to silence it).
@@ -24,7 +25,7 @@ from typing import Any
 from ..errors import AttnzooError
 from .run import MODELS, SUPPORTED, WHAT
 
-SPECIAL = ("all", "icl", "operators")
+SPECIAL = ("all", "icl", "operators", "report")
 
 # The full report (``attnzoo analyze all``): (target, what, mechanism, options, reduced)
 FULL_PLAN: tuple[tuple[str, tuple[str, ...], str, dict[str, Any], bool], ...] = (
@@ -125,6 +126,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    mem = args.memory_results or os.path.join("benchmarks", "results", "analysis", "stats_memory.json")
+    if args.target == "report":
+        src = os.path.join(args.out, "results.json")
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"{src}: no results to re-render (run `attnzoo analyze ... --out {args.out}`)")
+        with open(src) as f:
+            doc = json.load(f)
+        if os.path.exists(mem):
+            with open(mem) as f:
+                doc["memory"] = json.load(f)
+        print(f"attnzoo analyze: wrote {', '.join(render(doc, args.out))}", file=sys.stderr)
+        return 0
     options = parse_options(args.option)
     progress = Progress(not args.no_progress)
     command = "attnzoo analyze " + " ".join(list(argv or []))
@@ -150,7 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        options=options, quick=args.quick, progress=progress))
     finally:
         progress.close()
-    mem = args.memory_results or os.path.join("benchmarks", "results", "analysis", "stats_memory.json")
     if os.path.exists(mem) and (args.target == "all" or args.memory_results):
         with open(mem) as f:
             doc["memory"] = json.load(f)

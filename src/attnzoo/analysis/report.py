@@ -47,7 +47,7 @@ def _tables(run: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
                 continue
             heads = {"before": 0, "all improving": len(a["improving"]),
                      "top-8 improving": min(8, len(a["improving"]))}[name]
-            rows.append([name, str(heads), ", ".join(_f(p, 4) for p in v["perplexity"]), _f(v["perplexity_mean"], 4),
+            rows.append([name, str(heads), ", ".join(_f(p, 6) for p in v["perplexity"]), _f(v["perplexity_mean"], 6),
                          _f(v["passkey"])])
         out.append((f"{tag}: ACT (P046) before / after: {a['candidates']} candidate heads calibrated one at a time on "
                     f"{a['calibration_windows']} x {a['calibration_tokens']} calibration tokens, "

@@ -283,9 +283,9 @@ def _var_experiment(ctx: Context, model, tok) -> dict[str, Any]:
     a = ids_pre.shape[1]
     span[a:a + ids_pas.shape[1]] = True
     n_ans = ids_ans.shape[1]
-    layer = 2
+    layer, hidden_layer = 2, 4  # VAR acts from layer 2; the massive activations are settled at layer 4's input
     with torch.no_grad():
-        hs = model(ids, output_hidden_states=True, use_cache=False).hidden_states[layer][0]  # input of layer 2
+        hs = model(ids, output_hidden_states=True, use_cache=False).hidden_states[hidden_layer][0]  # (N, C)
     dims = sink_dimensions(hs[0])
     sinks = span_sinks(hs, dims, span)
 
@@ -320,7 +320,7 @@ def _var_experiment(ctx: Context, model, tok) -> dict[str, Any]:
     toks = [tok.decode(int(t)) for t in ids[0, sinks]]
     return {"tokens": N, "span_tokens": int(span.sum()), "sink_dims": dims.tolist(), "span_sinks": int(sinks.sum()),
             "sink_tokens": toks[:20], "answer_nll_before": before, "span_non_sink_mass": non_sink,
-            "span_sink_mass": sink_mass, "rows": rows, "layer_of_hidden_state": layer,
+            "span_sink_mass": sink_mass, "rows": rows, "layer_of_hidden_state": hidden_layer,
             "note": "text-only: the 'visual' span is the marked <passage> segment of a text prompt on SmolLM2"}
 
 
