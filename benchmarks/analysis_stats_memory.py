@@ -118,10 +118,37 @@ def equality_check(n: int = 512) -> dict:
             "topk_indices_equal": bool(torch.equal(a["topk_indices"], b["topk_indices"]))}
 
 
+def write_markdown(res: dict, out: str) -> None:
+    mib = 1 << 20
+    eq = res["equality"]
+    lines = ["# Streaming head statistics vs the dense attention matrix", "",
+             f"SmolLM2-sized heads ({HQ} query / {HK} key-value heads, head dim {D}), float32, causal, batch 1, one "
+             "thread; per reported query row: entropy, sink mass, needle mass, argmax, top-5, mean distance, "
+             "distance histogram. Peak = resident memory one call adds above its set-up, fresh process each "
+             "(`python benchmarks/analysis_stats_memory.py`). At n = 32768 every 16th query row is reported: the "
+             "rows are formed in the same chunks as a full pass, so the peak is a full pass's, at 1/16 of the time.",
+             "",
+             f"Equality at n = {eq['n']} (float64, causal, key padding, GQA): max relative error "
+             f"{eq['max_rel_err']:.1e}; argmax identical: {eq['argmax_equal']}; top-k indices identical: "
+             f"{eq['topk_indices_equal']}.", "",
+             "| n | case | rows reported | peak (MiB) | dense matrix (MiB) | peak / matrix | time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        rep = "all" if r["row_stride"] == 1 else f"every {r['row_stride']}th"
+        lines.append(f"| {r['n']} | {r['case']} | {rep} | {r['peak_bytes'] / mib:.1f} | "
+                     f"{r['matrix_bytes'] / mib:.0f} | {r['ratio']:.4f} | {r['seconds']} |")
+    lines += ["", f"Load average at the end of the run: {' '.join(res['loadavg_at_end'])} (2 cores shared with other "
+              "jobs: times are noisy, memory is not)."]
+    with open(os.path.join(out, "stats_memory.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--stride", type=int, default=16, help="query-row stride at n = 32768 (1: every row)")
+    p.add_argument("--render", action="store_true", help="only rewrite stats_memory.md from stats_memory.json")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "analysis"))
     a = p.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -132,6 +159,10 @@ def main(argv=None) -> int:
     # many rows are reported -- at 1/16 of the time (one full pass is ~5e11 multiply-adds on one thread)
     plan = [(2048, ("eager", "stats", "forward_and_stats"), 1)] if a.quick else \
         [(4096, ("eager", "stats", "forward_and_stats"), 1), (32768, ("stats", "forward_and_stats"), a.stride)]
+    if a.render:  # rewrite the .md from the committed .json
+        with open(os.path.join(a.out, "stats_memory.json")) as f:
+            write_markdown(json.load(f), a.out)
+        return 0
     check = equality_check()
     print(json.dumps(check), file=sys.stderr)
     rows = []
@@ -152,26 +183,7 @@ def main(argv=None) -> int:
            "threads": 1, "equality": check, "rows": rows, "loadavg_at_end": load, "environment": environment(1)}
     with open(os.path.join(a.out, "stats_memory.json"), "w") as f:
         json.dump(res, f, indent=1)
-    mib = 1 << 20
-    lines = ["# Streaming head statistics vs the dense attention matrix", "",
-             f"SmolLM2-sized heads ({HQ} query / {HK} key-value heads, head dim {D}), float32, causal, batch 1, one "
-             "thread; every query row: entropy, sink mass, needle mass, argmax, top-5, mean distance, distance "
-             "histogram. Peak = resident memory one call adds above its set-up, fresh process each "
-             "(`python benchmarks/analysis_stats_memory.py`).", "",
-             f"Equality at n = {check['n']} (float64, causal, key padding, GQA): max relative error "
-             f"{check['max_rel_err']:.1e}; argmax identical: {check['argmax_equal']}; top-k indices identical: "
-             f"{check['topk_indices_equal']}.", "",
-             "| n | case | rows reported | peak (MiB) | dense matrix (MiB) | peak / matrix | time (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        rep = "all" if r["row_stride"] == 1 else f"every {r['row_stride']}th"
-        lines.append(f"| {r['n']} | {r['case']} | {rep} | {r['peak_bytes'] / mib:.1f} | "
-                     f"{r['matrix_bytes'] / mib:.0f} | {r['ratio']:.4f} | {r['seconds']} |")
-    lines += ["", f"Load average at the end of the run: {' '.join(load)} (2 cores shared with other jobs: times are "
-              "noisy, memory is not)."]
-    with open(os.path.join(a.out, "stats_memory.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(res, a.out)
     return 0
 
 
