@@ -140,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     options = parse_options(args.option)
     progress = Progress(not args.no_progress)
+    progress.total(None)  # steps are counted as they come (model forwards, calibrated heads, training steps)
     command = "attnzoo analyze " + " ".join(list(argv or []))
     doc: dict[str, Any] = {"schema": SCHEMA, "command": command, "environment": environment(args.threads),
                            "runs": []}
