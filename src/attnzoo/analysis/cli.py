@@ -27,12 +27,14 @@ from .run import MODELS, SUPPORTED, WHAT
 
 SPECIAL = ("all", "icl", "operators", "report")
 
+MOA_SPANS = (16, 32, 64, 128, 16, 32, 64, 128, 256)  # one span per SmolLM2 query head: MoA's heterogeneous windows
+
 # The full report (``attnzoo analyze all``): (target, what, mechanism, options, reduced)
 FULL_PLAN: tuple[tuple[str, tuple[str, ...], str, dict[str, Any], bool], ...] = (
     ("smollm2", WHAT, "softmax", {}, False),
     ("smollm2", ("retrieval-heads", "sinks"), "sink_window", {"window": 256, "sinks": 4}, True),
     ("smollm2", ("retrieval-heads",), "hip", {}, True),
-    ("smollm2", ("maps", "importance"), "moa", {}, True),
+    ("smollm2", ("maps", "importance"), "moa", {"alphas": MOA_SPANS, "betas": 0.0, "sinks": 4}, True),
     ("minilm", ("importance", "maps", "sinks"), "softmax", {}, False),
     ("dinov2", ("importance", "maps", "sinks"), "softmax", {}, False),
     ("dinov2", ("maps",), "agent", {"agents": 16}, True),

@@ -35,8 +35,10 @@ def _tables(run: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
         for a in r["ablation"]["rows"]:
             rows.append([f"top-{a['k']} retrieval heads", str(a["k"]), _f(a["top"]),
                          _f(a["random_mean"]), ", ".join(_f(x["accuracy"]) for x in a["random"])])
+        none = " -- no head is above the threshold: the 'top-k' are ties, so this is not a retrieval-head test" \
+            if r["retrieval_heads"] == 0 else ""
         out.append((f"{tag}: passkey accuracy with heads masked ({len(r['passkey_depths']) * len(r['passkey_lengths'])}"
-                    f" prompts; {r['retrieval_heads']} heads score > {r['threshold']}, max {_f(r['max_score'])})",
+                    f" prompts; {r['retrieval_heads']} heads score > {r['threshold']}, max {_f(r['max_score'])}){none}",
                     ["masked", "k", "accuracy (top-k masked)", "accuracy (k random, mean)", "random per seed"], rows))
     if "sinks" in sec and "act" in sec["sinks"]:
         a = sec["sinks"]["act"]
