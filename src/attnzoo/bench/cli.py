@@ -79,7 +79,7 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="a mechanism option, e.g. --option sliding_window.window=256 (repeatable)")
     p.add_argument("--peers", help="comma-separated peers (reference,sdpa_masked,flex,local_attention), or none/all")
     p.add_argument("--tasks", help="comma-separated quality tasks (mqar,selective_copy,passkey,icl_regression,"
-                                   "listops,char_lm,digits)")
+                                   "listops,char_lm,digits,skimage_patches)")
     p.add_argument("--seeds", help="comma-separated training seeds")
     p.add_argument("--quality-steps", type=int, help="training steps per quality case")
     p.add_argument("--quality-budget", type=float, help="seconds of training per quality case (upper bound)")

@@ -151,7 +151,7 @@ def quality_plan(cfg: BenchConfig, mechs: list[registry.Mechanism]) -> list[tupl
             except Exception:  # noqa: BLE001 - e.g. scikit-learn missing; reported by run_quality
                 cases.append((task_name, conf, "*", 0))
                 continue
-            base = ["softmax"] + ([NO_ATTENTION] if task_name == "digits" else [])
+            base = ["softmax"] + ([NO_ATTENTION] if task.input == "image" else [])
             order = base + [n for n in names if n not in base]
             for name in order:
                 if name != NO_ATTENTION and name not in names and name != "softmax":
