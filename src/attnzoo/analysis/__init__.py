@@ -13,6 +13,7 @@ attention operator of every mechanism, inside real models, at long context witho
 - :mod:`.flow` -- P113 VL-SAM head aggregation and regularised attention flow / rollout.
 - :mod:`.icl` -- P037 in-context linear regression with multi-head softmax attention and its KQ / OV structure.
 - :mod:`.losses` -- P052 attention adversarial training (AT / iAT) and P027 DisenDiff's cross-attention calibration.
+- :mod:`.alignment` -- Whisper's cross-attention alignment heads as a monotone word-to-audio alignment (DTW).
 - :mod:`.mask_plot` -- PNGs of static masks; :mod:`.plots`, :mod:`.report`, :mod:`.run`, :mod:`.cli` --
   ``attnzoo analyze``.
 

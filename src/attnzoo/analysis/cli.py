@@ -1,7 +1,8 @@
 """``attnzoo analyze``: the command line of the analysis package (``attnzoo.cli`` hands ``attnzoo analyze ...`` here).
 
-    attnzoo analyze smollm2 --what retrieval-heads,sinks          # real models: smollm2, minilm, dinov2
+    attnzoo analyze smollm2 --what retrieval-heads,sinks          # real models: smollm2, minilm, dinov2, whisper
     attnzoo analyze smollm2 --what retrieval-heads --mechanism sink_window --option window=256 --option sinks=4
+    attnzoo analyze whisper --what alignment                      # cross-attention alignment heads -> word times
     attnzoo analyze hip --what maps                               # a mechanism's effective operator
     attnzoo analyze icl                                           # P037 in-context regression structure
     attnzoo analyze operators                                     # every mechanism's operator vs its reference
@@ -31,13 +32,14 @@ MOA_SPANS = (16, 32, 64, 128, 16, 32, 64, 128, 256)  # one span per SmolLM2 quer
 
 # The full report (``attnzoo analyze all``): (target, what, mechanism, options, reduced)
 FULL_PLAN: tuple[tuple[str, tuple[str, ...], str, dict[str, Any], bool], ...] = (
-    ("smollm2", WHAT, "softmax", {}, False),
+    ("smollm2", SUPPORTED["smollm2"], "softmax", {}, False),
     ("smollm2", ("retrieval-heads", "sinks"), "sink_window", {"window": 256, "sinks": 4}, True),
     ("smollm2", ("retrieval-heads",), "hip", {}, True),
     ("smollm2", ("maps", "importance"), "moa", {"alphas": MOA_SPANS, "betas": 0.0, "sinks": 4}, True),
     ("minilm", ("importance", "maps", "sinks"), "softmax", {}, False),
     ("dinov2", ("importance", "maps", "sinks"), "softmax", {}, False),
     ("dinov2", ("maps",), "agent", {"agents": 16}, True),
+    ("whisper", ("alignment",), "softmax", {}, False),
 )
 
 

@@ -138,3 +138,24 @@ def curve(values: Sequence[float], path: str, *, title: str, ylabel: str, hlines
     if hlines:
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def alignment(matrix: torch.Tensor, path_frames: Sequence[int], words: Sequence[str], truth: Sequence[float],
+              predicted: Sequence[float], frame_seconds: float, path: str, *, title: str) -> str:
+    """A word-to-audio alignment: the (tokens, frames) score matrix, the DTW path over it, and the words' true and
+    predicted start times as vertical ticks (seconds on the x axis)."""
+    plt = _plt()
+    m = matrix.detach().double().numpy()
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    ext = (0, m.shape[1] * frame_seconds, m.shape[0] - 0.5, -0.5)
+    ax.imshow(m, aspect="auto", cmap="magma", interpolation="nearest", extent=ext)
+    ax.plot(np.asarray(path_frames[1]) * frame_seconds, path_frames[0], color="cyan", lw=1, label="DTW path")
+    for i, (t, p) in enumerate(zip(truth, predicted)):
+        ax.axvline(t, color="lime", lw=0.8, ls="--", label="true word start" if i == 0 else None)
+        ax.axvline(p, color="white", lw=0.8, label="predicted word start" if i == 0 else None)
+        ax.text(t, -0.7, words[i], color="black", fontsize=7, rotation=45, ha="left", va="bottom")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("text token")
+    ax.set_title(title, fontsize=9, pad=24)
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..bench.report.format import escape, html_table, img_tag, md_table
 from ..bench.report.html import CSS
+from .run import MODELS
 
 SCHEMA = "attnzoo.analysis/1"
 
@@ -76,7 +77,18 @@ def _tables(run: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
                     ["layer", "head", "loss increase when pruned", "|dL/dg|"],
                     [[str(int(t) // H), str(int(t) % H), _f(float(d.flatten()[t])),
                       _f(abs(i["gradient"][int(t) // H][int(t) % H]))] for t in top]))
-    if run["target"] not in ("smollm2", "minilm", "dinov2"):
+    if "alignment" in sec:
+        a = sec["alignment"]
+        out.append((f"{tag}: word starts from cross-attention (DTW), {len(a['true_start'])} words, "
+                    f"{_f(a['audio_seconds'], 2)} s of speech",
+                    ["heads", "median |error| (s)", "max |error| (s)", "start inside the word or the gap before it",
+                     "predicted starts (s)"],
+                    [[f"{name} {r['heads']}", _f(r["median_abs_error"]), _f(r["max_abs_error"]),
+                      _f(r["within_word_or_gap"]), ", ".join(_f(x, 2) for x in r["predicted_start"])]
+                     for name, r in a["rows"].items()]))
+        out.append((f"{tag}: true word starts (s)", ["words", "starts"],
+                    [[a["text"], ", ".join(_f(x, 2) for x in a["true_start"])]]))
+    if run["target"] not in MODELS:
         for what in ("maps", "sinks"):
             if what in sec:
                 s = sec[what]

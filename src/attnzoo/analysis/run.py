@@ -13,6 +13,9 @@ Targets and what each section measures (``--what``):
 - ``minilm`` (all-MiniLM-L6-v2, encoder): ``importance``, ``maps``, ``sinks`` (mass on [CLS] / [SEP]).
 - ``dinov2`` (DINOv2 ViT-S/14): ``importance``, ``maps`` (P113 regularised attention flow / rollout heatmaps over
   scikit-image's sample images, drawn over the images; per-head [CLS] maps), ``sinks`` ([CLS] mass, peak patches).
+- ``whisper`` (Whisper tiny.en, encoder-decoder): ``alignment`` (the checkpoint's cross-attention alignment heads as
+  a monotone word-to-audio alignment by DTW, on speech synthesised word by word with known word starts; the first
+  decoder layer's heads as the control).
 - any registered functional mechanism: ``maps`` and ``sinks`` of its effective operator on random inputs.
 
 ``mechanism``/``options`` switch the model's attention to an attnzoo mechanism (through :mod:`attnzoo.hf`); every
@@ -31,9 +34,10 @@ import torch
 
 from .. import registry
 
-MODELS = ("smollm2", "minilm", "dinov2")
-WHAT = ("retrieval-heads", "sinks", "importance", "maps")
-SUPPORTED = {"smollm2": WHAT, "minilm": ("sinks", "importance", "maps"), "dinov2": ("sinks", "importance", "maps"),
+MODELS = ("smollm2", "minilm", "dinov2", "whisper")
+WHAT = ("retrieval-heads", "sinks", "importance", "maps", "alignment")
+SUPPORTED = {"smollm2": ("retrieval-heads", "sinks", "importance", "maps"), "whisper": ("alignment",),
+             "minilm": ("sinks", "importance", "maps"), "dinov2": ("sinks", "importance", "maps"),
              "mechanism": ("sinks", "maps")}
 
 PARAPHRASES = (
@@ -100,7 +104,7 @@ class Context:
 
             self.say(f"loading {name}")
             self.cache[name] = {"smollm2": models.load_smollm2, "minilm": models.load_minilm,
-                                "dinov2": models.load_dinov2_small}[name]()
+                                "dinov2": models.load_dinov2_small, "whisper": models.load_whisper_tiny_en}[name]()
         return self.cache[name]
 
     def corpus_ids(self) -> torch.Tensor:
@@ -689,12 +693,79 @@ def mechanism_sinks(ctx: Context) -> dict[str, Any]:
             "figures": []}
 
 
+# --------------------------------------------------------------------------------------------------------
+# Whisper
+# --------------------------------------------------------------------------------------------------------
+ALIGNMENT_TEXT = "the quick brown fox jumps over the lazy dog near a quiet river bank"
+
+
+def spoken_words(text: str, *, gap: float = 0.3, threshold: float = 0.01):
+    """Speech of ``text`` synthesised word by word with espeak-ng, each word trimmed to its sound and followed by
+    ``gap`` seconds of silence: (16 kHz audio, the true start second of each word, its end second)."""
+    import numpy as np
+
+    from ..models.audio import synthesize
+
+    pieces, starts, ends, pos = [], [], [], 0
+    for w in text.split():
+        a = synthesize(w)
+        loud = np.nonzero(np.abs(a) > threshold)[0]
+        if len(loud) == 0:
+            raise ValueError(f"text: espeak-ng produced silence for the word {w!r}")
+        a = a[loud[0]:loud[-1] + 1]
+        starts.append(pos / 16000)
+        pos += len(a)
+        ends.append(pos / 16000)
+        pieces += [a, np.zeros(int(gap * 16000), dtype=np.float32)]
+        pos += int(gap * 16000)
+    return np.concatenate(pieces), starts, ends
+
+
+def whisper_alignment(ctx: Context) -> dict[str, Any]:
+    import numpy as np
+
+    from . import plots
+    from .alignment import FRAME_SECONDS, dtw, whisper_word_alignment
+
+    model, processor = ctx.model("whisper")
+    text = " ".join(ALIGNMENT_TEXT.split()[:5]) if ctx.quick else ALIGNMENT_TEXT
+    audio, starts, ends = spoken_words(text)
+    words = text.split()
+    rows = {}
+    first_layer = [(0, h) for h in range(model.config.decoder_attention_heads)]
+    for name, heads in (("alignment heads", None), ("first decoder layer (control)", first_layer)):
+        timings, matrix = whisper_word_alignment(model, processor, audio, text, heads=heads, return_matrix=True,
+                                                 mechanism=ctx.mechanism, **ctx.options)
+        err = [abs(t.start - s) for t, s in zip(timings, starts)]
+        gap_starts = [0.0] + ends[:-1]  # a start counts inside its word or the silence before it (50 ms slack)
+        inside = [g - 0.05 <= t.start <= e + 0.05 for g, t, e in zip(gap_starts, timings, ends)]
+        rows[name] = {"heads": [list(h) for h in (heads or model.config.alignment_heads)],
+                      "predicted_start": [round(t.start, 3) for t in timings],
+                      "median_abs_error": float(np.median(err)), "max_abs_error": float(max(err)),
+                      "within_word_or_gap": float(np.mean(inside))}
+        if heads is None:
+            path = dtw(-matrix)
+            fig = plots.alignment(matrix, path, words, starts, [t.start for t in timings], FRAME_SECONDS,
+                                  ctx.path("alignment"),
+                                  title=f"{ctx.tag}: alignment heads {model.config.alignment_heads} -> DTW "
+                                        f"(median start error {np.median(err):.2f} s)")
+        ctx.tick()
+    return {"text": text, "true_start": [round(s, 3) for s in starts], "true_end": [round(e, 3) for e in ends],
+            "audio_seconds": round(len(audio) / 16000, 3), "rows": rows,
+            "figures": [_figure(fig, "Whisper cross-attention alignment",
+                                "Whisper tiny.en's alignment heads (from its config) on speech synthesised word by "
+                                "word with 0.3 s gaps: the z-scored, median-filtered cross-attention of the rows that "
+                                "predict each text token, the monotone DTW path, true (dashed) and predicted word "
+                                "starts.")]}
+
+
 RUNNERS: dict[tuple[str, str], Callable[[Context], dict[str, Any]]] = {
     ("smollm2", "retrieval-heads"): smollm2_retrieval, ("smollm2", "sinks"): smollm2_sinks,
     ("smollm2", "importance"): smollm2_importance, ("smollm2", "maps"): smollm2_maps,
     ("minilm", "importance"): minilm_importance, ("minilm", "maps"): minilm_maps, ("minilm", "sinks"): minilm_sinks,
     ("dinov2", "importance"): dinov2_importance, ("dinov2", "maps"): dinov2_maps, ("dinov2", "sinks"): dinov2_sinks,
     ("mechanism", "maps"): mechanism_maps, ("mechanism", "sinks"): mechanism_sinks,
+    ("whisper", "alignment"): whisper_alignment,
 }
 
 
