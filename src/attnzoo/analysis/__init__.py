@@ -14,7 +14,8 @@ attention operator of every mechanism, inside real models, at long context witho
 - :mod:`.icl` -- P037 in-context linear regression with multi-head softmax attention and its KQ / OV structure.
 - :mod:`.losses` -- P052 attention adversarial training (AT / iAT) and P027 DisenDiff's cross-attention calibration.
 - :mod:`.alignment` -- Whisper's cross-attention alignment heads as a monotone word-to-audio alignment (DTW).
-- :mod:`.mask_plot` -- PNGs of static masks; :mod:`.plots`, :mod:`.report`, :mod:`.run`, :mod:`.cli` --
+- :mod:`.mask_plot` -- PNGs of static masks; :mod:`.plots`, :mod:`.report`, :mod:`.run` (with :mod:`.context`,
+  :mod:`.sections_text`, :mod:`.sections_media`), :mod:`.cli` --
   ``attnzoo analyze``.
 
 P040 (Salient Relevance maps) is reading only: it is layer-wise relevance propagation for CNNs, not an attention
