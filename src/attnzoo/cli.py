@@ -8,6 +8,7 @@
     attnzoo bench report RESULTS [--out DIR]           # re-render summary.md, plots, report.html
     attnzoo bench compare A B [--threshold 1.2]        # what changed between two runs
     attnzoo bench readme RESULTS... --update README.md # the README's generated headline block
+    attnzoo analyze TARGET --what retrieval-heads|sinks|importance|maps   # attention analysis (attnzoo.analysis)
 
 ``python -m attnzoo`` is the same command.
 """
@@ -122,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnzoo", description="Attention mechanisms from the research literature "
                                 "behind one contract, proven against an exact reference and measured beside "
                                 "dense attention.")
-    sub = p.add_subparsers(dest="cmd", metavar="{list,info,bench}")
+    sub = p.add_subparsers(dest="cmd", metavar="{list,info,bench,analyze}")
     ls = sub.add_parser("list", help="the registered mechanisms")
     fmt = ls.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="every record as JSON")
@@ -135,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("name")
     info.add_argument("--json", action="store_true")
     sub.add_parser("bench", help="benchmark (see `attnzoo bench --help`)", add_help=False)
+    sub.add_parser("analyze", help="attention analysis (see `attnzoo analyze --help`)", add_help=False)
     return p
 
 
@@ -145,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench.cli import main as bench_main
 
             return bench_main(argv[1:])
+        if argv and argv[0] == "analyze":
+            from .analysis.cli import main as analyze_main
+
+            return analyze_main(argv[1:])
         args = _parser().parse_args(argv)
         if args.cmd == "list":
             return _cmd_list(args)

@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from .errors import check_attn_mask, check_key_padding_mask, check_qkv, check_scale
+from .errors import check_attn_mask, check_key_padding_mask, check_qkv, check_scale, check_tensor
 
-__all__ = ["softmax_attention", "dense_mask", "repeat_kv"]
+__all__ = ["softmax_attention", "softmax_weights", "one_hot_values", "dense_mask", "repeat_kv"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,11 +96,25 @@ def softmax_attention(
     acc = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf = q.to(acc), repeat_kv(k, Hq // Hk).to(acc), repeat_kv(v, Hq // Hk).to(acc)
 
+    probs, row_max, denom = _probabilities(qf, kf, causal=causal, key_padding_mask=key_padding_mask,
+                                           attn_mask=attn_mask, bias=bias, scale=scale)  # (B, Hq, Nq, Nk)
+    out = torch.matmul(probs, vf).to(q.dtype)  # (B, Hq, Nq, Dv)
+    if not return_lse:
+        return out
+    lse = (row_max + torch.log(denom)).squeeze(-1)  # (B, Hq, Nq); log(0) = -inf on masked rows
+    return out, lse
+
+
+def _probabilities(qf, kf, *, causal, key_padding_mask, attn_mask, bias, scale):
+    """The masked softmax of ``scale q k^T + bias`` on validated, head-repeated tensors in the accumulation dtype:
+    (probs (B, Hq, Nq, Nk), row max (B, Hq, Nq, 1), row sum (B, Hq, Nq, 1)); zero rows where every key is masked."""
+    B, Hq, Nq, _ = qf.shape
+    Nk = kf.shape[2]
     scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale  # (B, Hq, Nq, Nk)
     if bias is not None:
-        scores = scores + bias.to(acc)  # (B, Hq, Nq, Nk)
+        scores = scores + bias.to(qf.dtype)  # (B, Hq, Nq, Nk)
     mask = dense_mask(B, Hq, Nq, Nk, causal=causal, key_padding_mask=key_padding_mask,
-                      attn_mask=attn_mask, device=q.device)  # (B|1, Hq|1, Nq, Nk) or None
+                      attn_mask=attn_mask, device=qf.device)  # (B|1, Hq|1, Nq, Nk) or None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
 
@@ -110,9 +124,47 @@ def softmax_attention(
     weights = torch.exp(scores - row_max)  # (B, Hq, Nq, Nk)
     denom = weights.sum(dim=-1, keepdim=True)  # (B, Hq, Nq, 1)
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    probs = weights / safe  # (B, Hq, Nq, Nk); rows of zeros where everything is masked
-    out = torch.matmul(probs, vf).to(q.dtype)  # (B, Hq, Nq, Dv)
-    if not return_lse:
-        return out
-    lse = (row_max + torch.log(denom)).squeeze(-1)  # (B, Hq, Nq); log(0) = -inf on masked rows
-    return out, lse
+    return weights / safe, row_max, denom  # rows of zeros where everything is masked
+
+
+def softmax_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The attention matrix :func:`softmax_attention` applies to v: (B, Hq, Nq, Nk) probabilities in float32 or
+    q's dtype if wider, same arguments (``softmax_attention(q, k, v, ...) == softmax_weights(q, k, ...) @ v``);
+    zero rows where every key is masked. The effective operator of exact and masked-softmax mechanisms
+    (:mod:`attnzoo.analysis.operator`). O(Nq Nk) memory: for small inputs."""
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"k: expected (B, Hk, Nk, D) = ({B}, Hk, Nk, {D}) with Hq={Hq} a multiple of Hk, "
+                         f"got {tuple(k.shape)}")
+    Hk, Nk = k.shape[1], k.shape[2]
+    check_key_padding_mask(key_padding_mask, B, Nk)
+    check_attn_mask(attn_mask, (B, Hq, Nq, Nk))
+    check_scale(scale)
+    check_attn_mask(bias, (B, Hq, Nq, Nk), name="bias", additive=True)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    probs, _, _ = _probabilities(q.to(acc), repeat_kv(k, Hq // Hk).to(acc), causal=causal,
+                                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, bias=bias, scale=scale)
+    return probs  # (B, Hq, Nq, Nk)
+
+
+def one_hot_values(k: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, Hk, Nk, Nk) identity values for keys k (B, Hk, Nk, D): value j is the j-th unit vector.
+
+    A form ``out = W(q, k) v`` that is linear in v with weights from q and k only returns its weight matrix W
+    (B, Hq, Nq, Nk) when run on these values: the effective operator of a mechanism whose reference forms W
+    inline (:mod:`attnzoo.analysis.operator`). O(Nk^2) values: for small inputs."""
+    B, Hk, Nk, _ = k.shape
+    eye = torch.eye(Nk, dtype=dtype or k.dtype, device=k.device)  # (Nk, Nk)
+    return eye.expand(B, Hk, Nk, Nk)

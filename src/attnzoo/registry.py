@@ -170,6 +170,12 @@ class Mechanism:
     predicate's ``heads`` attribute, when set, says how many heads it defines. ``attnzoo bench`` uses it to run
     FlexAttention and masked dense SDPA beside the mechanism, ``attnzoo.analysis.mask_plot`` to draw it.
 
+    ``operator(q, k, v, *, causal, key_padding_mask, scale, **options) -> (B, Hq, Nq, Nk)``: the effective attention
+    operator, the weights W the reference applies to v (``reference(q, k, v) == W @ v``), for small inputs: the
+    selected-mask softmax of a sparse mechanism, the normalised masked kernel matrix of a linear one, the composed
+    operator of Agent attention, the retrieved tokens' attribution of a memory one. Mechanisms with a ``mask`` need
+    none (softmax under the mask); ``attnzoo.analysis.operator.effective_operator`` dispatches over both.
+
     ``case_options(*, n, side, heads, causal) -> dict``: options (and, under the key ``"heads"``, a head count)
     that a benchmark or training case of ``n`` tokens (a ``side`` x ``side`` grid for grid kinds) needs where
     the defaults cannot fit every size (a window count that must divide the grid, token projections built
@@ -209,6 +215,7 @@ class Mechanism:
     init_state: Callable[..., Any] | None = None
     module: Callable[..., Any] | None = None
     mask: Callable[..., Any] | None = None
+    operator: Callable[..., Any] | None = None
     options: tuple[Option, ...] = ()
     permutation_equivariant: bool = False
     supports_key_padding: bool = True

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attnzoo import masks
-from attnzoo.distributed import Sharding, checks, launch, split_heads
+from attnzoo.distributed import Sharding, checks, launch, split_heads, suites
 from attnzoo.distributed.blocks import BlockAttention, needed_keys, plan_block
 from attnzoo.distributed.ring import key_ranges
 from attnzoo.reference import softmax_attention
@@ -42,7 +42,7 @@ def test_world_of_2_float64_every_layout_equals_single_process():
     """ring / halo / hybrid / ulysses / lasp2 / heads x their mechanisms, N = 23 (padded), GQA, key padding,
     document + prefix masks, cross attention; outputs, lse, dq, dk, dv (and lightning's decay) to 1e-10;
     split-KV and split recurrent decoding; the ContextParallel wrapper; refusals with clear errors."""
-    results = launch.run(checks.suite_float64, 2, timeout=600)
+    results = launch.run(suites.suite_float64, 2, timeout=600)
     _assert_world(results, 2)
     names = " | ".join(res.name for res in results[0].value)
     for needle in ("ring softmax causal zigzag", "halo sliding_window", "hybrid softmax", "lasp2 lightning causal",
@@ -56,7 +56,7 @@ def test_world_of_4_float32_hybrid_bytes_and_mask_dropping():
     LASP-2 with the decay's gradient; bytes sent per rank within 1.1x of the analytic minimum for ring, halo and
     LASP-2; a sliding-window model sharded over 4 ranks equals its single-process run and differs from full
     causal attention (the window is not dropped across shards)."""
-    results = launch.run(checks.suite_float32, 4, timeout=600)
+    results = launch.run(suites.suite_float32, 4, timeout=600)
     _assert_world(results, 4)
     byte_checks = [res for res in results[1].value if res.name.startswith("bytes")]
     assert len(byte_checks) == 4
@@ -65,16 +65,16 @@ def test_world_of_4_float32_hybrid_bytes_and_mask_dropping():
 
 
 def test_mismatched_ranks_raise_on_every_rank():
-    results = launch.run(checks.suite_mismatch, 3, timeout=300)
+    results = launch.run(suites.suite_mismatch, 3, timeout=300)
     _assert_world(results, 3)
 
 
 _SCENARIO = textwrap.dedent("""
     import json, sys, time
-    from attnzoo.distributed import checks, launch
+    from attnzoo.distributed import launch, suites
     if __name__ == "__main__":
         t = time.monotonic()
-        rs = launch.run(checks.scenario_failure, 3, sys.argv[1], float(sys.argv[2]), timeout=50, linger=3)
+        rs = launch.run(suites.scenario_failure, 3, sys.argv[1], float(sys.argv[2]), timeout=50, linger=3)
         print(json.dumps({"seconds": time.monotonic() - t,
                           "ranks": [[r.status, r.error_type, r.error, r.exitcode] for r in rs]}))
 """)

@@ -22,10 +22,10 @@ def _load(name):
 def planted():
     mod = _load("planted")
     mod.register_all()
-    reliability._FOUND.clear()
+    reliability.runner._FOUND.clear()
     yield mod
     mod.unregister_all()
-    reliability._FOUND.clear()
+    reliability.runner._FOUND.clear()
 
 
 def failure(probe_id):

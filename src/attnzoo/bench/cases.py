@@ -22,31 +22,11 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-MODES = ("forward", "forward_backward", "decode")
-
-
-@dataclass
-class Built:
-    """A case ready to measure: ``run()`` (forward, forward+backward), or ``step(prepare())`` (decode)."""
-
-    run: Callable[[], Any] | None = None
-    prepare: Callable[[], Any] | None = None
-    step: Callable[[Any], Any] | None = None
-    tokens: int = 1  # tokens processed per measured decode call
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def _dtype(spec: dict[str, Any]) -> torch.dtype:
-    name = spec.get("dtype", "float32")
-    if name not in DTYPES:
-        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+from .built import MODES, Built, first_output, spec_dtype, state_nbytes
 
 
 def _gen(spec: dict[str, Any]) -> torch.Generator:
@@ -55,27 +35,6 @@ def _gen(spec: dict[str, Any]) -> torch.Generator:
 
 def _randn(shape, g, dtype, requires_grad=False) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype).requires_grad_(requires_grad)
-
-
-def state_nbytes(state: Any, _seen: set[int] | None = None) -> int:
-    """Bytes of tensor storage held by a decode state of any shape: a DecodeState (``nbytes()``), tensors,
-    or containers/objects holding them."""
-    seen = set() if _seen is None else _seen
-    if state is None or id(state) in seen:
-        return 0
-    seen.add(id(state))
-    if isinstance(state, torch.Tensor):
-        return state.untyped_storage().nbytes()
-    nb = getattr(state, "nbytes", None)
-    if callable(nb):
-        return int(nb())
-    if isinstance(state, dict):
-        return sum(state_nbytes(v, seen) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_nbytes(v, seen) for v in state)
-    if hasattr(state, "__dict__"):
-        return sum(state_nbytes(v, seen) for v in vars(state).values())
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -163,7 +122,7 @@ def _attention_fn(spec: dict[str, Any]) -> tuple[Callable[..., torch.Tensor], di
 def _functional(spec: dict[str, Any]) -> Built:
     from ..functional import select_form
 
-    dtype, g, mode = _dtype(spec), _gen(spec), spec["mode"]
+    dtype, g, mode = spec_dtype(spec), _gen(spec), spec["mode"]
     if mode == "decode":
         return _functional_decode(spec, dtype, g)
     fn, info = _attention_fn(spec)
@@ -275,12 +234,8 @@ def _module_inputs(spec: dict[str, Any], g, dtype, requires_grad=False):
     return x, ctx
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _module(spec: dict[str, Any]) -> Built:
-    dtype, g, mode = _dtype(spec), _gen(spec), spec["mode"]
+    dtype, g, mode = spec_dtype(spec), _gen(spec), spec["mode"]
     module = _make_module(spec, dtype)
     info = {"form": "module" if spec["impl"] != "softmax_module" else "Attention(softmax) module",
             "parameters": sum(p.numel() for p in module.parameters())}
@@ -308,7 +263,7 @@ def _module(spec: dict[str, Any]) -> Built:
         module.zero_grad(set_to_none=True)
         for t in args:
             t.grad = None
-        out = _first(module(*args))
+        out = first_output(module(*args))
         loss_terms = []
         aux = getattr(module, "aux_loss", None)
         if isinstance(aux, torch.Tensor) and aux.requires_grad:

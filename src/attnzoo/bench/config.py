@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import check_int
 from ..registry import PATTERNS
-from .cases import DTYPES, MODES
+from .built import DTYPES, MODES
 
 PEERS = ("reference", "sdpa_masked", "flex", "local_attention")
 """Optional implementations measured beside a mechanism: its own reference form (when it has a fast one),

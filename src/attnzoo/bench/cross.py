@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .built import Built, first_output, spec_dtype, state_nbytes
+
 SHAPES: dict[str, dict[str, list[dict[str, Any]]]] = {
     # pattern -> shapes; "quick" takes the first shape of each pattern, "full" all of them
     "ip_adapter": {"noncausal_cross": [{"queries": 4096, "sources": {"text": 77, "image": 4}},
@@ -166,9 +168,8 @@ def _module(spec, dtype):
 
 def build(spec: dict[str, Any]):
     """The measurable closure of a cross case (see :func:`attnzoo.bench.cases.build`)."""
-    from .cases import Built, _dtype, _first
 
-    dtype = _dtype(spec)
+    dtype = spec_dtype(spec)
     g = torch.Generator().manual_seed(int(spec.get("seed", 0)))
     mech, module = _module(spec, dtype)
     info = {"form": "module" if spec["impl"] == "mechanism" else (
@@ -195,7 +196,7 @@ def build(spec: dict[str, Any]):
         module.zero_grad(set_to_none=True)
         for t in leaves:
             t.grad = None
-        out = _first(module(*args, **kw))
+        out = first_output(module(*args, **kw))
         if gout is None:
             gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
         out.backward(gout)
@@ -207,7 +208,6 @@ def _decode(spec, mech, module, dtype, g, info):
     """``decode_tokens`` steps against the context: from a ContextCache (impl "mechanism"), or recomputing the
     context's projections at each step (impl "context_recompute")."""
     from ..state.context import ContextCache
-    from .cases import Built, state_nbytes
 
     T, B, dim = int(spec.get("decode_tokens", 4)), spec["batch"], spec["heads"] * spec["head_dim"]
     module.eval()

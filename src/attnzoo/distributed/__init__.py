@@ -17,7 +17,8 @@ Modules: :mod:`~.api` (the entry point), :mod:`~.ring` (ring + halo), :mod:`~.bl
 log-sum-exp), :mod:`~.ulysses` (all-to-all, hybrid), :mod:`~.heads` (head sharding), :mod:`~.lasp2`,
 :mod:`~.decode` (split-KV and split recurrent states), :mod:`~.module` (:class:`ContextParallel`),
 :mod:`~.comm` (byte counters, timeouts, pre-flight checks), :mod:`~.sharding`, :mod:`~.launch` (local worlds),
-:mod:`~.checks` (distributed == single-process checks), ``python -m attnzoo.distributed.demo``.
+:mod:`~.checks` (distributed == single-process checks), :mod:`~.suites` (the worlds the tests spawn),
+``python -m attnzoo.distributed.demo``.
 """
 
 from .api import LAYOUTS, attention, mask_predicate

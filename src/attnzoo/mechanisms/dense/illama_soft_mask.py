@@ -66,6 +66,14 @@ def illama_soft_mask_reference(q, k, v, *, causal, key_padding_mask, scale, rate
     return torch.matmul(probs, vf).to(q.dtype)  # (B, Hq, Nq, Dv)
 
 
+def illama_soft_mask_operator(q, k, v, *, causal, key_padding_mask, scale, rate, form):
+    """Effective operator (B, Hq, Nq, Nk): the soft-masked probabilities (official form: rows sum to <= 1)."""
+    Hq, Hk = q.shape[1], k.shape[1]
+    acc = acc_dtype(q.dtype)
+    scores = torch.matmul(q.to(acc), repeat_kv(k, Hq // Hk).to(acc).transpose(-2, -1)) * scale  # (B, Hq, Nq, Nk)
+    return soft_mask_probs(scores, rate=rate, form=form, causal=causal, key_padding_mask=key_padding_mask)
+
+
 # -------------------------------------------------------------------------------------------------------
 # Fast forms
 # -------------------------------------------------------------------------------------------------------
@@ -229,6 +237,7 @@ ILLAMA_SOFT_MASK = register(Mechanism(
     fast_supports=illama_fast_supports,
     step=illama_soft_mask_step,
     init_state=init_kv_cache,
+    operator=illama_soft_mask_operator,
     options=(
         Option("rate", 0.0, float, low=0.0, high=1.0, doc="soft-mask rate: 1 bidirectional, 0 causal end"),
         Option("form", "official", str, choices=FORMS,

@@ -90,6 +90,23 @@ def agent_reference(q, k, v, *, causal, key_padding_mask, scale, agents):
     return out.to(q.dtype)
 
 
+def agent_operator(q, k, v, *, causal, key_padding_mask, scale, agents):
+    """Effective operator (B, Hq, Nq, Nk): the composed ``softmax(Q A^T) softmax(A K^T)`` (agent broadcast times
+    agent aggregation), a rank-``agents`` stochastic matrix."""
+    if causal:
+        raise ValueError("causal: agent attention pools every query into its agents; causal patterns are unsupported")
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    qa, kk = q.to(acc), repeat_kv(k, Hq // k.shape[1]).to(acc)  # (B, Hq, N, D)
+    A = pool_agents(qa, agents, key_padding_mask if Nq == Nk else None)  # (B, Hq, m, D)
+    s1 = torch.matmul(A, kk.transpose(-1, -2)) * scale  # (B, Hq, m, Nk)
+    if key_padding_mask is not None:
+        s1 = s1.masked_fill(~key_padding_mask.view(B, 1, 1, Nk), float("-inf"))
+    s2 = torch.matmul(qa, A.transpose(-1, -2)) * scale  # (B, Hq, Nq, m)
+    return torch.matmul(torch.softmax(s2, dim=-1), _softmax_rows(s1))  # (B, Hq, Nq, Nk)
+
+
 def agent_fast(q, k, v, *, causal, key_padding_mask, scale, agents):
     """The same two stages on PyTorch's fused SDPA (no N x m matrix kept for backward)."""
     if causal:
@@ -115,6 +132,7 @@ AGENT = register(Mechanism(
     complexity="time O((Nq + Nk) m d), memory O((Nq + Nk) m) reference, O(N d) fused",
     reference=agent_reference,
     fast=agent_fast,
+    operator=agent_operator,
     options=(Option("agents", 49, int, low=1, doc="number of agent tokens m pooled from the queries"),),
     permutation_equivariant=False,
     test_options={"agents": 3},

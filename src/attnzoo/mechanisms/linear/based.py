@@ -71,6 +71,7 @@ from .linear_attention import (
     CHUNK_OPTION,
     fast_linear_attention,
     init_linear_state,
+    linear_attention_matrix,
     linear_state_step,
     quadratic_linear_attention,
 )
@@ -113,6 +114,14 @@ def based_reference(q, k, v, *, causal, key_padding_mask, scale, normalize, eps,
     out = quadratic_linear_attention(q, k, v, causal=causal, normalize=normalize, eps=eps,
                                      key_padding_mask=key_padding_mask, scores=scores)
     return out.to(q.dtype)
+
+
+def based_operator(q, k, v, *, causal, key_padding_mask, scale, normalize, eps, chunk):
+    """Effective operator (B, Hq, Nq, Nk): ``T(scale Q K^T) (.) M`` divided by its row sums + eps."""
+    acc = acc_dtype(q.dtype)
+    scores = taylor_kernel(q.to(acc), k.to(acc).repeat_interleave(q.shape[1] // k.shape[1], dim=1), scale)
+    return linear_attention_matrix(q, k, causal=causal, normalize=normalize, eps=eps,
+                                   key_padding_mask=key_padding_mask, scores=scores)
 
 
 def _taylor_qk(q, k, scale):
@@ -372,6 +381,7 @@ BASED = register(Mechanism(
     fast=based_fast,
     step=based_step,
     init_state=based_init_state,
+    operator=based_operator,
     options=BASED_OPTIONS,
     permutation_equivariant=True,
     test_options={"chunk": 3},

@@ -41,6 +41,7 @@ from .linear_attention import (
     decay_matrix,
     fast_linear_attention,
     init_linear_state,
+    linear_attention_matrix,
     linear_state_step,
 )
 
@@ -122,6 +123,14 @@ def lightning_reference(q, k, v, *, causal, key_padding_mask, scale, decay, chun
     return torch.matmul(scores, vv).to(q.dtype)  # (B, Hq, Nq, Dv): no denominator
 
 
+def lightning_operator(q, k, v, *, causal, key_padding_mask, scale, decay, chunk):
+    """Effective operator (B, Hq, Nq, Nk): ``(scale Q K^T) (.) D`` with padded keys zeroed, no denominator."""
+    lam = resolve_decay(decay, k.shape[1])
+    _check_noncausal(causal, lam)
+    return linear_attention_matrix(q * scale, k, causal=causal, decay=lam, normalize=False, eps=0.0,
+                                   key_padding_mask=key_padding_mask)
+
+
 def lightning_fast(q, k, v, *, causal, key_padding_mask, scale, decay, chunk):
     """Intra-block quadratic + inter-block state, forward and backward by block (no N x N, no cumsum)."""
     lam = resolve_decay(decay, k.shape[1])
@@ -180,6 +189,7 @@ LIGHTNING = register(Mechanism(
     fast_supports=lightning_fast_supports,
     step=lightning_step,
     init_state=lightning_init_state,
+    operator=lightning_operator,
     options=(DECAY_OPTION, CHUNK_OPTION),
     permutation_equivariant=True,
     test_options={"decay": 1.0, "chunk": 3},

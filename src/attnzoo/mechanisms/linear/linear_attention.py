@@ -81,20 +81,29 @@ def quadratic_linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor |
     None. ``scores`` (B, Hq, Nq, Nk) replaces phi(Q) phi(K)^T when the kernel is given directly (BASED's
     Taylor polynomial). Returns (B, Hq, Nq, Dv) in the accumulation dtype.
     """
+    Hq, Hk = qf.shape[1], v.shape[1]
+    w = linear_attention_matrix(qf, kf, causal=causal, decay=decay, normalize=normalize, eps=eps,
+                                key_padding_mask=key_padding_mask, scores=scores, dtype=acc_dtype(v.dtype))
+    return torch.matmul(w, repeat_kv(v, Hq // Hk).to(w.dtype))  # (B, Hq, Nq, Dv)
+
+
+def linear_attention_matrix(qf, kf, *, causal: bool, decay: torch.Tensor | None = None, normalize: bool, eps: float,
+                            key_padding_mask=None, scores: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
+    """The (B, Hq, Nq, Nk) matrix :func:`quadratic_linear_attention` applies to v, the effective operator of a linear
+    mechanism: ``[(phi(Q) phi(K)^T) (.) D]`` with padded keys zeroed, divided by its row sums + eps when
+    ``normalize``. Arguments as there; ``dtype`` the accumulation dtype (default: qf's, at least float32)."""
     B, Hq, Nq, _ = qf.shape
-    Hk, Nk = v.shape[1], v.shape[2]
-    acc = acc_dtype(v.dtype)
-    vv = repeat_kv(v, Hq // Hk).to(acc)  # (B, Hq, Nk, Dv)
+    Hk, Nk = kf.shape[1], kf.shape[2]
+    acc = dtype or acc_dtype(qf.dtype)
     if scores is None:
         kk = repeat_kv(kf, Hq // Hk).to(acc)  # (B, Hq, Nk, F)
         scores = torch.matmul(qf.to(acc), kk.transpose(-1, -2))  # (B, Hq, Nq, Nk)
     scores = scores.to(acc) * decay_matrix(decay, Hq, Nq, Nk, causal, acc, qf.device)  # (B, Hq, Nq, Nk)
     if key_padding_mask is not None:
         scores = scores * key_padding_mask.view(B, 1, 1, Nk).to(acc)
-    out = torch.matmul(scores, vv)  # (B, Hq, Nq, Dv)
     if normalize:
-        out = out / (scores.sum(dim=-1, keepdim=True) + eps)  # (B, Hq, Nq, Dv)
-    return out
+        scores = scores / (scores.sum(dim=-1, keepdim=True) + eps)  # (B, Hq, Nq, Nk)
+    return scores
 
 
 def recurrent_linear_attention(qf, kf, v, *, decay: torch.Tensor | None = None, normalize: bool, eps: float,
@@ -284,6 +293,13 @@ def linear_reference(q, k, v, *, causal, key_padding_mask, scale, feature_map, n
     return out.to(q.dtype)
 
 
+def linear_operator(q, k, v, *, causal, key_padding_mask, scale, feature_map, normalize, eps, chunk):
+    """Effective operator (B, Hq, Nq, Nk): the normalised masked kernel matrix the reference applies to v."""
+    qf, kf = _features(q.to(acc_dtype(q.dtype)), k.to(acc_dtype(q.dtype)), scale, feature_map)
+    return linear_attention_matrix(qf, kf, causal=causal, normalize=normalize, eps=eps,
+                                   key_padding_mask=key_padding_mask)
+
+
 def linear_fast(q, k, v, *, causal, key_padding_mask, scale, feature_map, normalize, eps, chunk):
     """Chunked causal form / global summary (:func:`fast_linear_attention`). Normalised, the scale moves
     onto eps (s num / (s den + eps) = num / (den + eps / s)), saving a pass over the queries."""
@@ -331,6 +347,7 @@ LINEAR = register(Mechanism(
     fast=linear_fast,
     step=linear_step,
     init_state=linear_init_state,
+    operator=linear_operator,
     options=(
         Option("feature_map", "elu+1", str, choices=FEATURE_MAPS, doc="phi: elu(x) + 1 (paper) or identity"),
         Option("normalize", True, bool, doc="divide by phi(q) . sum phi(k) (paper); False = unnormalised"),

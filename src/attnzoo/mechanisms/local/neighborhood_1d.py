@@ -39,7 +39,7 @@ from ...kernels.local import local_attention
 from ...kernels.sdpa import sdpa
 from ...masks import materialize
 from ...masks import neighborhood_1d as neighborhood_1d_predicate
-from ...reference import softmax_attention
+from ...reference import one_hot_values, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state import SlidingWindowCache
 
@@ -177,6 +177,13 @@ def _gather_groups(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return g.permute(0, 2, 1, 3, 4).reshape(B * R, H, M, D)
 
 
+def neighborhood_1d_operator(q, k, v, *, causal, key_padding_mask, scale, kernel_size, dilation):
+    """Effective operator (B, Hq, Nq, Nk): softmax over each query's neighbourhood; with non-causal padding the
+    windows of a row's own tokens (not the static mask). The reference is linear in v: run on one-hot values."""
+    return neighborhood_1d_reference(q, k, one_hot_values(k, q.dtype), causal=causal, scale=scale,
+                                     key_padding_mask=key_padding_mask, kernel_size=kernel_size, dilation=dilation)
+
+
 def neighborhood_1d_fast(q, k, v, *, causal, key_padding_mask, scale, kernel_size, dilation):
     """Blocked neighborhood attention per dilation group (see the module docstring); forward and backward
     never build the N x N matrix."""
@@ -260,6 +267,7 @@ NEIGHBORHOOD_1D = register(Mechanism(
     step=neighborhood_1d_step,
     init_state=init_neighborhood_cache,
     mask=neighborhood_1d_registry_mask,
+    operator=neighborhood_1d_operator,
     options=(
         Option("kernel_size", 7, int, low=1, doc="keys per query (the neighborhood size)"),
         Option("dilation", 1, int, low=1, doc="distance between neighbours; groups positions by remainder"),

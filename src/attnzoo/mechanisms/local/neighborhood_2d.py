@@ -350,6 +350,23 @@ def na2d_reference(q, k, v, *, kernel_size, dilation=1, rpb=None, scale=None, la
                 layout=layout)
 
 
+def na2d_operator(q, k, v, *, kernel_size, dilation=1, rpb=None, scale=None, layout="heads_last"):
+    """Effective operator (B, heads, H*W, H*W) over the row-major flattened grid: the neighbourhood softmax (with
+    the relative position bias). The reference is linear in v: run on one-hot values, one per grid cell."""
+    ax = 3 if layout == "heads_last" else 1  # the heads axis
+    B, hk = k.shape[0], k.shape[ax]
+    H, W = (k.shape[1], k.shape[2]) if layout == "heads_last" else (k.shape[2], k.shape[3])
+    eye = torch.eye(H * W, dtype=q.dtype, device=q.device).view(H, W, 1, H * W)  # (H, W, 1, HW)
+    onehot = eye.expand(H, W, hk, H * W).unsqueeze(0).expand(B, H, W, hk, H * W)  # (B, H, W, heads_k, HW)
+    if layout != "heads_last":
+        onehot = onehot.permute(0, 3, 1, 2, 4)  # (B, heads_k, H, W, HW)
+    out = na2d_reference(q, k, onehot, kernel_size=kernel_size, dilation=dilation, rpb=rpb, scale=scale,
+                         layout=layout)
+    if layout == "heads_last":
+        out = out.permute(0, 3, 1, 2, 4)  # (B, heads, H, W, HW)
+    return out.reshape(B, out.shape[1], H * W, H * W)
+
+
 def na2d_fast(q, k, v, *, kernel_size, dilation=1, rpb=None, scale=None, layout="heads_last"):
     """Tiled :func:`na2d` with a hand-written backward (O(HW d) memory)."""
     return na2d(q, k, v, kernel_size=kernel_size, dilation=dilation, rpb=rpb, scale=scale, backend="fast",
@@ -419,6 +436,7 @@ NEIGHBORHOOD_2D = register(Mechanism(
     reference=na2d_reference,
     fast=na2d_fast,
     module=NeighborhoodAttention2d,
+    operator=na2d_operator,
     options=(
         Option("kernel_size", 7, int, low=1, doc="neighbours per axis (every query sees kernel_size^2 keys); "
                                                  "a pair (kh, kw) is accepted by the module"),

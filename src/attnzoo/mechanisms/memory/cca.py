@@ -20,7 +20,7 @@ import torch
 
 from ...errors import check_int, check_step
 from ...kernels.sdpa import sdpa
-from ...reference import repeat_kv, softmax_attention
+from ...reference import acc_dtype, one_hot_values, repeat_kv, softmax_attention, softmax_weights
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache, SlidingWindowCache
@@ -84,6 +84,21 @@ def cca_reference(q, k, v, *, causal, key_padding_mask, scale, group_size, windo
     pos = torch.arange(N, device=q.device)
     mask = _cca_mask(pos, C, pos, window, group_size, ok[:, 0], key_padding_mask)  # (B|1, 1, N, C + N)
     return softmax_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def cca_operator(q, k, v, *, causal, key_padding_mask, scale, group_size, window):
+    """Effective operator (B, Hq, N, N): the one softmax over [cores; raw tokens], each core's weight attributed
+    to its group's tokens by its pooling weights (core tokens pooled from one-hot values are those weights)."""
+    Hq, Hk = q.shape[1], k.shape[1]
+    acc = acc_dtype(q.dtype)
+    qa, ka = q.to(acc), k.to(acc)
+    kc, attribution, ok = _all_cores(qa, ka, one_hot_values(ka), key_padding_mask, scale, group_size)  # (B,Hq,C,N)
+    C, N = kc.shape[2], q.shape[2]
+    keys = torch.cat([kc, repeat_kv(ka, Hq // Hk)], 2)  # (B, Hq, C + N, D)
+    pos = torch.arange(N, device=q.device)
+    mask = _cca_mask(pos, C, pos, window, group_size, ok[:, 0], key_padding_mask)  # (B|1, 1, N, C + N)
+    p = softmax_weights(qa, keys, attn_mask=mask, scale=scale)  # (B, Hq, N, C + N)
+    return p[..., C:] + torch.matmul(p[..., :C], attribution)  # (B, Hq, N, N)
 
 
 def cca_fast(q, k, v, *, causal, key_padding_mask, scale, group_size, window, tile: int = 1024):
@@ -227,6 +242,7 @@ CCA = register(Mechanism(
     fast=cca_fast,
     step=cca_step,
     init_state=init_cca_state,
+    operator=cca_operator,
     options=(
         Option("group_size", 16, int, low=1, doc="tokens pooled into one core token (g)"),
         Option("window", 1024, int, low=1, doc="local window of raw tokens (w); a query sees w .. w+g-1 of them"),

@@ -46,7 +46,7 @@ from torch import nn
 
 from ...errors import check_backend, check_int, check_same_device, check_sequence_call, check_state, check_step
 from ...kernels.select import selection_scores, top_k_indices
-from ...reference import acc_dtype, repeat_kv
+from ...reference import acc_dtype, one_hot_values, repeat_kv
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
@@ -130,6 +130,14 @@ def landmark_reference(q, k, v, *, causal, key_padding_mask, scale, block_size, 
     probs = (p_in * w_lm.unsqueeze(-1)).reshape(B, Hq, Nq, nb * period)[..., :Nk]  # earlier blocks' tokens
     probs = probs + w.masked_fill(~cur, 0.0)  # + own block; landmarks themselves carry no value
     return torch.matmul(probs, vf).to(q.dtype)  # (B, Hq, Nq, Dv)
+
+
+def landmark_operator(q, k, v, *, causal, key_padding_mask, scale, block_size, top_k):
+    """Effective operator (B, Hq, Nq, Nk): the reference's ``probs`` -- own-block tokens by the outer softmax,
+    retrieved blocks' tokens by their landmark's outer weight times the inner softmax, 0 on landmarks and on
+    blocks not retrieved. The reference is linear in v with weights from q, k only: run on one-hot values."""
+    return landmark_reference(q, k, one_hot_values(k, q.dtype), causal=causal, key_padding_mask=key_padding_mask,
+                              scale=scale, block_size=block_size, top_k=top_k)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -542,6 +550,7 @@ LANDMARK = register(Mechanism(
     step=landmark_step,
     init_state=init_landmark_cache,
     module=LandmarkAttention,
+    operator=landmark_operator,
     options=(
         Option("block_size", 50, int, low=1, doc="regular tokens per block; a landmark follows each block"),
         Option("top_k", None, int, low=1, allow_none=True,

@@ -27,7 +27,7 @@ import torch
 
 from ...errors import check_int, check_step, check_tensor
 from ...kernels.select import top_k_indices
-from ...reference import repeat_kv, softmax_attention
+from ...reference import repeat_kv, softmax_attention, softmax_weights
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
@@ -104,6 +104,17 @@ def longheads_reference(q, k, v, *, causal, key_padding_mask, scale, chunk_size,
     chunk_of_key = (torch.arange(N, device=q.device) // chunk_size).view(1, 1, 1, 1, N)
     picked = (sel.unsqueeze(-1) == chunk_of_key).any(-2)  # (B, Hq, N, N): key j's chunk is selected
     return softmax_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, attn_mask=picked, scale=scale)
+
+
+def longheads_operator(q, k, v, *, causal, key_padding_mask, scale, chunk_size, max_chunks):
+    """Effective operator (B, Hq, N, N): causal softmax over each query's and head's selected chunks. The chunk
+    summaries read v (mean-pooled chunk outputs score the keys), so the selection -- hence W -- depends on v."""
+    _check_dims(q, v)
+    N = q.shape[2]
+    sel = _selection(q, k, v, key_padding_mask, scale, chunk_size, max_chunks)  # (B, Hq, N, A)
+    chunk_of_key = (torch.arange(N, device=q.device) // chunk_size).view(1, 1, 1, 1, N)
+    picked = (sel.unsqueeze(-1) == chunk_of_key).any(-2)  # (B, Hq, N, N)
+    return softmax_weights(q, k, causal=True, key_padding_mask=key_padding_mask, attn_mask=picked, scale=scale)
 
 
 class _ChunkAttention(torch.autograd.Function):
@@ -420,6 +431,7 @@ LONGHEADS = register(Mechanism(
     fast=longheads_fast,
     step=longheads_step,
     init_state=init_longheads_state,
+    operator=longheads_operator,
     options=(
         Option("chunk_size", 256, int, low=1, doc="tokens per chunk (w)"),
         Option("max_chunks", 16, int, low=3, doc="chunks per query and head (A = L / w, L the pre-trained length)"),

@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from ...errors import check_int, check_step
 from ...kernels.sdpa import sdpa
 from ...kernels.select import top_k_indices
-from ...reference import repeat_kv, softmax_attention
+from ...reference import one_hot_values, repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
@@ -91,6 +91,14 @@ def recycled_reference(q, k, v, *, causal, key_padding_mask, scale, stride, top_
         mask = torch.where(full.view(1, 1, N, 1), torch.ones_like(rows), rows | local)
         mask = repeat_kv(mask, Hq // Hk)  # (B, Hq, N, N)
     return softmax_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, attn_mask=mask, scale=scale)
+
+
+def recycled_operator(q, k, v, *, causal, key_padding_mask, scale, stride, top_k, start, aggregate):
+    """Effective operator (B, Hq, N, N): causal softmax over every key on full steps and over the recycled top-K
+    set of the anchor plus the keys since it on recycled steps. The reference is linear in v with weights from
+    q, k only: run on one-hot values."""
+    return recycled_reference(q, k, one_hot_values(k, q.dtype), causal=causal, key_padding_mask=key_padding_mask,
+                              scale=scale, stride=stride, top_k=top_k, start=start, aggregate=aggregate)
 
 
 def _recycled_tile(q, k, v, idx, ok, which, anchor, full, key_padding_mask, r0, scale):
@@ -307,6 +315,7 @@ RECYCLED = register(Mechanism(
     fast=recycled_fast,
     step=recycled_step,
     init_state=init_recycled_state,
+    operator=recycled_operator,
     options=(
         Option("stride", 50, int, low=1, doc="a full attention step every `stride` steps (S)"),
         Option("top_k", 2048, int, low=1, doc="keys recycled per key/value head (K)"),

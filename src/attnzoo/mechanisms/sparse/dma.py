@@ -49,7 +49,7 @@ from torch import nn
 
 from ...errors import check_backend, check_bool, check_heads, check_sequence_call, check_step
 from ...kernels.gather import gather_attention
-from ...reference import repeat_kv, softmax_attention
+from ...reference import repeat_kv, softmax_attention, softmax_weights
 from ...registry import Mechanism, Option, register
 from ...state import KVCache
 
@@ -222,6 +222,18 @@ def dma_reference(q, k, v, *, causal, key_padding_mask, scale, window, bias_scal
                                    scale=scale, window=window)
 
 
+def dma_operator(q, k, v, *, causal, key_padding_mask, scale, window, bias_scale, bias_form):
+    """Effective operator (B, Hq, Nq, Nk): softmax (+ the key bias) over each query's top-w keys. The scores come
+    from ||v||: the operator depends on v (the output is W(v) v, not linear in v)."""
+    B, Hq, Nq, _ = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    score, key_bias = _functional_parts(v, bias_scale, bias_form)
+    keep = repeat_kv(keep_mask_dense(score, Nq, causal=causal, key_padding_mask=key_padding_mask, window=window),
+                     Hq // Hk)  # (B, Hq, Nq, Nk)
+    bias = None if key_bias is None else repeat_kv(key_bias.unsqueeze(2), Hq // Hk).expand(B, Hq, Nq, Nk)
+    return softmax_weights(q, k, attn_mask=keep, bias=bias, scale=scale)
+
+
 def dma_fast(q, k, v, *, causal, key_padding_mask, scale, window, bias_scale, bias_form):
     score, bias = _functional_parts(v, bias_scale, bias_form)
     return dma_attention_fast(q, k, v, score, bias, causal=causal, key_padding_mask=key_padding_mask,
@@ -335,6 +347,7 @@ DMA = register(Mechanism(
     step=dma_step,
     init_state=init_kv_cache,
     module=DynamicMaskAttention,
+    operator=dma_operator,
     options=(
         Option("window", 2048, int, low=1, doc="keys kept per query (keep_window_size w); w >= Nk keeps all"),
         Option("bias_scale", 0.0, float, doc="functional form: add bias_scale * ||v_j|| to kept logits (0: none)"),

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ...errors import check_step
 from ...kernels.gather import gather_attention
-from ...reference import softmax_attention
+from ...reference import softmax_attention, softmax_weights
 from ...registry import Mechanism, Option, register
 from ...state import KVCache
 
@@ -212,6 +212,13 @@ def hip_reference(q, k, v, *, causal, key_padding_mask, scale, **opts):
     return softmax_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def hip_operator(q, k, v, *, causal, key_padding_mask, scale, **opts):
+    """Effective operator (B, Hq, Nq, Nk): softmax over the tree search's selection (zero off the selected keys)."""
+    p = _plan(q, k, key_padding_mask, causal, opts)
+    mask = selected_mask(p, q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
+    return softmax_weights(q, k, attn_mask=mask, scale=scale)
+
+
 def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     """Gathered sinks + selected key blocks + local window per query block, as runs of ``block_size_k``
     keys; O(T (k + w) d)."""
@@ -291,6 +298,7 @@ HIP = register(Mechanism(
     fast=hip_fast,
     step=hip_step,
     init_state=init_kv_cache,
+    operator=hip_operator,
     options=(
         Option("topk", 512, int, low=1, doc="keys kept by the tree search (mask_k); rounded up to key blocks"),
         Option("block_size_q", 32, int, low=1, doc="queries sharing one search (b_q); 1 = per-query, decodable"),

@@ -60,7 +60,7 @@ import torch
 from ...kernels.gather import gather_attention
 from ...kernels.merge import merge_attention
 from ...kernels.sdpa import sdpa
-from ...reference import acc_dtype, softmax_attention
+from ...reference import acc_dtype, softmax_attention, softmax_weights
 from ...registry import CrossSpec, Mechanism, Option, register
 
 
@@ -219,6 +219,16 @@ def hyperattention_reference(q, k, v, *, causal, key_padding_mask, scale, **opts
     return softmax_attention(q, k, v, attn_mask=keep, bias=bias, scale=scale)
 
 
+def hyperattention_operator(q, k, v, *, causal, key_padding_mask, scale, **opts):
+    """Effective operator (B, Hq, Nq, Nk): ``softmax(scale q k^T + log c)`` over the keys with c > 0 (own sortLSH
+    block with weight 1, sampled keys with the residual weight times their count)."""
+    qpm = key_padding_mask if q.shape[2] == k.shape[2] else None
+    c = _coefficients(q, k, key_padding_mask, causal=causal, opts=opts, node=1, qpm=qpm)  # (B, Hq, Nq, Nk)
+    keep = c > 0
+    bias = torch.where(keep, c.clamp(min=1e-300).log(), torch.zeros_like(c)).to(acc_dtype(q.dtype))
+    return softmax_weights(q, k, attn_mask=keep, bias=bias, scale=scale)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Fast: gathered blocks + gathered samples, merged by log-sum-exp
 # --------------------------------------------------------------------------------------------------------
@@ -336,6 +346,7 @@ HYPERATTENTION = register(Mechanism(
     complexity="time O(N (b + m) d + N log N), memory O(N (b + m)) per tile group; causal adds a log N factor",
     reference=hyperattention_reference,
     fast=hyperattention_fast,
+    operator=hyperattention_operator,
     options=(
         Option("block_size", 256, int, low=1, doc="keys per sortLSH block (b); b >= Nk is exact attention"),
         Option("sample_size", 256, int, low=0, doc="sampled key columns (m); m >= Nk uses every key (exact)"),
