@@ -9,8 +9,12 @@ This is the contract of ARCHITECTURE.md, section "Cross-attention". A query stre
   True; a spatial mask is flattened to Nq) or, with ``mode="separate"`` only, a floating weight in q's dtype
   that multiplies the source's output per query (diffusers' IP-Adapter masks after bicubic downsampling);
 - a scale ``scales[name]`` (a number or a 0-d tensor, learnable; default 1) multiplying its output;
-- an additive key bias ``biases[name]`` (B or 1, Hq or 1, M_s) added to its scores (FcaFormer's cross-token
-  bias, ALiBi-like per-key terms);
+- an additive bias ``biases[name]`` added to its scores: per key (B or 1, Hq or 1, M_s) (FcaFormer's cross-token
+  bias, ALiBi-like per-key terms) or per query-key pair (B or 1, Hq or 1, Nq, M_s) (RelationNet++'s relative-position
+  term);
+- a pair mask ``pair_masks[name]`` (B or 1, Nq, M_s) bool: query i sees key j of the source only where True (a
+  per-query subset of its keys: TCPA's assigned prompts, IR-Diffusion's subject isolation, PrimeComposer's
+  region-constrained subject tokens);
 - positions ``kv_pos[name]`` (M_s,) or (B, M_s) with ``q_pos`` (Nq,) or (B, Nq): causal cross by position, a
   query sees a context token iff ``kv_pos <= q_pos`` (Video-CCAM's frame order, Flamingo's "media before this
   text"). Sources without positions are fully visible.
@@ -79,8 +83,14 @@ class _Source:
     mask: torch.Tensor | None  # (B, M) bool
     region: torch.Tensor | None  # (B, Nq) bool or floating
     scale: float | torch.Tensor
-    bias: torch.Tensor | None  # (B|1, Hq|1, M)
+    bias: torch.Tensor | None  # (B|1, Hq|1, M) or (B|1, Hq|1, Nq, M)
     pos: torch.Tensor | None  # (M,) or (B, M)
+    pair: torch.Tensor | None = None  # (B|1, Nq, M) bool
+
+    @property
+    def pairwise(self) -> bool:
+        """True when the source has a per-query-key term (pair mask or pairwise bias)."""
+        return self.pair is not None or (self.bias is not None and self.bias.dim() == 4)
 
     @property
     def m(self) -> int:
@@ -116,7 +126,8 @@ def _check_scale_value(name: str, value: object, q: torch.Tensor) -> float | tor
     return float(value)
 
 
-def _prepare(q, sources, *, mode, masks, region_masks, scales, biases, q_pos, kv_pos) -> list[_Source]:
+def _prepare(q, sources, *, mode, masks, region_masks, scales, biases, q_pos, kv_pos,
+             pair_masks=None) -> list[_Source]:
     check_tensor("q", q, ndim=4)
     check_choice("mode", mode, MODES)
     if not isinstance(sources, Mapping) or not sources:
@@ -127,6 +138,7 @@ def _prepare(q, sources, *, mode, masks, region_masks, scales, biases, q_pos, kv
     region_masks = _mapping("region_masks", region_masks, names)
     scales = _mapping("scales", scales, names)
     biases = _mapping("biases", biases, names)
+    pair_masks = _mapping("pair_masks", pair_masks, names)
     kv_pos = _mapping("kv_pos", kv_pos, names)
     B, Hq, Nq, _ = q.shape
     if kv_pos and q_pos is None:
@@ -173,16 +185,31 @@ def _prepare(q, sources, *, mode, masks, region_masks, scales, biases, q_pos, kv
         scale_s = _check_scale_value(f"scales[{name!r}]", scales.get(name, 1.0), q)
         bias = biases.get(name)
         if bias is not None:
-            check_tensor(f"biases[{name!r}]", bias, ndim=3)
-            if bias.shape[0] not in (1, B) or bias.shape[1] not in (1, Hq) or bias.shape[2] != M:
-                raise ValueError(f"biases[{name!r}]: expected (B or 1, Hq or 1, M) = ({B} or 1, {Hq} or 1, {M}), "
-                                 f"got {tuple(bias.shape)}")
+            check_tensor(f"biases[{name!r}]", bias)
+            if bias.dim() not in (3, 4) or bias.shape[0] not in (1, B) or bias.shape[1] not in (1, Hq) or (
+                    bias.shape[-1] != M or (bias.dim() == 4 and bias.shape[2] != Nq)):
+                raise ValueError(f"biases[{name!r}]: expected per key (B or 1, Hq or 1, M) = ({B} or 1, {Hq} or 1, "
+                                 f"{M}) or per pair (B or 1, Hq or 1, Nq, M) = ({B} or 1, {Hq} or 1, {Nq}, {M}), got "
+                                 f"{tuple(bias.shape)}")
             if bias.dtype != q.dtype or bias.device != q.device:
                 raise TypeError(f"biases[{name!r}]: expected q's dtype {q.dtype} and device {q.device}, got "
                                 f"{bias.dtype} on {bias.device}")
+        pair = pair_masks.get(name)
+        if pair is not None:
+            if not isinstance(pair, torch.Tensor) or pair.dim() != 3 or pair.shape[0] not in (1, B) or (
+                    tuple(pair.shape[1:]) != (Nq, M)):
+                got = tuple(pair.shape) if isinstance(pair, torch.Tensor) else type(pair).__name__
+                raise ValueError(f"pair_masks[{name!r}]: expected a bool tensor (B or 1, Nq, M) = ({B} or 1, {Nq}, "
+                                 f"{M}), got {got}")
+            if pair.dtype != torch.bool:
+                raise TypeError(f"pair_masks[{name!r}]: expected dtype torch.bool (True = the query sees the key), got "
+                                f"{pair.dtype}; convert an additive 0/-inf mask with `mask == 0`, 0/1 weights with "
+                                "`mask > 0`")
+            if pair.device != q.device:
+                raise ValueError(f"pair_masks[{name!r}]: expected device {q.device} (q's), got {pair.device}")
         pos = kv_pos.get(name)
         check_positions(f"kv_pos[{name!r}]", pos, B, M, device=q.device)
-        out.append(_Source(name, k, v, mask, region, scale_s, bias, pos))
+        out.append(_Source(name, k, v, mask, region, scale_s, bias, pos, pair))
     return out
 
 
@@ -200,11 +227,14 @@ def position_visibility(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tens
 
 
 def _visible(s: _Source, q_pos: torch.Tensor | None, a: int, b: int, *, region: bool) -> torch.Tensor | None:
-    """Bool (B|1, 1, b-a|1, M) of the keys of ``s`` query rows a..b may see (key padding, positions, and with
-    ``region`` the bool region mask), or None when every key is visible."""
+    """Bool (B|1, 1, b-a|1, M) of the keys of ``s`` query rows a..b may see (key padding, positions, pair mask, and
+    with ``region`` the bool region mask), or None when every key is visible."""
     vis = None
     if s.mask is not None:
         vis = s.mask[:, None, None, :]  # (B, 1, 1, M)
+    if s.pair is not None:
+        p = s.pair[:, None, a:b, :]  # (B|1, 1, b-a, M)
+        vis = p if vis is None else vis & p
     if s.pos is not None:
         assert q_pos is not None
         p = position_visibility(q_pos[..., a:b], s.pos)  # (B|1, 1, b-a, M)
@@ -238,7 +268,7 @@ def _reference(q, srcs: list[_Source], *, mode, q_pos, scale, want_mass):
         k = repeat_kv(s.k, G).to(acc)  # (B, Hq, M, D)
         sc = torch.matmul(qf, k.transpose(-2, -1)) * scale  # (B, Hq, Nq, M)
         if s.bias is not None:
-            sc = sc + s.bias.to(acc).unsqueeze(-2)  # (B|1, Hq|1, 1, M)
+            sc = sc + _bias4(s.bias).to(acc)  # (B|1, Hq|1, Nq|1, M)
         vis = _visible(s, q_pos, 0, Nq, region=True)  # (B|1, 1, Nq|1, M)
         if vis is not None:
             sc = sc.masked_fill(~vis, float("-inf"))
@@ -270,14 +300,19 @@ def _reference(q, srcs: list[_Source], *, mode, q_pos, scale, want_mass):
 # --------------------------------------------------------------------------------------------------------
 # Fast path (fused SDPA)
 # --------------------------------------------------------------------------------------------------------
+def _bias4(bias: torch.Tensor) -> torch.Tensor:
+    """A per-key bias (B|1, Hq|1, M) as (B|1, Hq|1, 1, M); a pairwise one (B|1, Hq|1, Nq, M) as it is."""
+    return bias.unsqueeze(-2) if bias.dim() == 3 else bias
+
+
 def _sdpa(q, k, v, *, scale: float, mask: torch.Tensor | None = None, bias: torch.Tensor | None = None):
     """Fused SDPA: q (B, Hq, Nq, D), k (B, Hk, M, D), v (B, Hk, M, Dv); ``mask`` bool (B|1, 1, Nq|1, M),
-    ``bias`` additive (B|1, Hq|1, M). Rows with no visible key are zeros."""
+    ``bias`` additive (B|1, Hq|1, M) or (B|1, Hq|1, Nq, M). Rows with no visible key are zeros."""
     gqa = q.shape[1] != k.shape[1]
     if bias is None:
         am = mask
     else:
-        am = bias.unsqueeze(-2)  # (B|1, Hq|1, 1, M)
+        am = _bias4(bias)  # (B|1, Hq|1, Nq|1, M)
         if mask is not None:
             am = am.masked_fill(~mask, float("-inf"))  # (B|1, Hq|1, Nq|1, M)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=scale, enable_gqa=gqa)
@@ -356,7 +391,7 @@ def _attend_by_position(q, s: _Source, qp: torch.Tensor, kp: torch.Tensor, *, sc
 
 def _attend_one(q, s: _Source, q_pos, *, scale: float) -> torch.Tensor:
     """softmax attention of q over one source's keys (padding, positions; not region or scale)."""
-    if s.pos is not None:
+    if s.pos is not None and not s.pairwise:
         qp, kp = _shared_positions(q_pos), _shared_positions(s.pos)
         if qp is not None and kp is not None:
             return _attend_by_position(q, s, qp, kp, scale=scale)
@@ -391,7 +426,7 @@ def _fast(q, srcs: list[_Source], *, mode, q_pos, scale) -> torch.Tensor:
 
     k = torch.cat([heads(s.k) for s in srcs], dim=2)  # (B, H, M, D)
     v = torch.cat([_apply_scale(heads(s.v), s) for s in srcs], dim=2)  # (B, H, M, Dv)
-    dense = any(s.pos is not None or (s.region is not None) for s in srcs)
+    dense = any(s.pos is not None or s.region is not None or s.pair is not None for s in srcs)
     if dense:
         parts = []
         for s in srcs:
@@ -404,7 +439,10 @@ def _fast(q, srcs: list[_Source], *, mode, q_pos, scale) -> torch.Tensor:
     else:
         mask = None
     bias = None
-    if any(s.bias is not None for s in srcs):
+    if any(s.bias is not None and s.bias.dim() == 4 for s in srcs):  # pairwise: every source's bias per pair
+        bias = torch.cat([(_bias4(s.bias) if s.bias is not None else q.new_zeros(1, 1, 1, s.m)).expand(
+            B, Hq, Nq, s.m) for s in srcs], dim=-1)  # (B, Hq, Nq, M)
+    elif any(s.bias is not None for s in srcs):
         bias = torch.cat([(s.bias if s.bias is not None else q.new_zeros(1, 1, s.m)).expand(
             B, Hq, s.m) for s in srcs], dim=-1)  # (B, Hq, M)
     return _sdpa(q, k, v, scale=scale, mask=mask, bias=bias)
@@ -442,7 +480,7 @@ class _SourceLSE(torch.autograd.Function):
         kr = repeat_kv(k, G).to(acc)
         dq = torch.zeros(B, Hq, Nq, D, dtype=acc, device=q.device)
         dk = torch.zeros(B, Hq, M, D, dtype=acc, device=q.device)
-        db = None if bias is None else torch.zeros(B, Hq, M, dtype=acc, device=q.device)
+        db = None if bias is None else torch.zeros(B, Hq, *bias.shape[2:], dtype=acc, device=q.device)
         safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         for a in range(0, Nq, ctx.block):
             b = min(Nq, a + ctx.block)
@@ -450,7 +488,9 @@ class _SourceLSE(torch.autograd.Function):
             gs = grad[:, :, a:b, None].to(acc) * torch.exp(s - safe[:, :, a:b, None])  # d lse / d s = softmax
             dq[:, :, a:b] = ctx.scale * torch.matmul(gs, kr)
             dk += ctx.scale * torch.matmul(gs.transpose(-2, -1), q[:, :, a:b].to(acc))
-            if db is not None:
+            if db is not None and bias.dim() == 4:
+                db[:, :, a:b] = gs
+            elif db is not None:
                 db += gs.sum(dim=-2)
         dk = dk.view(B, Hk, G, M, D).sum(dim=2)
         if db is not None:
@@ -462,7 +502,7 @@ class _SourceLSE(torch.autograd.Function):
 def _block_scores(q, kr, bias, scale, visible_fn, a, b, acc):
     s = torch.matmul(q[:, :, a:b].to(acc), kr.transpose(-2, -1)) * scale  # (B, Hq, b-a, M)
     if bias is not None:
-        s = s + bias.to(acc).unsqueeze(-2)
+        s = s + (bias[:, :, a:b] if bias.dim() == 4 else bias.unsqueeze(-2)).to(acc)
     vis = visible_fn(a, b)
     return s if vis is None else s.masked_fill(~vis, float("-inf"))
 
@@ -494,6 +534,7 @@ def cross_attention(
     region_masks: Mapping[str, torch.Tensor] | None = None,
     scales: Mapping[str, float | torch.Tensor] | None = None,
     biases: Mapping[str, torch.Tensor] | None = None,
+    pair_masks: Mapping[str, torch.Tensor] | None = None,
     q_pos: torch.Tensor | None = None,
     kv_pos: Mapping[str, torch.Tensor] | None = None,
     scale: float | None = None,
@@ -512,7 +553,9 @@ def cross_attention(
             floating weights in q's dtype multiplying the source's output per query.
         scales: {name: number or 0-d tensor}, default 1: the source's output is multiplied by it (joint: its
             values are, so its keys still compete in the softmax).
-        biases: {name: (B|1, Hq|1, M_s)} additive key bias in q's dtype.
+        biases: {name: (B|1, Hq|1, M_s) per key or (B|1, Hq|1, Nq, M_s) per query-key pair}, additive, in q's
+            dtype.
+        pair_masks: {name: (B|1, Nq, M_s) bool}: query i sees key j of the source only where True.
         q_pos, kv_pos: causal cross by position: (Nq,) or (B, Nq) and {name: (M_s,) or (B, M_s)}; a query sees a
             context token iff its position is <= the query's. Sources absent from kv_pos are fully visible.
         scale: score scale, default 1 / sqrt(D).
@@ -527,7 +570,7 @@ def cross_attention(
     check_bool("return_source_mass", return_source_mass)
     check_choice("backend", backend, BACKENDS)
     srcs = _prepare(q, sources, mode=mode, masks=masks, region_masks=region_masks, scales=scales, biases=biases,
-                    q_pos=q_pos, kv_pos=kv_pos)
+                    q_pos=q_pos, kv_pos=kv_pos, pair_masks=pair_masks)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "reference":
         return _reference(q, srcs, mode=mode, q_pos=q_pos, scale=scale, want_mass=return_source_mass)
@@ -629,13 +672,75 @@ class CrossAttention(nn.Module):
         B, N, _ = t.shape
         return t.view(B, N, heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
 
-    def project(self, name: str, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of source ``name``: context (B, M, C_s) -> k, v (B, Hk, M, head_dim)."""
+    def project(self, name: str, context: torch.Tensor, key_context: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of source ``name``: context (B, M, C_s) -> k, v (B, Hk, M, head_dim); with ``key_context``
+        (B, M, C_s) the keys come from it and the values from ``context`` (DETR-style positions on keys only)."""
         if name not in self.context_dims:
             raise ValueError(f"context: unknown source {name!r}; this layer's sources are {self.names}")
         check_module_input(self, context, name=f"context[{name!r}]", channels=self.context_dims[name])
-        return (self._heads(self.k_proj[name](context), self.kv_heads),
+        if key_context is not None:
+            check_module_input(self, key_context, name=f"key_context[{name!r}]", channels=self.context_dims[name])
+            if key_context.shape != context.shape:
+                raise ValueError(f"key_context[{name!r}]: expected the shape of its context {tuple(context.shape)}, "
+                                 f"got {tuple(key_context.shape)}")
+        return (self._heads(self.k_proj[name](context if key_context is None else key_context), self.kv_heads),
                 self._heads(self.v_proj[name](context), self.kv_heads))
+
+    @torch.no_grad()
+    def load_multihead_attention(self, mha: nn.MultiheadAttention) -> CrossAttention:
+        """Copy the weights of a ``torch.nn.MultiheadAttention`` (its q/k/v input projections, packed or separate, and
+        its output projection) into this single-source layer; same widths, heads and biases required. Returns self."""
+        if self.single is None:
+            raise ValueError("mha: a torch MultiheadAttention has one key/value input; this layer has several sources "
+                             f"{self.names}")
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha: expected a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        src = self.single
+        if (mha.embed_dim, mha.num_heads, mha.kdim) != (self.dim, self.heads, self.context_dims[src]) or (
+                self.kv_heads != self.heads or self.head_dim * self.heads != self.dim):
+            raise ValueError(f"mha: embed_dim {mha.embed_dim}, heads {mha.num_heads}, kdim {mha.kdim} do not match "
+                             f"this layer (dim {self.dim}, heads {self.heads}, context width {self.context_dims[src]})")
+        if (mha.in_proj_bias is None) != (self.q_proj.bias is None) or (
+                (mha.out_proj.bias is None) != (self.o_proj.bias is None)):
+            raise ValueError("mha: its biases do not match this layer's (build it with bias/out_bias as the module)")
+        if mha.in_proj_weight is not None:
+            wq, wk, wv = mha.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+        for lin, w, i in ((self.q_proj, wq, 0), (self.k_proj[src], wk, 1), (self.v_proj[src], wv, 2)):
+            lin.weight.copy_(w)
+            if lin.bias is not None:
+                lin.bias.copy_(mha.in_proj_bias.chunk(3)[i])
+        self.o_proj.weight.copy_(mha.out_proj.weight)
+        if self.o_proj.bias is not None:
+            self.o_proj.bias.copy_(mha.out_proj.bias)
+        return self
+
+    @torch.no_grad()
+    def to_multihead_attention(self) -> nn.MultiheadAttention:
+        """A batch-first ``torch.nn.MultiheadAttention`` with this single-source layer's weights (the inverse of
+        :meth:`load_multihead_attention`; parity tests against torch, export). Same dtype and device."""
+        if self.single is None:
+            raise ValueError(f"this layer has several sources {self.names}; a torch MultiheadAttention has one")
+        src, w = self.single, self.q_proj.weight
+        if self.kv_heads != self.heads or self.head_dim * self.heads != self.dim:
+            raise ValueError("a torch MultiheadAttention needs kv_heads == heads and head_dim * heads == dim")
+        if (self.q_proj.bias is None) != (self.o_proj.bias is None):
+            raise ValueError("a torch MultiheadAttention has biases on all projections or none")
+        c = self.context_dims[src]
+        mha = nn.MultiheadAttention(self.dim, self.heads, bias=self.q_proj.bias is not None, kdim=c, vdim=c,
+                                    batch_first=True, device=w.device, dtype=w.dtype)
+        lins = (self.q_proj, self.k_proj[src], self.v_proj[src])
+        if mha.in_proj_weight is not None:
+            mha.in_proj_weight.copy_(torch.cat([lin.weight for lin in lins]))
+        else:
+            for name, lin in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), lins):
+                getattr(mha, name).copy_(lin.weight)
+        if mha.in_proj_bias is not None:
+            mha.in_proj_bias.copy_(torch.cat([lin.bias for lin in lins]))
+        mha.out_proj.load_state_dict(self.o_proj.state_dict())
+        return mha
 
     def context_cache(self, context, *, key_padding_mask=None, context_pos=None,
                       state: ContextCache | None = None) -> ContextCache:
@@ -687,12 +792,15 @@ class CrossAttention(nn.Module):
                                  "source masks and positions travel with their source's tokens")
 
     # -- forward ---------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, context=None, *, key_padding_mask=None, region_masks=None, q_pos=None,
-                context_pos=None, scales=None, state: ContextCache | None = None, append_context: bool = False,
-                return_source_mass: bool = False):
+    def forward(self, x: torch.Tensor, context=None, *, key_padding_mask=None, region_masks=None, pair_masks=None,
+                q_pos=None, context_pos=None, scales=None, state: ContextCache | None = None,
+                append_context: bool = False, return_source_mass: bool = False, query=None, key_context=None):
         """x (B, N, dim); context {name: (B, M_s, C_s)} (a tensor for a single-source layer); key_padding_mask
-        {name: (B, M_s)} bool; region_masks {name: (B, N)}; q_pos (N,) or (B, N) and context_pos {name: (M_s,) or
-        (B, M_s)} (causal layers); scales {name: float} overrides the layer's.
+        {name: (B, M_s)} bool; region_masks {name: (B, N)}; pair_masks {name: (B|1, N, M_s)} bool; q_pos (N,) or
+        (B, N) and context_pos {name: (M_s,) or (B, M_s)} (causal layers); scales {name: float} overrides the
+        layer's. ``query`` (B, N, dim): project the queries from it instead of x, and ``key_context`` {name:
+        (B, M_s, C_s)}: the keys from it instead of the context (DETR-style positional embeddings added to queries and
+        keys only; the values stay x's context).
 
         Returns (B, N, dim); (y, mass) with ``return_source_mass`` (mass {name: (B, heads, N)}); and the state last
         when one is given: (y, state) or (y, mass, state).
@@ -708,6 +816,9 @@ class CrossAttention(nn.Module):
         if state is not None:
             if not isinstance(state, ContextCache):
                 raise TypeError(f"state: expected an attnzoo ContextCache, got {type(state).__name__}")
+            if key_context is not None:
+                raise ValueError("key_context: a ContextCache stores one projection of each context; project keys "
+                                 "from positions-added inputs without a state")
             if context is not None:
                 self._store(state, context, key_padding_mask, context_pos, append=append_context)
             elif key_padding_mask is not None or context_pos is not None:
@@ -730,8 +841,9 @@ class CrossAttention(nn.Module):
                 raise ValueError(f"context: cross-attention needs a context (sources {self.names}), got none")
             masks = _named("key_padding_mask", key_padding_mask, self.single, self.names)
             kv_pos = _named("context_pos", context_pos, self.single, self.names)
-            self._check_extra(ctx, key_padding_mask=masks, context_pos=kv_pos)
-            sources = {n: self.project(n, c) for n, c in ctx.items()}
+            kctx = _named("key_context", key_context, self.single, self.names)
+            self._check_extra(ctx, key_padding_mask=masks, context_pos=kv_pos, key_context=kctx)
+            sources = {n: self.project(n, c, kctx.get(n)) for n, c in ctx.items()}
             for n, (k, _) in sources.items():
                 if k.shape[0] != B:
                     raise ValueError(f"context[{n!r}]: batch {k.shape[0]} does not match x's batch {B}")
@@ -740,12 +852,18 @@ class CrossAttention(nn.Module):
             raise ValueError("context_pos: this layer is causal by position; pass positions for the sources the "
                              "queries may see only in part")
         regions = _named("region_masks", region_masks, self.single, self.names)
-        self._check_extra(sources, region_masks=regions)
+        pairs = _named("pair_masks", pair_masks, self.single, self.names)
+        self._check_extra(sources, region_masks=regions, pair_masks=pairs)
         chosen = dict(self.scales) if scales is None else {**dict(self.scales), **_named("scales", scales, None,
                                                                                           self.names)}
-        q = self._heads(self.q_proj(x), self.heads)  # (B, H, N, hd)
+        if query is not None:
+            check_module_input(self, query, name="query", channels=self.dim)
+            if query.shape != x.shape:
+                raise ValueError(f"query: expected x's shape {tuple(x.shape)}, got {tuple(query.shape)}")
+        q = self._heads(self.q_proj(x if query is None else query), self.heads)  # (B, H, N, hd)
         res = cross_attention(q, sources, mode=self.mode, masks=masks or None, region_masks=regions or None,
-                              scales={n: chosen[n] for n in sources}, q_pos=q_pos, kv_pos=kv_pos or None,
+                              pair_masks=pairs or None, scales={n: chosen[n] for n in sources}, q_pos=q_pos,
+                              kv_pos=kv_pos or None,
                               scale=self.scale, return_source_mass=return_source_mass, backend=self.backend)
         out, mass = (res if return_source_mass else (res, None))
         y = self.o_proj(out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))  # (B, N, dim)

@@ -104,18 +104,22 @@ def _extras(B=2, Nq=70, Hq=4):
                                 kv_pos={"text": torch.randint(0, 5, (B, 9), generator=g),
                                         "image": torch.arange(5).double()}),
         "scales": dict(scales={"image": torch.tensor(0.7, dtype=F64), "text": 1.3}),
+        "pair_masks": dict(pair_masks={"text": torch.rand(B, Nq, 9, generator=g) > 0.4}),
+        "pair_biases": dict(biases={"text": torch.randn(B, 1, Nq, 9, generator=g, dtype=F64),
+                                    "image": torch.randn(1, Hq, 5, generator=g, dtype=F64)}),
     }
 
 
 @pytest.mark.parametrize("mode", ["separate", "joint"])
 @pytest.mark.parametrize("case", ["none", "masks", "regions", "biases", "positions", "batch_positions", "scales",
-                                  "all"])
+                                  "pair_masks", "pair_biases", "all"])
 def test_fast_equals_reference_with_mass_and_gradients(mode, case):
     q, src = _inputs(grad=True)
     ex = _extras()
     kw = {} if case == "none" else ex.get(case, {})
     if case == "all":
-        kw = {**ex["masks"], **ex["regions"], **ex["biases"], **ex["positions"], **ex["scales"]}
+        kw = {**ex["masks"], **ex["regions"], **ex["pair_biases"], **ex["positions"], **ex["scales"],
+              **ex["pair_masks"]}
     ref, mref = cross_attention(q, src, mode=mode, backend="reference", return_source_mass=True, **kw)
     fast, mfast = cross_attention(q, src, mode=mode, return_source_mass=True, **kw)
     assert_close(fast, ref, F64, f"{mode} {case}: output")
@@ -159,6 +163,48 @@ def test_source_mass_is_zero_where_a_region_or_position_hides_a_source():
     _, mass = cross_attention(q, src, mode="joint", q_pos=qp, kv_pos={"image": torch.full((5,), 2)},
                               return_source_mass=True)
     assert (mass["image"][..., qp < 2] == 0).all() and (mass["image"][..., qp == 2] > 0).all()
+
+
+def test_pair_masks_and_pairwise_biases_against_written_out_softmaxes():
+    """A pair mask hides key j from query i only; a pairwise bias adds b_ij to score (i, j); rows that see no key of
+    a source get zeros from it (separate) -- written out with explicit scores."""
+    q, src = _inputs(Nq=6)
+    (kt, vt), (ki, vi) = src["text"], src["image"]
+    g = _g(21)
+    pair = torch.rand(2, 6, 9, generator=g) > 0.5
+    pair[0, 3] = False  # query 3 of row 0 sees no text key
+    bias = torch.randn(2, 4, 6, 5, generator=g, dtype=F64)
+    s_t = _scores(q, kt).masked_fill(~pair[:, None], float("-inf"))
+    p_t = torch.nan_to_num(_softmax_rows(s_t))
+    want = p_t @ _vals(q, vt) + _softmax_rows(_scores(q, ki) + bias) @ _vals(q, vi)
+    for backend in ("reference", "fast"):
+        got = cross_attention(q, src, pair_masks={"text": pair}, biases={"image": bias}, backend=backend)
+        assert_close(got, want, F64, f"pair mask + pairwise bias ({backend})")
+    joint = _softmax_rows(torch.cat([s_t, _scores(q, ki) + bias], -1))
+    want_j = joint[..., :9] @ _vals(q, vt) + joint[..., 9:] @ _vals(q, vi)
+    got_j = cross_attention(q, src, mode="joint", pair_masks={"text": pair}, biases={"image": bias})
+    assert_close(got_j, want_j, F64, "joint with pair mask + pairwise bias")
+    bad = cross_attention(q, src, biases={"image": bias[:, :, :1].expand(-1, -1, 6, -1).contiguous()})
+    assert (bad - want).abs().max() > 1e-3  # the bias really is per query
+
+
+def test_pairwise_bias_gradient_fast_equals_reference():
+    q, src = _inputs(Nq=300)
+    bias = torch.randn(2, 1, 300, 5, generator=_g(4), dtype=F64, requires_grad=True)
+    outs = [cross_attention(q, src, mode="joint", biases={"image": bias}, backend=b, return_source_mass=True)
+            for b in ("reference", "fast")]
+    grads = [torch.autograd.grad(o.sum() + m["image"].square().sum(), bias)[0] for o, m in outs]
+    assert_close(grads[1], grads[0], F64, "d bias")
+
+
+def test_pair_mask_validation():
+    q, src = _inputs(Nq=6)
+    for bad, err, match in ((torch.ones(2, 6, 9), TypeError, "mask > 0"), (torch.ones(2, 6, 8, dtype=torch.bool),
+                            ValueError, r"pair_masks\['text'\]"), ([[True]], ValueError, "pair_masks")):
+        with pytest.raises(err, match=match):
+            cross_attention(q, src, pair_masks={"text": bad})
+    with pytest.raises(ValueError, match="biases"):
+        cross_attention(q, src, biases={"text": torch.zeros(2, 4, 5, 9, dtype=F64)})
 
 
 def test_source_lse_gradcheck():
@@ -266,3 +312,24 @@ def test_bad_sources_raise():
         cross_attention(q, {"text": (k, v), "image": (k, v[..., :3])})
     with pytest.raises(ValueError, match=r"sources\['text'\]: .*multiple of key/value heads"):
         cross_attention(q, {"text": (k[:, :1].expand(2, 3, 9, 8), v[:, :1].expand(2, 3, 9, 6))})
+
+
+def test_to_multihead_attention_is_the_inverse_of_load():
+    import torch.nn as tnn
+
+    from attnzoo.cross import CrossAttention
+
+    torch.manual_seed(0)
+    for kdim, bias in ((16, True), (12, True), (12, False)):
+        layer = CrossAttention(16, 4, context_dim=kdim, bias=bias).double()
+        mha = layer.to_multihead_attention()
+        g = torch.Generator().manual_seed(2)
+        x, c = torch.randn(2, 5, 16, generator=g, dtype=torch.float64), torch.randn(2, 7, kdim, generator=g,
+                                                                                  dtype=torch.float64)
+        want = mha(x, c, c, need_weights=False)[0]
+        assert torch.allclose(layer(x, c), want, rtol=0, atol=1e-12)
+        fresh = CrossAttention(16, 4, context_dim=kdim, bias=bias).double().load_multihead_attention(mha)
+        assert torch.allclose(fresh(x, c), want, rtol=0, atol=1e-12)
+        assert isinstance(mha, tnn.MultiheadAttention) and mha.batch_first
+    with pytest.raises(ValueError, match="several sources"):
+        CrossAttention(16, 4, context_dims={"a": 8, "b": 8}).to_multihead_attention()

@@ -42,6 +42,31 @@ SHAPES: dict[str, dict[str, list[dict[str, Any]]]] = {
     "label_attention": {"noncausal_cross": [{"queries": 54, "tokens": 512}]},
     "crosstune": {"noncausal_cross": [{"queries": 4, "tokens": 128}]},
     "texthawk_resa": {"noncausal_cross": [{"queries": 144, "tokens": 576}]},
+    # the component recipes of issue 14 (queries x context tokens of their papers' settings)
+    "mrefsr": {"noncausal_cross": [{"queries": 40 * 40, "sources": {"context": 4 * 40 * 40}, "hw": [40, 40]}]},
+    "video_alchemist": {"noncausal_cross": [{"queries": 4096, "sources": {"text": 77, "references": 3 * 256,
+                                                                         "words": 3}}]},
+    "hunyuan_avatar": {"noncausal_cross": [{"queries": 4 * 1024, "sources": {"alice": 4 * 32, "bob": 4 * 32},
+                                            "frames": 4}]},
+    "transrefer3d": {"noncausal_cross": [{"queries": 52, "sources": {"context": 24}}]},
+    "oat": {"noncausal_cross": [{"queries": 20, "sources": {"context": 85}}]},
+    "ir_diffusion": {"noncausal_cross": [{"queries": 1024, "sources": {"context": 1024}},
+                                         {"queries": 4096, "sources": {"context": 4096}}]},
+    "dmmi": {"noncausal_cross": [{"queries": 400, "sources": {"context": 20}}]},
+    "ssm_dta": {"noncausal_cross": [{"queries": 128, "sources": {"context": 1024}}]},
+    "ssg_qa": {"noncausal_cross": [{"queries": 20, "sources": {"context": 25}}]},
+    "pem": {"noncausal_cross": [{"queries": 100, "sources": {"context": 32 * 32}, "hw": [32, 32]}]},
+    "relationnet_bvr": {"noncausal_cross": [{"queries": 1024, "sources": {"context": 50}}]},
+    "conditional_cross_attention": {"noncausal_cross": [{"queries": 1, "tokens": 196}]},
+    "rcar": {"noncausal_cross": [{"queries": 12, "sources": {"context": 36}}]},
+    "prime_composer": {"noncausal_cross": [{"queries": 4096, "sources": {"context": 77}}]},
+    "cheetor": {"noncausal_cross": [{"queries": 128, "sources": {"context": 257}}]},
+    "wings": {"noncausal_cross": [{"queries": 1024, "sources": {"image": 729, "text": 256}}]},
+    "vlanet": {"noncausal_cross": [{"queries": 128, "sources": {"context": 20}}]},
+    "pmp": {"noncausal_cross": [{"queries": 100, "sources": {"context": 77}}]},
+    "videolights": {"noncausal_cross": [{"queries": 75, "sources": {"context": 32}}]},
+    "emma": {"noncausal_cross": [{"queries": 576, "sources": {"context": 77}}]},
+    "lightclip": {"noncausal_cross": [{"queries": 77, "sources": {"context": 197}}]},
 }
 """Per mechanism and pattern, the shapes of its papers: queries x context tokens per source (or the pooled set)."""
 
@@ -50,10 +75,26 @@ def applies(name: str) -> bool:
     return name in SHAPES
 
 
-def _options(name: str, shape: dict[str, Any], dim: int) -> dict[str, Any]:
+HEADS: dict[str, int] = {"rcar": 1}
+"""Mechanisms whose attention has a fixed head count (the case keeps the model width: one head of width dim)."""
+
+
+def _options(name: str, shape: dict[str, Any], dim: int, head_dim: int) -> dict[str, Any]:
     """Options a shape needs (widths of the named sources = the model width; query counts)."""
     q = shape["queries"]
+    src = shape.get("sources", {})
     return {
+        "mrefsr": {"context_dim": dim},
+        "video_alchemist": {"context_dims": {n: dim for n in src}},
+        "hunyuan_avatar": {"characters": tuple(src), "context_dim": dim, "dim_head": head_dim},
+        "conditional_cross_attention": {"query_tokens": q},
+        "prime_composer": {"context_dim": dim},
+        "cheetor": {"context_dim": dim},
+        "ssg_qa": {"context_dim": dim},
+        "pmp": {"context_dim": dim},
+        "lightclip": {"context_dim": dim},
+        "emma": {"context_dim": dim, "num_image_tokens": q, "num_text_tokens": sum(src.values())},
+        "wings": {"router_positions": max(4096, q)},
         "ip_adapter": {"context_dims": {n: dim for n in shape.get("sources", {})}},
         "cross_attention": {"context_dims": {n: dim for n in shape.get("sources", {})}},
         "fcaformer": {"cross_tokens": sum(shape.get("sources", {}).values()) or 1},
@@ -90,11 +131,13 @@ def plan(mech, cfg) -> list[dict[str, Any]]:
                 if mode == "decode" and mech.kind == "pooling" and not pattern.startswith("causal"):
                     continue
                 n = _tokens(shape)
-                opts = {**_options(mech.name, shape, dim), **cfg.options.get(mech.name, {})}
+                heads = HEADS.get(mech.name, cfg.heads)
+                head_dim = dim // heads
+                opts = {**_options(mech.name, shape, dim, head_dim), **cfg.options.get(mech.name, {})}
                 specs.append({
                     "impl": "mechanism", "mechanism": mech.name, "kind": mech.kind, "module": True,
                     "pattern": pattern, "mode": mode, "nq": shape["queries"], "nk": n, "n": n,
-                    "batch": cfg.batch, "heads": cfg.heads, "kv_heads": cfg.heads, "head_dim": cfg.head_dim,
+                    "batch": cfg.batch, "heads": heads, "kv_heads": heads, "head_dim": head_dim,
                     "dtype": cfg.dtype, "options": mech.resolve_options(opts), "seed": 0,
                     "decode_tokens": cfg.decode_tokens, "cross_shape": dict(shape),
                 })
@@ -141,12 +184,26 @@ def _inputs(spec, mech, module, g, dtype, grad):
         ctx: Any = {n: _randn((B, m, dim), g, dtype, grad) for n, m in sources.items()}
     else:
         ctx = _randn((B, spec["nk"], dim), g, dtype, grad)
-    kw = {}
+    kw = _extra(mech.name, spec, g, dtype)
     if causal:  # causal by position: queries and tokens spread over the shape's frames
         T = shape["frames"]
         kw = {"q_pos": torch.arange(spec["nq"]) * T // spec["nq"],
               "context_pos": {n: torch.arange(m) * T // m for n, m in sources.items()}}
     return (x, ctx), kw
+
+
+def _extra(name: str, spec, g, dtype) -> dict[str, Any]:
+    """Keyword inputs a recipe's forward needs beside x and the context: the pixel grid of token inputs, the frame
+    count of per-frame audio, the boxes' locations of relative-position attention."""
+    shape, B = spec["cross_shape"], spec["batch"]
+    if name in ("mrefsr", "pem"):
+        return {"hw": tuple(shape["hw"])}
+    if name == "hunyuan_avatar":
+        return {"num_frames": shape["frames"]}
+    if name == "relationnet_bvr":
+        return {"q_pos": 100 * _randn((B, spec["nq"], 2), g, dtype).abs(),
+                "context_pos": 100 * _randn((B, spec["nk"], 2), g, dtype).abs()}
+    return {}
 
 
 def _module(spec, dtype):

@@ -16,6 +16,12 @@ masked; the bag attention is the mean over branches of the (masked) branch softm
 masked scores; defaults M = 5, K = 10, mask_drop = 0.6 (the README's command line). The instance projection before
 the pooling (``DimReduction``) and the classifiers are outside the mechanism. Here bags are batched with a key-padding
 mask (the official code takes one bag): padded instances are never attended and never counted among the top K.
+
+Example:
+    >>> import torch, attnzoo
+    >>> pool = attnzoo.build("acmil", 32, 5).eval()          # 5 attention branches (heads = branches)
+    >>> pool(torch.randn(2, 50, 32)).shape                   # 50 instances of a bag -> one vector per branch
+    torch.Size([2, 5, 32])
 """
 
 from __future__ import annotations

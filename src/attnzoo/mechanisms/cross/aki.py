@@ -13,6 +13,13 @@ Decoding: a KV cache; the region [visual_start, prompt_end) is prefilled in one 
 the image tokens need the whole question), then the answer is decoded causally.
 Fast form: fused SDPA on row ranges, causal outside the image and, for the image rows only, over keys
 [0, prompt_end) with their (image x prompt_end) mask; per-row spans: fused SDPA with the dense bool mask.
+
+Example:
+    >>> import torch, attnzoo
+    >>> q = k = v = torch.randn(1, 4, 10, 8)                 # [BOS, 3 image tokens, 2 prompt tokens, text]
+    >>> out = attnzoo.attention(q, k, v, mechanism="aki", causal=True, visual_start=1, visual_end=4, prompt_end=6)
+    >>> out.shape
+    torch.Size([1, 4, 10, 8])
 """
 
 from __future__ import annotations

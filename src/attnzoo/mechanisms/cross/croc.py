@@ -12,6 +12,13 @@ paper's span; ``visual_start=0`` gives the official prefix (``croc(0, P) == pref
 the structured mask (a step that cuts the visual span raises), then text is decoded causally.
 Fast form: three fused SDPA calls on row ranges (causal before the span, the span over keys [0, visual_end),
 causal after), never an (Nq, Nk) mask; per-row spans use fused SDPA with the dense bool mask.
+
+Example:
+    >>> import torch, attnzoo
+    >>> q = k = v = torch.randn(1, 4, 10, 8)                 # [BOS, 3 visual tokens, text]
+    >>> out = attnzoo.attention(q, k, v, mechanism="croc", causal=True, visual_start=1, visual_end=4)
+    >>> torch.allclose(out[:, :, 4:], attnzoo.attention(q, k, v, causal=True)[:, :, 4:])  # text rows: causal
+    True
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ region mask and scale; ``mode="separate"`` (a softmax per source, IP-Adapter) or
 the concatenated keys, FcaFormer/PWCA); ``causal=True`` is causal cross by position (``q_pos`` / ``context_pos``);
 decoding reads a :class:`~attnzoo.state.context.ContextCache` filled once. Implementation:
 :class:`attnzoo.cross.CrossAttention` over :func:`attnzoo.cross_attention`.
+
+Example:
+    >>> import torch, attnzoo
+    >>> layer = attnzoo.build("cross_attention", 32, 4, context_dims={"text": 24, "image": 16}, scales={"image": 0.5})
+    >>> x = torch.randn(2, 10, 32)
+    >>> layer(x, {"text": torch.randn(2, 7, 24), "image": torch.randn(2, 5, 16)}).shape
+    torch.Size([2, 10, 32])
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ descriptions): labels are the queries (their descriptions' embeddings, given per
 the relatedness of label c is ``L_c . R_c / sqrt(d)`` with ``R_c`` its attended input vector; softmax over labels.
 This is KeNet's label attention (P018) with given labels and ``task="single_label"``: the implementation is
 :class:`attnzoo.mechanisms.cross.label_attention.LabelAttention` (one implementation, two records).
+
+Example:
+    >>> import torch, attnzoo
+    >>> tune = attnzoo.build("crosstune", 32, 4, num_labels=6)
+    >>> tune(torch.randn(2, 20, 32)).shape                   # one vector per label description
+    torch.Size([2, 6, 32])
 """
 
 from __future__ import annotations

@@ -17,6 +17,13 @@ to itself only (the block keeps only the CLS row), so one block is built. The ot
 module's ``context``; :class:`CrossViTMultiScaleFusion` fuses both branches as ``MultiScaleBlock`` does.
 The attention is :func:`attnzoo.cross_attention` in joint mode over two sources, the CLS token and the patches
 (``LN`` is token-wise, so the split is exact).
+
+Example:
+    >>> import torch, attnzoo
+    >>> fuse = attnzoo.build("crossvit", 32, 4, context_dim=48)
+    >>> small, large = torch.randn(2, 1 + 16, 32), torch.randn(2, 1 + 4, 48)   # [CLS; patches] of two branches
+    >>> fuse(small, large).shape
+    torch.Size([2, 17, 32])
 """
 
 from __future__ import annotations

@@ -17,6 +17,16 @@ weight sharing. Choices where it is silent: the GLCA queries are the CLS token p
 ceil(ratio x patches); padded tokens are never selected (a row with fewer real tokens than R returns zeros in the
 surplus slots) and never keys; without a given rollout, GLCA ranks tokens by its own attention's one-layer rollout.
 PWCA runs on :func:`attnzoo.cross_attention` in joint mode over the sources "self" and "pair".
+
+Example:
+    >>> import torch, attnzoo
+    >>> pwca = attnzoo.build("dcal_pwca", 32, 4)
+    >>> x, distractor = torch.randn(2, 10, 32), torch.randn(2, 10, 32)
+    >>> pwca(x, distractor).shape                            # x's queries over [x; distractor] keys, one softmax
+    torch.Size([2, 10, 32])
+    >>> glca = attnzoo.build("dcal_glca", 32, 4, ratio=0.3)
+    >>> glca(torch.randn(2, 1 + 16, 32)).shape               # the top 30% of patches by rollout as queries
+    torch.Size([2, 6, 32])
 """
 
 from __future__ import annotations

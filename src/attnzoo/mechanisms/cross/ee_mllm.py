@@ -12,6 +12,13 @@ CATALOG's [[I, 0], [1, causal]]. A visual token whose own key is padded returns 
 ints or (B,) tensors. Decoding: a KV cache; visual rows need no later token, so any prefill split works.
 Fast form (the compute saving the paper claims): visual rows copy their values (no scores at all), text rows are
 two fused causal SDPA calls; per-row spans: one fused causal call, visual rows then replaced by their values.
+
+Example:
+    >>> import torch, attnzoo
+    >>> q = k = v = torch.randn(1, 4, 10, 8)                 # [BOS, 3 visual tokens, text]
+    >>> out = attnzoo.attention(q, k, v, mechanism="ee_mllm", causal=True, visual_start=1, visual_end=4)
+    >>> torch.allclose(out[:, :, 1:4], v[:, :, 1:4])         # a visual row sees only itself
+    True
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ self part's LeViT-style relative-position bias and the block's local convolution
 ``cross_tokens`` fixes the number of cross tokens (the scale factors and biases are per token, as in the official
 code). The attention is :func:`attnzoo.cross_attention` in joint mode over the sources "self" and "cross", with the
 cross bias as a key bias.
+
+Example:
+    >>> import torch, attnzoo
+    >>> block = attnzoo.build("fcaformer", 32, 4, cross_tokens=6)
+    >>> x, earlier = torch.randn(2, 16, 32), torch.randn(2, 6, 32)   # this block's tokens, earlier blocks' merged
+    >>> block(x, earlier).shape
+    torch.Size([2, 16, 32])
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@ Choices: padded tokens (``image_mask``/``text_mask``, True = real) are excluded 
 paper averages over the non-padded text tokens); tokens are L2-normalised here (``normalize=False`` if they already
 are). The batch similarity matrix is computed in chunks of image tokens with a running max for the text side, so
 memory is O(chunk x n2 + n2) per image-text pair, never the (B1, B2, n1, n2) tensor at once.
+
+Example:
+    >>> import torch, attnzoo
+    >>> filip = attnzoo.build("filip", 32, 1, context_dim=24)
+    >>> image, text = torch.randn(3, 16, 32), torch.randn(3, 7, 24)
+    >>> filip(image, text).shape                             # [image-to-text, text-to-image] score per pair
+    torch.Size([3, 2])
 """
 
 from __future__ import annotations

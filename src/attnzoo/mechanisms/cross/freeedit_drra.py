@@ -13,6 +13,13 @@ tokens: :class:`attnzoo.cross.CrossAttention` in separate mode over the sources 
 W_v) and "reference" (R, the new W'_k, W'_v), lambda its scale; lambda = 0 skips the reference term, so the layer is
 then exactly the original self-attention. Choices: W'_k, W'_v can start from W_k, W_v (``init_reference_from_self``,
 as IP-Adapter initialises its new projections); the detail extractor producing R is outside the mechanism.
+
+Example:
+    >>> import torch, attnzoo
+    >>> drra = attnzoo.build("freeedit_drra", 32, 4, context_dim=24, scale=0.8)
+    >>> x, reference = torch.randn(2, 16, 32), torch.randn(2, 16, 24)
+    >>> drra(x, reference).shape
+    torch.Size([2, 16, 32])
 """
 
 from __future__ import annotations

@@ -17,6 +17,13 @@ Here: each adapter is a named context source (every source but ``text_source``),
 (hard regions) or floating weights (diffusers' downsampled masks). The layer runs on :func:`attnzoo.cross_attention`
 (``mode="separate"``): one fused SDPA call per text/image source. A :class:`~attnzoo.state.context.ContextCache` as
 ``state`` keeps the text and image keys/values across denoising steps (they do not change between steps).
+
+Example:
+    >>> import torch, attnzoo
+    >>> layer = attnzoo.build("ip_adapter", 32, 4, context_dims={"text": 24, "image": 16}, scale=0.6)
+    >>> x = torch.randn(2, 16, 32)
+    >>> layer(x, {"text": torch.randn(2, 7, 24), "image": torch.randn(2, 4, 16)}).shape
+    torch.Size([2, 16, 32])
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@ label's own embedding, ``s_c = L_c . R_c / sqrt(d)``, for labels given per call;
 (``task="multi_label"``) or a softmax over labels (``task="single_label"``). CrossTune (P068,
 :mod:`~attnzoo.mechanisms.cross.crosstune`) is the same composition with label descriptions as the queries and a
 softmax over labels: one implementation, two records.
+
+Example:
+    >>> import torch, attnzoo
+    >>> kenet = attnzoo.build("label_attention", 32, 4, num_labels=6)
+    >>> kenet(torch.randn(2, 20, 32)).shape                  # one document vector per label
+    torch.Size([2, 6, 32])
 """
 
 from __future__ import annotations

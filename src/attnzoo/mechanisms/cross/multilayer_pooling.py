@@ -14,6 +14,13 @@ projections without bias, a residual to the latents; a GEGLU feed-forward (x4, w
 residual; mean over latents, L2 normalisation. Official sizes: 768 latents, 32 heads of width 2048 (options here;
 ``head_dim`` defaults to dim / heads). Built on the shared resampler block (:class:`attnzoo.cross.ResamplerLayer`).
 ``reduce="none"`` returns the latents (B, num_latents, dim) instead of the embedding.
+
+Example:
+    >>> import torch, attnzoo
+    >>> pool = attnzoo.build("multilayer_pooling", 32, 4, num_latents=3, num_layers=12)
+    >>> last_token = torch.randn(2, 12, 32)                 # the last token's hidden state in each of 12 layers
+    >>> pool(last_token).shape                              # the L2-normalised text embedding
+    torch.Size([2, 32])
 """
 
 from __future__ import annotations

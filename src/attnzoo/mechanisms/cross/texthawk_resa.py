@@ -17,6 +17,12 @@ groups as queries (padding excluded) (``query_proposal``); MLCA = ``levels`` {na
 level each layer reads); rearrangement concatenates ``rearrange`` consecutive queries. Scalable positional embeddings
 (SPEs) are positional encodings of the features, outside the attention. Defaults: 144 queries (a 24 x 24 sub-image
 resampled 4x) and groups of 4.
+
+Example:
+    >>> import torch, attnzoo
+    >>> resa = attnzoo.build("texthawk_resa", 32, 4, num_queries=8, rearrange=4, context_dim=24, depth=2)
+    >>> resa(torch.randn(2, 30, 24)).shape                   # 8 queries, rearranged 4 to a token
+    torch.Size([2, 2, 128])
 """
 
 from __future__ import annotations

@@ -19,6 +19,13 @@ to the frame tokens (queries do not attend to each other), a GEGLU feed-forward,
 Decoding: frames arrive one at a time (``state=ContextCache()``, ``num_frames=T``); each call appends the new frames'
 keys/values to every block's cache and returns the queries that just became complete (all queries of a frame
 group once its frame is in), which equal the rows of the full run.
+
+Example:
+    >>> import torch, attnzoo
+    >>> ccam = attnzoo.build("video_ccam", 32, 4, num_queries=8, context_dim=24, causal=True)
+    >>> frames = torch.randn(2, 4 * 6, 24)                   # 4 frames of 6 tokens
+    >>> ccam(frames, context_pos=torch.arange(24) // 6, num_frames=4).shape
+    torch.Size([2, 8, 32])
 """
 
 from __future__ import annotations
