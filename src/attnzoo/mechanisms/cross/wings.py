@@ -1,9 +1,9 @@
 """Wings: visual and textual learners (low-rank residual cross-attention) beside an MLLM layer's causal attention, mixed
 by a router that reads the main attention's weights.
 
-Paper: "Wings: Learning Multimodal LLMs without Text-only Forgetting", Zhang, Lu, Li, Ma, Chen, Xu, Luo, Zhang, Zhan,
-Ye, arXiv 2406.03496. Official code: https://github.com/AIDC-AI/Wings (wings/model/base_module.py
-``WingsAttention``, ``ReweightLinear``; wings/model/modeling_wings_qwen2.py ``wings_layer_forward``). CATALOG P101.
+Paper: "Wings: Learning Multimodal LLMs without Text-only Forgetting", arXiv 2406.03496.
+Official code: https://github.com/AIDC-AI/Wings (wings/model/base_module.py ``WingsAttention``, ``ReweightLinear``;
+wings/model/modeling_wings_qwen2.py ``wings_layer_forward``). CATALOG P101.
 In each decoder layer, after the main causal self-attention ``h = x + Attn(norm(x))``, two learners attend from h:
 the visual learner to the image features, the textual learner to the text features, each a Low-Rank Residual
 Attention (LoRRA): ``q = h + B_q A_q h``, ``k = f + B_k A_k f``, ``v = f + B_v A_v f`` (rank r, B zero-initialised),
