@@ -9,14 +9,13 @@ See ``attnzoo list`` (or ``attnzoo.list_mechanisms()``) for the registered mecha
 for the contract. (``attnzoo.mechanisms`` is the package holding one file per paper.)
 """
 
-from .cross import CrossAttention, LatentResampler, cross_attention
+from .cross import ContextCache, CrossAttention, LatentResampler, cross_attention
 from .errors import AttnzooError, OptionError, UnknownMechanismError, UnsupportedPatternError
 from .functional import attention, pattern_of
 from .layers import Attention, build
 from .reference import softmax_attention
 from .registry import PATTERNS, CrossSpec, Mechanism, Option, get, names, register
 from .registry import mechanisms as list_mechanisms
-from .state.context import ContextCache
 
 __version__ = "0.1.0"
 

@@ -426,3 +426,19 @@ def check_pattern_flag(mech, causal: object) -> bool:
     if not any(p.startswith(prefix) for p in mech.patterns):
         mech.check_pattern(prefix + "self")  # raises, naming the patterns it does support
     return bool(causal)
+
+
+def check_positions(name: str, pos: object, batch: int, n: int, *, device: torch.device | None = None) -> None:
+    """Positions of ``n`` tokens: a real-valued (integer or floating, not bool) tensor of shape (n,), shared by
+    the batch, or (batch, n); on ``device``. Used for causal cross-attention by position."""
+    if pos is None:
+        return
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of positions, shape ({n},) or ({batch}, {n}), "
+                        f"got {type(pos).__name__}")
+    if pos.dtype == torch.bool or pos.is_complex():
+        raise TypeError(f"{name}: expected integer or floating positions, got dtype {pos.dtype}")
+    if tuple(pos.shape) not in ((n,), (batch, n)):
+        raise ValueError(f"{name}: expected shape ({n},) or ({batch}, {n}), got {tuple(pos.shape)}")
+    if device is not None and pos.device != torch.device(device):
+        raise ValueError(f"{name}: expected device {device} (the inputs'), got {pos.device}")

@@ -669,7 +669,7 @@ class SwappedCrossAttention(torch.nn.Module):
     def _context(self, key_value_states, cache, kpm_of):
         from transformers.cache_utils import EncoderDecoderCache
 
-        from .state import ContextCache
+        from .cross import ContextCache
 
         if not isinstance(cache, EncoderDecoderCache):
             if key_value_states is None:

@@ -54,7 +54,7 @@ class CrossSpec:
       every output unchanged (the paper's attention has no order over the context).
     - ``query_independent``: each query's output depends only on that query and the context, so queries can be
       decoded one at a time against a cached context (False e.g. when queries are pooled or sorted together).
-    - ``cache``: the module decodes against a :class:`attnzoo.state.context.ContextCache` (``state=``).
+    - ``cache``: the module decodes against a :class:`attnzoo.cross.cache.ContextCache` (``state=``).
     - ``source_mass``: ``forward(..., return_source_mass=True)`` also returns each source's attention mass.
     - ``mode``: how several sources combine, ``"separate"`` or ``"joint"``; None when a ``mode`` option decides.
     """

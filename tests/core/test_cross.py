@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from attnzoo import cross_attention
-from attnzoo.cross import _prefix_blocks, _SourceLSE, position_visibility
+from attnzoo.cross import position_visibility
+from attnzoo.cross.function import _prefix_blocks, _SourceLSE
 from attnzoo.reference import softmax_attention
 from attnzoo.testing import assert_close
 

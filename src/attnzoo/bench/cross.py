@@ -264,7 +264,7 @@ def build(spec: dict[str, Any]):
 def _decode(spec, mech, module, dtype, g, info):
     """``decode_tokens`` steps against the context: from a ContextCache (impl "mechanism"), or recomputing the
     context's projections at each step (impl "context_recompute")."""
-    from ..state.context import ContextCache
+    from ..cross import ContextCache
 
     T, B, dim = int(spec.get("decode_tokens", 4)), spec["batch"], spec["heads"] * spec["head_dim"]
     module.eval()

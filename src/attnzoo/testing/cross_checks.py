@@ -133,7 +133,7 @@ def check_context_permutation(mech: Mechanism, pattern: str) -> None:
 def _decode_module(mod, mech: Mechanism, x, ctx, kw: dict, prefill: int) -> torch.Tensor:
     """Decode ``mod`` against a cached context: the context's projections stored once (frames appended in
     position order for records causal by position), then queries in a prefill chunk and one at a time."""
-    from ..state.context import ContextCache
+    from ..cross import ContextCache
 
     state = ContextCache()
     if mech.kind == "pooling":  # learned queries: each call appends a frame and returns the queries it completes

@@ -3,7 +3,7 @@
 A query stream attends to named context streams, each with its own key/value projections, key-padding mask,
 region mask and scale; ``mode="separate"`` (a softmax per source, IP-Adapter) or ``"joint"`` (one softmax over
 the concatenated keys, FcaFormer/PWCA); ``causal=True`` is causal cross by position (``q_pos`` / ``context_pos``);
-decoding reads a :class:`~attnzoo.state.context.ContextCache` filled once. Implementation:
+decoding reads a :class:`~attnzoo.cross.cache.ContextCache` filled once. Implementation:
 :class:`attnzoo.cross.CrossAttention` over :func:`attnzoo.cross_attention`.
 
 Example:

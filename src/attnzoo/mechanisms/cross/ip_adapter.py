@@ -15,7 +15,7 @@ scales are all 0 is skipped, so scale 0 is exactly the text-only layer.
 Here: each adapter is a named context source (every source but ``text_source``), so ``context={"text": c_t,
 "image": c_i, "face": c_f}``; a 4-D source (B, P, M, C) is P images of one adapter. ``region_masks`` take bool
 (hard regions) or floating weights (diffusers' downsampled masks). The layer runs on :func:`attnzoo.cross_attention`
-(``mode="separate"``): one fused SDPA call per text/image source. A :class:`~attnzoo.state.context.ContextCache` as
+(``mode="separate"``): one fused SDPA call per text/image source. A :class:`~attnzoo.cross.cache.ContextCache` as
 ``state`` keeps the text and image keys/values across denoising steps (they do not change between steps).
 
 Example:
@@ -34,10 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...cross import CrossAttention, cross_attention
+from ...cross import ContextCache, CrossAttention, cross_attention
 from ...errors import check_bool, check_key_padding_mask, check_module_input, check_tensor
 from ...registry import CrossSpec, Mechanism, Option, register
-from ...state.context import ContextCache
 
 
 def _image_key(name: str, p: int | None) -> str:

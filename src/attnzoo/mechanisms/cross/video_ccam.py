@@ -35,10 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...cross import LatentResampler
-from ...errors import check_bool, check_int, check_key_padding_mask, check_module_input
+from ...cross import ContextCache, LatentResampler
+from ...errors import check_bool, check_int, check_key_padding_mask, check_module_input, check_positions
 from ...registry import CrossSpec, Mechanism, Option, register
-from ...state.context import ContextCache, check_positions
 
 
 def ccam_query_positions(num_queries: int, num_frames: int) -> torch.Tensor:

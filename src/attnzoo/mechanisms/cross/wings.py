@@ -53,9 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...cross import CrossAttention, cross_attention
-from ...errors import check_bool, check_float, check_int, check_key_padding_mask, check_module_input
+from ...errors import check_bool, check_float, check_int, check_key_padding_mask, check_module_input, check_positions
 from ...registry import CrossSpec, Mechanism, Option, register
-from ...state.context import check_positions
 from ._blocks import zero_
 
 SOURCES = ("image", "text")

@@ -23,27 +23,12 @@ from typing import Any
 
 import torch
 
-from ..errors import check_key_padding_mask, check_tensor
-from .base import DecodeState
-from .kv import KVCache
+from ..errors import check_key_padding_mask, check_positions, check_tensor
+from ..state.base import DecodeState
+from ..state.kv import KVCache
+from .function import cross_attention
 
 __all__ = ["ContextCache", "check_positions"]
-
-
-def check_positions(name: str, pos: object, batch: int, n: int, *, device: torch.device | None = None) -> None:
-    """Positions of ``n`` tokens: a real-valued (integer or floating, not bool) tensor of shape (n,), shared by
-    the batch, or (batch, n); on ``device``. Used for causal cross-attention by position."""
-    if pos is None:
-        return
-    if not isinstance(pos, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor of positions, shape ({n},) or ({batch}, {n}), "
-                        f"got {type(pos).__name__}")
-    if pos.dtype == torch.bool or pos.is_complex():
-        raise TypeError(f"{name}: expected integer or floating positions, got dtype {pos.dtype}")
-    if tuple(pos.shape) not in ((n,), (batch, n)):
-        raise ValueError(f"{name}: expected shape ({n},) or ({batch}, {n}), got {tuple(pos.shape)}")
-    if device is not None and pos.device != torch.device(device):
-        raise ValueError(f"{name}: expected device {device} (the inputs'), got {pos.device}")
 
 
 class ContextCache(DecodeState):
@@ -124,7 +109,6 @@ class ContextCache(DecodeState):
     def attend(self, q: torch.Tensor, **kwargs: Any):
         """:func:`attnzoo.cross_attention` of ``q`` (B, Hq, Nq, D) over the cached sources, with their masks and
         positions; other keyword arguments (mode, scales, region_masks, q_pos, scale, ...) are passed on."""
-        from ..cross import cross_attention
 
         for taken in ("masks", "kv_pos"):
             if taken in kwargs:
