@@ -129,8 +129,8 @@ def test_gemma3_on_attnzoo_over_2048_tokens_with_its_sliding_layers_on_sliding_w
     with torch.no_grad():
         ref = model(x).logits
     calls = []
-    real = azhf.attention
-    monkeypatch.setattr(azhf, "attention", lambda *a, **kw: calls.append((kw["mechanism"], kw.get("window")))
+    real = azhf.adapter.attention
+    monkeypatch.setattr(azhf.adapter, "attention", lambda *a, **kw: calls.append((kw["mechanism"], kw.get("window")))
                         or real(*a, **kw))
     model.set_attn_implementation(azhf.register("softmax"))
     with torch.no_grad():

@@ -83,13 +83,13 @@ def test_run_real_tiny(tiny_models, monkeypatch):
     import attnzoo.hf as azhf
 
     calls = []
-    attention = azhf.attention
+    attention = azhf.adapter.attention
 
     def counting(*a, mechanism, **k):  # the rows really run attnzoo inside the model
         calls.append(mechanism)
         return attention(*a, mechanism=mechanism, **k)
 
-    monkeypatch.setattr(azhf, "attention", counting)
+    monkeypatch.setattr(azhf.adapter, "attention", counting)
     saved = []
     sec = real.run_real(_cfg(checkpoint=lambda s: saved.append(len(s["rows"]))))
     assert {"softmax", "sliding_window", "sink_window"} <= set(calls)

@@ -130,8 +130,8 @@ def test_exact_softmax_routes_the_models_own_sliding_window_through_attnzoo(monk
     with torch.no_grad():
         ref = model(x, attention_mask=am).logits
     calls = []
-    real = azhf.attention
-    monkeypatch.setattr(azhf, "attention", lambda *a, **kw: calls.append((kw["mechanism"], kw.get("window")))
+    real = azhf.adapter.attention
+    monkeypatch.setattr(azhf.adapter, "attention", lambda *a, **kw: calls.append((kw["mechanism"], kw.get("window")))
                         or real(*a, **kw))
     model.set_attn_implementation(azhf.register("softmax"))
     with torch.no_grad():
