@@ -38,13 +38,25 @@ def test_selective_copy_outputs_the_data_tokens_in_order():
         assert int(x[b, 18]) == 1 and (x[b, -4:] == 2).all() and (y[b, :-4] == IGNORE).all()
 
 
-def test_passkey_targets_are_the_digits_after_the_key_marker():
+def test_passkey_targets_are_the_slot_tagged_digits_after_the_key_marker():
     t = make_task("passkey", {"seq_len": 63, "digits": 5})
     x, y = t.sample(6, _g(2))
     for b in range(6):
         start = int((x[b] == 16).nonzero()[0])
-        assert x[b, start + 1: start + 6].tolist() == y[b, -5:].tolist()
-        assert (x[b, -5:] == 18).all()
+        tagged = x[b, start + 1: start + 6]
+        assert (tagged - 23 - 10 * torch.arange(5)).tolist() == y[b, -5:].tolist()  # 18 + D + 10 i + d
+        assert x[b, -5:].tolist() == [18, 19, 20, 21, 22] and int(x[b, -6]) == 17
+        assert (y[b, :-5] == IGNORE).all() and ((y[b, -5:] >= 0) & (y[b, -5:] < 10)).all()
+
+
+def test_passkey_key_lies_at_least_min_distance_before_the_question():
+    t = make_task("passkey", {"seq_len": 100, "digits": 5, "min_distance": 60})
+    x, _ = t.sample(400, _g(3))
+    start = (x == 16).float().argmax(1)
+    assert (95 - start >= 60).all()  # the first question is at L - D = 95
+    assert int(start.min()) == 0 and int(start.max()) == 35  # every allowed position is drawn
+    with pytest.raises(ValueError, match="min_distance"):
+        make_task("passkey", {"seq_len": 100, "digits": 5, "min_distance": 95})
 
 
 def test_icl_regression_least_squares_is_near_exact_without_noise():
