@@ -5,10 +5,11 @@ registered mechanism: it measures each mechanism's primary pattern at two short 
 with short repeat budgets, and gives the efficiency stage and each mechanism an explicit time budget that
 shrinks as the registry grows (``deadline``), so ~70 mechanisms still fit. Every case that a budget cut is
 recorded as ``skipped`` with the reason, never silently dropped. ``full`` is the thorough run: every
-pattern, lengths 256..8192, all peers, every quality study of :mod:`attnzoo.bench.quality.protocol` with
-three seeds and a learning-rate sweep, and the real pretrained-model stage (``attnzoo bench real``) when
-its model packages are installed (a missing one is recorded and printed). ``quality`` is the full profile's
-quality stage alone (``attnzoo bench --quality``).
+pattern, lengths 256..8192 (and 16384, 32768 for the sub-quadratic families -- local, linear, sparse,
+memory -- so that their efficiency length is found; forward+backward to 16384), all peers, every quality
+study of :mod:`attnzoo.bench.quality.protocol` with three seeds and a learning-rate sweep, and the real
+pretrained-model stage (``attnzoo bench real``) when its model packages are installed (a missing one is
+recorded and printed). ``quality`` is the full profile's quality stage alone (``attnzoo bench --quality``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class BenchConfig:
     profile: str = "quick"
     mechanisms: list[str] | None = None  # None = every registered mechanism
     lengths: tuple[int, ...] = (256, 1024)
+    long_lengths: tuple[int, ...] = ()  # further lengths for the sub-quadratic families (full: 16k, 32k)
+    long_families: tuple[str, ...] = ("local", "linear", "sparse", "memory")  # sequence mechanisms measured there
+    long_fwd_bwd_max: int | None = 16384  # forward+backward only up to this long length (its memory)
     patterns: tuple[str, ...] | None = None  # None = every pattern a mechanism supports
     primary_pattern_only: bool = True  # quick: one pattern per mechanism (causal_self if supported)
     modes: tuple[str, ...] = MODES
@@ -91,6 +95,9 @@ class BenchConfig:
         if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in self.lengths):
             raise ValueError(f"lengths: expected sequence lengths >= 2, got {list(self.lengths)}")
         self.lengths = tuple(sorted(set(self.lengths)))
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in self.long_lengths):
+            raise ValueError(f"long_lengths: expected sequence lengths >= 2, got {list(self.long_lengths)}")
+        self.long_lengths = tuple(sorted(set(self.long_lengths) - set(self.lengths)))
         if not 0 < self.cross_ratio < 1:
             raise ValueError(f"cross_ratio: expected a float in (0, 1), got {self.cross_ratio!r}")
         from .quality import TASKS
@@ -126,6 +133,7 @@ def full(**overrides: Any) -> BenchConfig:
     base = BenchConfig(
         profile="full",
         lengths=(256, 512, 1024, 2048, 4096, 8192),
+        long_lengths=(16384, 32768),
         primary_pattern_only=False,
         threads=os.cpu_count() or 1,
         decode_tokens=16,

@@ -6,6 +6,7 @@ from typing import Any
 
 from .format import escape, has_bench, html_table, img_tag, inline_html
 from .markdown import (
+    EFF_LENGTH_HEAD,
     QUALITY_HEAD,
     eff_length_rows,
     env_line,
@@ -82,7 +83,7 @@ def html_report(results: dict[str, Any], images: list[dict[str, str]], out_dir: 
         "<h3>Efficiency length</h3>",
         "<p>The length from which a mechanism stays cheaper than the baseline, interpolated on log-log axes "
         "(CAB, arXiv 2210.07661); &lt;N: cheaper at every measured length; &gt;N: not within the measured range.</p>",
-        html_table(["series", "pattern", "mode", "lengths", "time", "memory"], eff_length_rows(results),
+        html_table(EFF_LENGTH_HEAD, eff_length_rows(results),
                     numeric={4, 5}),
         "<h2>Quality</h2>",
         f"<p>{inline_html(quality_intro())}</p>",

@@ -58,9 +58,12 @@ def gate_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+EFF_LENGTH_HEAD = ["series", "pattern", "mode", "lengths", "time", "memory", "why no number"]
+
+
 def eff_length_rows(results: dict[str, Any]) -> list[list[str]]:
     return [[e["series"], e["pattern"], e["mode"], ", ".join(str(n) for n in e["lengths"]), fmt_len(e["time"]),
-             fmt_len(e["memory"])] for e in results["summary"]["efficiency_length"]]
+             fmt_len(e["memory"]), e.get("reason") or ""] for e in results["summary"]["efficiency_length"]]
 
 
 QUALITY_HEAD = ["study", "config", "rank", "mechanism (options)", "metric", "mean ± std [min–max]", "seeds", "lr",
@@ -166,7 +169,7 @@ def markdown_summary(results: dict[str, Any], images: list[dict[str, str]]) -> s
         "Length from which the mechanism stays cheaper than the baseline (interpolated on log-log axes; "
         "`<N` cheaper at every length, `>N` never within the measured range).",
         "",
-        md_table(["series", "pattern", "mode", "lengths", "time", "memory"], eff_length_rows(results)),
+        md_table(EFF_LENGTH_HEAD, eff_length_rows(results)),
         "",
         "## Quality",
         "",
