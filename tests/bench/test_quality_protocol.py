@@ -137,3 +137,25 @@ def test_an_efficiency_length_that_is_not_a_number_says_why():
             for n in (256, 1024)]
     (e,) = efficiency_lengths(recs)
     assert e["time"]["where"] == "above_range" and "1024" in e["reason"] and "O(" in e["reason"]
+
+
+def test_merge_unites_shards_and_recomputes_the_ranking():
+    from attnzoo.bench.results import merge
+
+    cfg = quality(studies=("mqar-separation",), seeds=(0, 1), quality_steps=1)
+    parts = []
+    for name in ("softmax", "linear"):
+        recs = run_quality(cfg, quality_plan(cfg, [registry.get(name)]), deadline=None, gates={},
+                           progress=Progress(False), executor=_FakeExecutor())
+        parts.append({"schema": "attnzoo-bench", "schema_version": 2, "created": "2026", "command": f"shard {name}",
+                      "profile": "quality", "config": {}, "environment": {"date": "d", "hostname": "h", "torch": "t",
+                      "attnzoo": "a", "threads": 1, "python": "p", "cpu": {"model": "m", "flags": [],
+                                                                             "logical_cores": 2}},
+                      "duration_s": 1.0, "interrupted": False, "mechanisms": [{"name": name}], "peers": [],
+                      "records": recs, "summary": {"efficiency_length": [], "quality": [], "counts": {}}})
+    out = merge(parts, "attnzoo bench merge a b --out x")
+    assert [m["name"] for m in out["mechanisms"]] == ["softmax", "linear"] and len(out["records"]) == 4
+    assert {q["mechanism"] for q in out["summary"]["quality"]} == {"softmax", "linear"}
+    assert out["config"]["merged"][1]["command"] == "shard linear"
+    with pytest.raises(ValueError, match="two or more"):
+        merge(parts[:1], "x")

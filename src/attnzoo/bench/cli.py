@@ -4,6 +4,7 @@
     attnzoo bench real [--quick] [options]             # training-free mechanisms in real pretrained models
     attnzoo bench report RESULTS [--out DIR]           # re-render summary.md, plots, report.html
     attnzoo bench compare A B [--threshold 1.2]        # what changed between two runs
+    attnzoo bench merge A B ... --out DIR              # one results.json from several runs (shards)
     attnzoo bench readme RESULTS... --update README.md # the README's generated headline block
 """
 
@@ -269,7 +270,7 @@ def _bench_real(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """Run ``attnzoo bench`` with ``argv`` (the words after ``bench``); returns the exit status."""
-    if argv and argv[0] in ("report", "compare", "readme"):
+    if argv and argv[0] in ("report", "compare", "readme", "merge"):
         return _bench_sub(argv[0], argv[1:])
     if argv and argv[0] == "real":
         return _bench_real(argv[1:])
@@ -312,6 +313,23 @@ def _bench_sub(cmd: str, argv: list[str]) -> int:
             save(res, os.path.join(out, "results.json"))
         print(report.terminal_table(res))
         print(f"\nwrote {paths['summary']} and {paths['report']}")
+        return 0
+    if cmd == "merge":
+        from .results import merge, save
+
+        p = argparse.ArgumentParser(prog="attnzoo bench merge", description="One results.json from several runs "
+                                    "(e.g. shards of `attnzoo bench --quality` by mechanism), summaries recomputed, "
+                                    "and its report.")
+        p.add_argument("results", nargs="+", help="results.json files (or their directories)")
+        p.add_argument("--out", "-o", required=True, help="output directory")
+        p.add_argument("--no-plots", action="store_true")
+        a = p.parse_args(argv)
+        res = merge([load(r) for r in a.results], " ".join(["attnzoo", "bench", "merge", *argv]))
+        os.makedirs(a.out, exist_ok=True)
+        save(res, os.path.join(a.out, "results.json"))
+        paths = report.render(res, a.out, plots=not a.no_plots)
+        print(report.terminal_table(res))
+        print(f"\nwrote {os.path.join(a.out, 'results.json')}, {paths['summary']} and {paths['report']}")
         return 0
     if cmd == "compare":
         p = argparse.ArgumentParser(prog="attnzoo bench compare", description="What changed between two runs.")

@@ -123,6 +123,36 @@ def quality_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ranked
 
 
+def merge(parts: list[dict[str, Any]], command: str) -> dict[str, Any]:
+    """One results document from several runs (e.g. shards of a quality run, each on its own machine or
+    process): records concatenated (a record id measured twice keeps the later run's), mechanisms united,
+    summaries recomputed from the records. ``config.merged`` keeps each part's command and configuration."""
+    from .efficiency import efficiency_lengths
+
+    if len(parts) < 2:
+        raise ValueError(f"merge: expected two or more results, got {len(parts)}")
+    records: dict[str, dict[str, Any]] = {}
+    mechanisms: dict[str, dict[str, Any]] = {}
+    for p in parts:
+        for r in p["records"]:
+            records[r["id"]] = r
+        for m in p["mechanisms"]:
+            mechanisms[m["name"]] = m
+    recs = list(records.values())
+    first = parts[0]
+    notes = [n for p in parts for n in p["summary"].get("notes", [])]
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": max(p["created"] for p in parts),
+        "command": command, "profile": first["profile"],
+        "config": {"merged": [{"command": p["command"], "config": p["config"]} for p in parts]},
+        "environment": first["environment"], "duration_s": sum(p["duration_s"] for p in parts),
+        "interrupted": any(p["interrupted"] for p in parts), "mechanisms": list(mechanisms.values()),
+        "peers": first["peers"], "records": recs,
+        "summary": {"efficiency_length": efficiency_lengths(recs), "quality": quality_summary(recs),
+                    "counts": counts(recs), "notes": notes},
+    }
+
+
 def counts(records: list[dict[str, Any]]) -> dict[str, int]:
     c: Counter[str] = Counter()
     for r in records:
