@@ -144,7 +144,7 @@ STUDIES: dict[str, list[Study]] = {
     ],
     "full": [
         Study("mqar-L64-P8", "mqar", {"pairs": 8, "seq_len": 64, "vocab": 128, "eval_size": 1000}, dim=64,
-              layers=2, heads=4, batch=32, steps=1500, lrs=(1e-3, 3e-3), budget=900.0, options=MQAR_OPTIONS,
+              layers=2, heads=4, batch=32, steps=1500, lrs=(1e-3, 3e-3), budget=3600.0, options=MQAR_OPTIONS,
               sweep=MQAR_SWEEP, about="Zoology MQAR at CPU scale: every causal mechanism, the headline ranking"),
         Study("mqar-L128-P16", "mqar", {"pairs": 16, "seq_len": 128, "vocab": 256, "eval_size": 1000}, dim=128,
               layers=2, heads=4, batch=64, steps=2000, lrs=(1e-3, 3e-3), budget=1800.0, mechanisms=CORE,
@@ -157,7 +157,7 @@ STUDIES: dict[str, list[Study]] = {
               mechanisms=("softmax", "linear", "based", "sliding_window"), options=MQAR_OPTIONS),
         Study("passkey-beyond-window", "passkey", {"seq_len": 128, "digits": 5, "min_distance": 96,
                                                   "eval_size": 500}, dim=64, layers=2, heads=4, batch=32,
-              steps=800, lrs=(1e-3,), budget=900.0, mechanisms=(
+              steps=800, lrs=(1e-3,), budget=3600.0, mechanisms=(
                   "softmax", "sliding_window", "sink_window", "landmark", "longheads", "cca", "linear", "based",
                   "s2_attention", "moa"), options=PASSKEY_OPTIONS,
               about="the key at least 96 tokens before the question, beyond every window and sink cache (softmax "
