@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 from attnzoo import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,12 +24,45 @@ def test_mechanism_table_matches_registry():
 def test_two_setup_commands_and_ci_runs_the_test_command():
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
     commands = [line for b in blocks for line in b.splitlines() if line and not line.startswith("#")]
-    assert len(commands) == 2, commands
-    main_cmd, test_cmd = commands
-    assert "attnzoo bench --quick" in main_cmd and "requirements/constraints.txt" in main_cmd
+    assert commands == ["bash scripts/bench.sh --quick", "bash scripts/test.sh"], commands
+    bench = (ROOT / "scripts" / "bench.sh").read_text()
+    setup = (ROOT / "scripts" / "setup_venv.sh").read_text()
+    assert "setup_venv.sh bench" in bench and '/bin/attnzoo" bench "$@"' in bench  # `attnzoo bench --quick`
+    assert '-c requirements/constraints.txt -e ".[bench]"' in setup  # pinned CPU torch, bench extra, into .venv
     ci = (ROOT / ".ci" / "run").read_text()
-    assert test_cmd in ci, f".ci/run must run the README's test command {test_cmd!r}"
+    assert commands[1] in ci, f".ci/run must run the README's test command {commands[1]!r}"
     assert "torch==2.13.0" in (ROOT / "requirements" / "constraints.txt").read_text()
+
+
+def _python_block_after(heading: str) -> str:
+    section = README[README.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+@pytest.mark.realmodel
+def test_hugging_face_example_runs(smollm2_copy, monkeypatch):
+    """The README's Hugging Face example, executed as written on SmolLM2: register + set_attn_implementation +
+    generate, then swap_attention; the decode state gives the same greedy tokens as the function over
+    transformers' full cache. (load_smollm2 hands out the session's copy instead of converting the GGUF again.)"""
+    import torch
+
+    from attnzoo import models
+
+    monkeypatch.setattr(models, "load_smollm2", lambda *a, **k: smollm2_copy)
+    ns: dict = {}
+    exec(compile(_python_block_after("## In a Hugging Face model"), "README.md", "exec"), ns)
+    assert ns["name"] == "attnzoo:sink_window(sinks=4,window=256)"
+    prompt_len = ns["prompt"]["input_ids"].shape[1]
+    assert ns["out"].shape == (1, prompt_len + 12) and torch.equal(ns["swapped"], ns["out"])
+    assert ns["model"].config._attn_implementation == ns["name"]
+    swapped = [m for m in ns["model"].modules() if type(m).__name__ == "SwappedAttention"]
+    assert len(swapped) == ns["model"].config.num_hidden_layers
+
+
+def test_window_convention_is_stated():
+    """Beside the window option: non-causal |p - j| < w (2w - 1 keys), not Longformer's w/2 per side."""
+    first_example = README[: README.index("## In a Hugging Face model")]
+    assert "|p - j| < w" in first_example and "2w - 1 keys" in first_example and "w/2" in first_example
 
 
 def test_every_mechanism_file_has_a_paper_header():

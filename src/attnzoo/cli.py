@@ -4,6 +4,7 @@
     attnzoo info NAME [--json]
     attnzoo bench [--quick | --full] [options]        # run the benchmark (quick by default)
     attnzoo bench real [--quick] [options]             # training-free mechanisms in real pretrained models
+    attnzoo bench reduce [--quick] [options]           # token reduction at equal budgets (attnzoo.bench.reduce)
     attnzoo bench report RESULTS [--out DIR]           # re-render summary.md, plots, report.html
     attnzoo bench compare A B [--threshold 1.2]        # what changed between two runs
     attnzoo bench readme RESULTS... --update README.md # the README's generated headline block

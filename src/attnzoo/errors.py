@@ -50,9 +50,10 @@ def check_tensor(name: str, x: object, *, ndim: int | None = None, floating: boo
 
 
 def check_qkv(q: object, k: object, v: object) -> tuple[int, int, int, int, int, int, int]:
-    """Validate SDPA-layout q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv).
+    """Validate SDPA-layout q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) on one device, of one dtype.
 
-    Returns (B, Hq, Hk, Nq, Nk, D, Dv).
+    Empty sizes: B = 0 and Nq = 0 pass (the result is empty); Hq, Hk, Nk, D and Dv must be >= 1 (no heads, no key
+    to attend to or no features has no defined result). Returns (B, Hq, Hk, Nq, Nk, D, Dv).
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
@@ -70,17 +71,20 @@ def check_qkv(q: object, k: object, v: object) -> tuple[int, int, int, int, int,
         raise ValueError(
             f"v: expected (B, Hk, Nk, Dv) = ({B}, {Hk}, {Nk}, Dv) to match k, got {tuple(v.shape)}"
         )
-    if Hk == 0 or Hq % Hk != 0:
+    if Hq == 0 or Hk == 0 or Hq % Hk != 0:
         raise ValueError(
-            f"q, k: query heads must be a multiple of key/value heads (grouped-query attention), "
+            f"q, k: query heads must be a positive multiple of key/value heads (grouped-query attention), "
             f"got Hq={Hq}, Hk={Hk}"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v: devices must match, got {q.device}, {k.device}, {v.device}")
+    check_same_device(q=q, k=k, v=v)
     if Nk == 0:
         raise ValueError(f"k: expected at least one key, got Nk=0 (shape {tuple(k.shape)})")
+    if D == 0:
+        raise ValueError(f"q, k: expected a head dim >= 1, got D=0 (q of shape {tuple(q.shape)})")
+    if v.shape[3] == 0:
+        raise ValueError(f"v: expected a value dim >= 1, got Dv=0 (shape {tuple(v.shape)})")
     return B, Hq, Hk, Nq, Nk, D, v.shape[3]
 
 
@@ -237,7 +241,7 @@ def check_module_input(module: torch.nn.Module, x: object, *, name: str = "x", l
         want = layout.strip("()").split(", ")
         want[channel_axis] = str(channels)
         raise ValueError(f"{name}: expected ({', '.join(want)}), got shape {tuple(x.shape)}")
-    param = next(iter(module.parameters()), None)
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
     if param is not None:
         if x.dtype != param.dtype:
             raise TypeError(f"{name}: expected dtype {param.dtype} (the module's parameters), got {x.dtype}; "
@@ -245,3 +249,180 @@ def check_module_input(module: torch.nn.Module, x: object, *, name: str = "x", l
         if x.device != param.device:
             raise ValueError(f"{name}: expected device {param.device} (the module's parameters), got {x.device}")
     return x
+
+
+def check_context(module: torch.nn.Module, x: torch.Tensor, context: object, *, channels: int | None = None
+                  ) -> torch.Tensor:
+    """The ``context`` (B, M, C) of a cross-attention module: ``x``'s batch, M >= 1, ``channels`` channels, and the
+    module's dtype and device (as :func:`check_module_input`)."""
+    check_module_input(module, context, name="context", channels=channels)
+    assert isinstance(context, torch.Tensor)
+    if context.shape[0] != x.shape[0]:
+        raise ValueError(f"context: expected batch size {x.shape[0]} (x's), got shape {tuple(context.shape)}")
+    if context.dtype != x.dtype:
+        raise TypeError(f"context: expected dtype {x.dtype} (x's), got {context.dtype}")
+    check_same_device(x=x, context=context)
+    return context
+
+
+def check_sequence_call(module: torch.nn.Module, x: object, context: object = None, *, key_padding_mask: object = None,
+                        state: object = None, state_type: type | tuple[type, ...] | None = None,
+                        channels: int | None = None, context_channels: int | None = None, mech=None) -> torch.Tensor:
+    """The arguments of a sequence module's ``forward(x, context=None, *, key_padding_mask=None, state=None)``.
+
+    ``x`` (B, N, ``channels``) and ``context`` (B, M, ``context_channels``) as :func:`check_module_input` (defaults:
+    the module's ``dim`` and ``context_dim`` attributes); the mask bool (B, M or N) on x's device; a state only for
+    causal self attention (``module.causal``), of ``state_type``, built for x's batch, dtype and device
+    (:func:`check_state`); with ``mech`` (the registry record) and no state, the call's pattern must be one it
+    supports. Returns the key/value source (``context`` or ``x``).
+    """
+    channels = getattr(module, "dim", None) if channels is None else channels
+    if context_channels is None:
+        context_channels = getattr(module, "context_dim", None) or channels
+    check_module_input(module, x, channels=channels)
+    assert isinstance(x, torch.Tensor)
+    if context is not None:
+        check_context(module, x, context, channels=context_channels)
+    src = x if context is None else context
+    assert isinstance(src, torch.Tensor)
+    check_key_padding_mask(key_padding_mask, x.shape[0], src.shape[1], device=x.device)
+    causal = getattr(module, "causal", None)  # None: a module without the flag (causal-only designs, say)
+    if state is not None:
+        if context is not None:
+            raise ValueError("context: decoding with a state is causal self attention; got a context")
+        if causal is False:
+            raise ValueError("state: decoding needs a causal layer; build it with causal=True")
+        check_state(state, batch=x.shape[0], dtype=x.dtype, device=x.device, state_type=state_type)
+    elif mech is not None and causal is not None:
+        mech.check_pattern(("causal_" if causal else "noncausal_") + ("self" if context is None else "cross"))
+    return src
+
+
+# -- decode states -----------------------------------------------------------------------------------------
+
+def check_dtype(name: str, dtype: object) -> torch.dtype:
+    """A floating-point ``torch.dtype`` (what a decode state computes in)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def check_device(name: str, device: object) -> torch.device:
+    """A ``torch.device`` or a name of one (None: the default device); returned as the device tensors land on."""
+    try:
+        return torch.empty(0, device=device).device  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name}: expected a torch.device or a device name, got {device!r} ({e})") from None
+
+
+def check_init_state(*, batch: object, kv_heads: object = None, head_dim: object = None, value_dim: object = None,
+                     dtype: object = None, device: object = None) -> dict:
+    """The arguments of ``init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, ...)``: ints >= 1 (bools
+    refused; None skips one), a floating dtype, a device. Returns them with the device resolved, ready for
+    :meth:`attnzoo.state.DecodeState.built_for`."""
+    out: dict = {"batch": check_int("batch", batch)}
+    for name, value in (("kv_heads", kv_heads), ("head_dim", head_dim), ("value_dim", value_dim)):
+        out[name] = None if value is None else check_int(name, value)
+    out["dtype"] = None if dtype is None else check_dtype("dtype", dtype)
+    out["device"] = check_device("device", device)
+    return out
+
+
+def check_state(state: object, *, batch: int, kv_heads: int | None = None, head_dim: int | None = None,
+                value_dim: int | None = None, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                state_type: type | tuple[type, ...] | None = None, name: str = "state") -> None:
+    """A decode state serves this call: of ``state_type`` (if given), and built for the call's batch size, key/value
+    heads, head and value dims, dtype and device -- each compared where the state records it
+    (:class:`attnzoo.state.DecodeState` attributes ``batch``, ``kv_heads``, ``head_dim``, ``value_dim``, ``dtype``,
+    ``device``; None = not recorded) and the call gives it."""
+    if state_type is not None and not isinstance(state, state_type):
+        types = state_type if isinstance(state_type, tuple) else (state_type,)
+        want = " or ".join(t.__name__ for t in types)
+        raise TypeError(f"{name}: expected a {want} (from this mechanism's init_state), got {type(state).__name__}")
+    for what, want in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("value_dim", value_dim),
+                       ("dtype", dtype)):
+        have = getattr(state, what, None)
+        if want is not None and have is not None and have != want:
+            raise ValueError(f"{name}: this {type(state).__name__} was built for {what}={have}, the call has "
+                             f"{what}={want}; build a state for this call with init_state")
+    have = getattr(state, "device", None)
+    if device is not None and have is not None and torch.device(have) != torch.device(device):
+        raise ValueError(f"{name}: this {type(state).__name__} lives on device {have}, the call's inputs on {device}")
+
+
+def check_step(q: object, k: object, v: object, state: object, key_padding_mask: object = None, *,
+               scale: object, state_type: type | tuple[type, ...] | None = None) -> tuple[int, int, int, int, int, int]:
+    """The arguments of a decode ``step(q, k, v, state, *, scale, key_padding_mask)``: the T >= 1 new tokens q (B, Hq,
+    T, D), k (B, Hk, T, D), v (B, Hk, T, Dv) as :func:`check_qkv`, a bool mask (B, T) on their device, a finite
+    positive scale, and a state of ``state_type`` built for this batch, heads, dims, dtype and device
+    (:func:`check_state`). Returns (B, Hq, Hk, T, D, Dv)."""
+    B, Hq, Hk, T, Tk, D, Dv = check_qkv(q, k, v)
+    assert isinstance(q, torch.Tensor)
+    if T != Tk:
+        raise ValueError(f"q, k: a decode step takes as many new queries as new keys, got {T} and {Tk}")
+    if T == 0:
+        raise ValueError(f"q: a decode step takes T >= 1 new tokens, got shape {tuple(q.shape)}")
+    check_scale(scale)
+    if scale is None:
+        raise TypeError("scale: a decode step takes the score scale explicitly (a finite positive float), got None")
+    check_key_padding_mask(key_padding_mask, B, T, device=q.device)
+    check_state(state, batch=B, kv_heads=Hk, head_dim=D, value_dim=Dv, dtype=q.dtype, device=q.device,
+                state_type=state_type)
+    return B, Hq, Hk, T, D, Dv
+
+
+def check_append(state: object, k: object, v: object, key_padding_mask: object = None) -> int:
+    """The T new tokens of a key/value state's ``append(k, v, key_padding_mask)``: k (B, Hk, T, D) and v (B, Hk, T,
+    Dv) with the state's recorded batch, kv_heads, head_dim, value_dim, dtype and device, and a bool mask (B, T) on
+    that device. Returns T."""
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    assert isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    batch, heads = state.batch, state.kv_heads
+    T = k.shape[2]
+    want_k = (batch, heads, T, state.head_dim)
+    want_v = (batch, heads, T, state.value_dim)
+    kind = type(state).__name__
+    if tuple(k.shape) != want_k:
+        raise ValueError(f"k: expected (B, Hk, T, D) = {want_k} for this cache ({kind}), got {tuple(k.shape)}")
+    if tuple(v.shape) != want_v:
+        raise ValueError(f"v: expected (B, Hk, T, Dv) = {want_v} for this cache ({kind}), got {tuple(v.shape)}")
+    dtype, device = getattr(state, "dtype", None), getattr(state, "device", None)
+    if dtype is not None and (k.dtype != dtype or v.dtype != dtype):
+        raise TypeError(f"k, v: expected dtype {dtype} for this cache ({kind}), got {k.dtype}, {v.dtype}")
+    check_same_device(k=k, v=v)
+    if device is not None and k.device != device:
+        raise ValueError(f"k, v: expected device {device} (this {type(state).__name__}'s), got {k.device}")
+    check_key_padding_mask(key_padding_mask, batch, T, device=k.device)
+    return T
+
+
+# -- module construction -----------------------------------------------------------------------------------
+
+def check_heads(dim: object, heads: object, kv_heads: object = None, *, head_dim: object = None, gqa: bool = True,
+                what: str = "this mechanism") -> tuple[int, int, int, int]:
+    """(dim, heads, kv_heads, head_dim) of a multi-head module: ints >= 1 (bools refused), ``heads`` a multiple of
+    ``kv_heads`` (None: = heads; ``gqa=False`` refuses any other value), ``head_dim`` = dim / heads unless given."""
+    dim = check_int("dim", dim)
+    heads = check_int("heads", heads)
+    kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
+    if not gqa and kv_heads != heads:
+        raise ValueError(f"kv_heads: {what} has no grouped-query form; expected None or {heads}, got {kv_heads}")
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={kv_heads}")
+    if head_dim is None:
+        if dim % heads:
+            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}; "
+                             "or pass head_dim explicitly")
+        head_dim = dim // heads
+    return dim, heads, kv_heads, check_int("head_dim", head_dim)
+
+
+def check_pattern_flag(mech, causal: object) -> bool:
+    """``causal`` of a module's constructor: a bool, and ``mech`` (its registry record) supports at least one
+    pattern of that kind."""
+    check_bool("causal", causal)
+    prefix = "causal_" if causal else "noncausal_"
+    if not any(p.startswith(prefix) for p in mech.patterns):
+        mech.check_pattern(prefix + "self")  # raises, naming the patterns it does support
+    return bool(causal)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import registry
-from .errors import BACKENDS, check_backend, check_key_padding_mask, check_qkv, check_scale
+from .errors import BACKENDS, check_backend, check_bool, check_key_padding_mask, check_qkv, check_scale
 
 __all__ = ["BACKENDS", "attention", "pattern_of", "select_form"]
 
@@ -20,12 +20,6 @@ def pattern_of(nq: int, nk: int, causal: bool) -> str:
     bottom-right alignment the two are the same computation.
     """
     return ("causal_" if causal else "noncausal_") + ("self" if nq == nk else "cross")
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def attention(
@@ -55,7 +49,8 @@ def attention(
         **options: the mechanism's options (``attnzoo info NAME`` lists them with their ranges).
 
     Returns:
-        (B, Hq, Nq, Dv) in q's dtype.
+        (B, Hq, Nq, Dv) in q's dtype; the empty result for B = 0 or Nq = 0. Nk, D, Dv and the head counts must be
+        >= 1 (``ValueError`` otherwise); scale finite and positive; q, k, v and the mask on one device.
     """
     mech = registry.get(mechanism)
     if not mech.functional:
@@ -64,15 +59,25 @@ def attention(
             f"q, k, v; build it with attnzoo.build({mech.name!r}, dim, heads, ...)"
         )
     B, Hq, Hk, Nq, Nk, D, Dv = check_qkv(q, k, v)
-    _check_bool("causal", causal)
-    check_key_padding_mask(key_padding_mask, B, Nk)
+    check_bool("causal", causal)
+    check_key_padding_mask(key_padding_mask, B, Nk, device=q.device)
     check_scale(scale)
     check_backend(backend)
     mech.check_pattern(pattern_of(Nq, Nk, causal))
     opts = mech.resolve_options(options)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if B == 0 or Nq == 0:  # nothing to compute: the empty result, as SDPA gives (still differentiable)
+        return _empty_result(q, k, v, Dv)
     fn = select_form(mech, backend, q, k, v, causal, key_padding_mask, opts)
     return fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, **opts)
+
+
+def _empty_result(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dv: int) -> torch.Tensor:
+    """(B, Hq, Nq, Dv) zeros for B = 0 or Nq = 0, connected to q, k, v's graphs (their gradients are zeros)."""
+    out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], dv)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out = out + 0 * (q.sum() + k.sum() + v.sum()).nan_to_num()
+    return out
 
 
 def select_form(mech: registry.Mechanism, backend: str, q, k, v, causal, key_padding_mask, opts):

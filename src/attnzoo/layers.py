@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .errors import check_backend, check_int, check_key_padding_mask, check_tensor
+from .errors import check_backend, check_bool, check_heads, check_int, check_pattern_flag, check_sequence_call
 from .functional import select_form
 
 
@@ -32,24 +32,11 @@ class Attention(nn.Module):
         self.mech = registry.get(mechanism)
         if not self.mech.functional:
             raise TypeError(f"mechanism: {self.mech.name!r} has its own module; use attnzoo.build({mechanism!r}, ...)")
-        dim = check_int("dim", dim)
-        heads = check_int("heads", heads)
-        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
-        if heads % kv_heads:
-            raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={kv_heads}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}; "
-                                 "or pass head_dim explicitly")
-            head_dim = dim // heads
-        head_dim = check_int("head_dim", head_dim)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        dim, heads, kv_heads, head_dim = check_heads(dim, heads, kv_heads, head_dim=head_dim)
+        check_bool("causal", causal)
         check_backend(backend)
         self.options = self.mech.resolve_options(options)
-        prefix = "causal_" if causal else "noncausal_"
-        if not any(p.startswith(prefix) for p in self.mech.patterns):
-            self.mech.check_pattern(prefix + "self")  # raises, naming the patterns it does support
+        check_pattern_flag(self.mech, causal)
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.causal, self.backend = causal, backend
         self.context_dim = dim if context_dim is None else check_int("context_dim", context_dim)
@@ -78,8 +65,8 @@ class Attention(nn.Module):
         check_int("batch_size", batch_size)
         w = self.q_proj.weight
         return self.mech.init_state(batch=batch_size, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                                    value_dim=self.head_dim, dtype=dtype or w.dtype, device=device or w.device,
-                                    **self.options)
+                                    value_dim=self.head_dim, dtype=w.dtype if dtype is None else dtype,
+                                    device=w.device if device is None else device, **self.options)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, state=None):
@@ -87,28 +74,17 @@ class Attention(nn.Module):
 
         Returns (B, N, dim), or ``(out, state)`` when a decode state is given.
         """
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        if context is not None:
-            check_tensor("context", context, ndim=3)
-            if context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
-                raise ValueError(f"context: expected ({x.shape[0]}, M, {self.context_dim}), got {tuple(context.shape)}")
-        src = x if context is None else context
-        check_key_padding_mask(key_padding_mask, x.shape[0], src.shape[1])
+        src = check_sequence_call(self, x, context, key_padding_mask=key_padding_mask, state=state, channels=self.dim,
+                                  context_channels=self.context_dim, mech=self.mech)
+        if state is not None and self.mech.step is None:
+            raise TypeError(f"state: mechanism {self.mech.name!r} has no decode step")
         q = self._split(self.q_proj(x), self.heads)  # (B, Hq, N, hd)
         k = self._split(self.k_proj(src), self.kv_heads)  # (B, Hk, M, hd)
         v = self._split(self.v_proj(src), self.kv_heads)  # (B, Hk, M, hd)
         if state is not None:
-            if context is not None:
-                raise ValueError("context: decoding with a state is causal self attention; got a context")
-            if not self.causal:
-                raise ValueError("state: decoding needs a causal layer; build it with causal=True")
             out = self.mech.step(q, k, v, state, scale=self.scale, key_padding_mask=key_padding_mask,
                                  **self.options)  # (B, Hq, N, hd)
         else:
-            pattern = ("causal_" if self.causal else "noncausal_") + ("self" if context is None else "cross")
-            self.mech.check_pattern(pattern)
             fn = select_form(self.mech, self.backend, q, k, v, self.causal, key_padding_mask, self.options)
             out = fn(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, scale=self.scale,
                      **self.options)  # (B, Hq, N, hd)
@@ -125,13 +101,29 @@ def build(mechanism: str, dim: int, heads: int, *, kv_heads: int | None = None, 
     keyword arguments are :class:`Attention`'s or the mechanism's options). Mechanisms with their own
     parameters return their own module, built with the same arguments. Sequence modules take
     ``forward(x, context=None, *, key_padding_mask=None, state=None)``; grid and channel modules take
-    ``forward(x)`` on (B, H, W, C) grids or (B, C, H, W) maps.
+    ``forward(x)`` on (B, H, W, C) grids or (B, C, H, W) maps. Cross mechanisms with named sources take
+    ``context_dims={"text": 768, "image": 1024}`` and ``forward(x, context={...})`` (ARCHITECTURE "Cross-attention";
+    the generic multi-source layer is ``build("cross_attention", ...)``).
     """
     mech = registry.get(mechanism)
+    check_int("dim", dim)
+    check_int("heads", heads)
+    if kv_heads is not None:
+        check_int("kv_heads", kv_heads)
+    check_bool("causal", causal)
     if mech.module is None:
+        if "context_dims" in options:
+            raise TypeError(f"context_dims: mechanism {mech.name!r} attends to one context; several named contexts "
+                            "are the multi-source layer attnzoo.build('cross_attention', dim, heads, context_dims=...) "
+                            "or a cross mechanism's own module")
         return Attention(dim, heads, kv_heads=kv_heads, mechanism=mech.name, causal=causal, **options)
     if mech.kind == "sequence":
         return mech.module(dim, heads, kv_heads=kv_heads, causal=causal, **options)
+    if mech.kind == "pooling" and any(p.startswith("causal") for p in mech.patterns):
+        # learned queries over a token set that are causal by position (Video-CCAM): causal applies
+        if kv_heads is not None:
+            raise ValueError(f"kv_heads: does not apply to pooling mechanism {mech.name!r}; got {kv_heads!r}")
+        return mech.module(dim, heads, causal=causal, **options)
     if kv_heads is not None or causal:
         raise ValueError(f"kv_heads, causal: do not apply to {mech.kind} mechanism {mech.name!r}; "
                          f"got kv_heads={kv_heads!r}, causal={causal!r}")

@@ -38,6 +38,49 @@ _MISSING = object()
 
 
 @dataclass(frozen=True)
+class CrossSpec:
+    """How a mechanism with a cross pattern takes its context (ARCHITECTURE.md, "Cross-attention").
+
+    Read by the conformance suite's cross checks, ``attnzoo bench`` and ``attnzoo info``. A record with a cross
+    pattern and no spec gets :meth:`Mechanism.cross_spec`'s default: one unnamed context (the ``k``/``v`` of a
+    functional call, or ``forward(x, context)``), positions = indices (bottom-right causal).
+
+    - ``sources``: the named context streams a module takes, ``forward(x, context={name: (B, M_s, C_s)},
+      key_padding_mask={name: (B, M_s)})``; ``()`` = one context tensor (B, M, C).
+    - ``positions``: causal cross by position: ``forward(..., q_pos=(Nq,), context_pos={name: (M_s,)})`` (a pooling
+      module, whose queries are its own, takes ``context_pos`` and reports ``query_positions(...)``); a query
+      sees a context token iff the token's position is <= its own. Replaces the index-based causality checks.
+    - ``context_permutation_invariant``: permuting the context tokens (with their positions and masks) leaves
+      every output unchanged (the paper's attention has no order over the context).
+    - ``query_independent``: each query's output depends only on that query and the context, so queries can be
+      decoded one at a time against a cached context (False e.g. when queries are pooled or sorted together).
+    - ``cache``: the module decodes against a :class:`attnzoo.state.context.ContextCache` (``state=``).
+    - ``source_mass``: ``forward(..., return_source_mass=True)`` also returns each source's attention mass.
+    - ``mode``: how several sources combine, ``"separate"`` or ``"joint"``; None when a ``mode`` option decides.
+    """
+
+    sources: tuple[str, ...] = ()
+    positions: bool = False
+    context_permutation_invariant: bool = False
+    query_independent: bool = True
+    cache: bool = False
+    source_mass: bool = False
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in (None, "separate", "joint"):
+            raise ValueError(f"mode: expected None, 'separate' or 'joint', got {self.mode!r}")
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources: duplicate names {list(self.sources)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sources": list(self.sources), "positions": self.positions,
+                "context_permutation_invariant": self.context_permutation_invariant,
+                "query_independent": self.query_independent, "cache": self.cache,
+                "source_mass": self.source_mass, "mode": self.mode}
+
+
+@dataclass(frozen=True)
 class Option:
     """One mechanism option: its default, type and valid range, checked by :meth:`validate`."""
 
@@ -132,6 +175,9 @@ class Mechanism:
     the defaults cannot fit every size (a window count that must divide the grid, token projections built
     for one length, a single-head design). Options a user gives explicitly win; see :meth:`fit_case`.
 
+    ``cross`` (:class:`CrossSpec`) says how a mechanism with a cross pattern takes its context: named sources,
+    causal by position, context permutation invariance, decoding against a cached context, source mass.
+
     Mechanisms with their own parameters give ``module``: a class or factory
     ``module(dim, heads, *, kv_heads=None, causal=False, **options) -> nn.Module`` whose forward is
     ``forward(x, context=None, *, key_padding_mask=None, state=None)`` (sequence kind) or
@@ -165,6 +211,7 @@ class Mechanism:
     test_options: Mapping[str, Any] = field(default_factory=dict)
     test_sizes: Mapping[str, int] = field(default_factory=dict)
     case_options: Callable[..., dict[str, Any]] | None = None
+    cross: CrossSpec | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -191,6 +238,15 @@ class Mechanism:
     @property
     def decodable(self) -> bool:
         return self.step is not None or (self.state is not None and self.module is not None)
+
+    def cross_spec(self) -> CrossSpec | None:
+        """The record's :class:`CrossSpec`, the default one for a record with a cross pattern and none, or None
+        when it has no cross pattern."""
+        if self.cross is not None:
+            return self.cross
+        if not any(p.endswith("cross") for p in self.patterns):
+            return None
+        return CrossSpec(context_permutation_invariant=self.permutation_equivariant)
 
     def supports(self, pattern: str) -> bool:
         return pattern in self.patterns
@@ -247,6 +303,7 @@ class Mechanism:
             "options": [
                 {"name": o.name, "default": o.default, "valid": o.describe(), "doc": o.doc} for o in self.options
             ],
+            "cross": None if self.cross_spec() is None else self.cross_spec().as_dict(),
             "notes": self.notes,
         }
 

@@ -9,6 +9,14 @@ leaves outputs at <= t unchanged); query-prefix invariance for causal patterns; 
 masked keys changes nothing); batch independence; permutation equivariance where claimed; finite
 gradients for every input and parameter; bfloat16 close to float32; unsupported patterns raise;
 ``step`` decoding == causal forward; ``fast`` == ``reference``; gradcheck in float64.
+
+Cross checks, run over every record with a cross pattern (read from its :class:`~attnzoo.registry.CrossSpec`):
+a context token's change never reaches a query that may not see it by position (``cross_visibility``, for
+records causal by position, in place of the index-based causality checks); per-source masks are never dropped
+(``source_masks``); permuting the context tokens with their positions and masks changes nothing where the paper
+says so (``context_permutation``); decoding queries against a fixed (cached) context equals the full run
+(``context_decode``, with a ``ContextCache`` and frame appends where the record declares ``cache``); the source
+mass sums to 1 per query (``source_mass``).
 """
 
 from __future__ import annotations
@@ -110,6 +118,8 @@ def make_module(mech: Mechanism, pattern: str, dtype=torch.float64, seed: int = 
     if mech.kind == "sequence":
         m = build(mech.name, s.dim, s.heads, kv_heads=s.kv_heads if mech.module is None else None,
                   causal=pattern.startswith("causal"), **mech.test_options)
+    elif mech.kind == "pooling" and any(p.startswith("causal") for p in mech.patterns):
+        m = build(mech.name, s.dim, s.heads, causal=pattern.startswith("causal"), **mech.test_options)
     else:
         m = build(mech.name, s.dim, s.heads, **mech.test_options)
     _randomize(m, seed)
@@ -126,8 +136,38 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
 
 
+POSITIONS = 4
+"""Distinct positions (frames) of the conformance inputs of records causal by position."""
+
+
+def default_positions(n: int, frames: int = POSITIONS) -> torch.Tensor:
+    """(n,) sorted positions spreading n tokens over ``frames`` frames: ``arange(n) * frames // n``. A prefix of
+    the positions of n tokens is not the positions of fewer tokens; checks slice positions, never recompute."""
+    return torch.arange(n) * frames // n
+
+
+def context_dims(mech: Mechanism) -> dict[str, int]:
+    """{source: width} of a multi-source module's test contexts (``test_options['context_dims']`` or the model
+    width); empty for a single-context record."""
+    spec = mech.cross_spec()
+    if spec is None or not spec.sources:
+        return {}
+    given = mech.test_options.get("context_dims") or {}
+    return {n: given.get(n, Sizes.of(mech).dim) for n in spec.sources}
+
+
+def source_lengths(mech: Mechanism) -> dict[str, int]:
+    """{source: tokens}: distinct lengths per source (nk, nk - 2, ...; at least 3) so a mix-up shows."""
+    nk = Sizes.of(mech).nk
+    return {n: max(3, nk - 2 * i) for i, n in enumerate(context_dims(mech))}
+
+
 def module_inputs(mech: Mechanism, pattern: str, dtype=torch.float64, seed: int = 0):
-    """(x, context) for a module mechanism: tokens (B, N, dim), grids (B, H, W, dim), maps (B, dim, H, W)."""
+    """(x, context) for a module mechanism: tokens (B, N, dim), grids (B, H, W, dim), maps (B, dim, H, W).
+
+    Cross patterns: a context (B, Nk, context_dim), or {source: (B, M_s, C_s)} for a record with named sources; a
+    pooling module (its queries are its own) takes the token set as x (B, Nk, dim) and no context; a fusion
+    module takes two token streams (x, context)."""
     s = Sizes.of(mech)
     g = _gen(seed)
     if mech.kind == "grid":
@@ -135,17 +175,65 @@ def module_inputs(mech: Mechanism, pattern: str, dtype=torch.float64, seed: int 
     if mech.kind == "channel":
         return torch.randn(s.batch, s.dim, s.height, s.width, generator=g, dtype=torch.float64).to(dtype), None
     nq, nk = lengths(mech, pattern)
+    if mech.kind == "pooling":  # the token set, of the width the module pools (its context_dim option if any)
+        n = nk if pattern.endswith("cross") else nq
+        width = mech.test_options.get("context_dim") or s.dim
+        return torch.randn(s.batch, n, width, generator=g, dtype=torch.float64).to(dtype), None
     x = torch.randn(s.batch, nq, s.dim, generator=g, dtype=torch.float64).to(dtype)
     ctx = None
     if pattern.endswith("cross"):
-        ctx = torch.randn(s.batch, nk, s.dim, generator=g, dtype=torch.float64).to(dtype)
+        dims = context_dims(mech)
+        if dims:
+            ctx = {n: torch.randn(s.batch, m, dims[n], generator=g, dtype=torch.float64).to(dtype)
+                   for n, m in source_lengths(mech).items()}
+        else:
+            cdim = mech.test_options.get("context_dim") or s.dim
+            ctx = torch.randn(s.batch, nk, cdim, generator=g, dtype=torch.float64).to(dtype)
     return x, ctx
 
 
-def run_module(module, mech: Mechanism, x, ctx=None, key_padding_mask=None):
-    if mech.kind != "sequence":
+def _tmap(fn, ctx):
+    """``fn`` applied to a context tensor or to every tensor of a {source: tensor} context."""
+    if ctx is None:
+        return None
+    if isinstance(ctx, dict):
+        return {n: fn(c) for n, c in ctx.items()}
+    return fn(ctx)
+
+
+def positional(module, mech: Mechanism) -> bool:
+    """True when ``module`` is causal by position (its forward needs positions)."""
+    spec = mech.cross_spec()
+    return bool(spec is not None and spec.positions and getattr(module, "causal", False))
+
+
+def position_kwargs(module, mech: Mechanism, x, ctx) -> dict:
+    """The default positions a causal-by-position module is called with: tokens spread over ``POSITIONS`` frames
+    (:func:`default_positions`); a sequence module's queries likewise."""
+    if not positional(module, mech):
+        return {}
+    if mech.kind == "pooling":
+        return {"context_pos": default_positions(x.shape[1]), "num_frames": POSITIONS}
+    kw = {"q_pos": default_positions(x.shape[1])}
+    if isinstance(ctx, dict):
+        kw["context_pos"] = {n: default_positions(c.shape[1]) for n, c in ctx.items()}
+    elif ctx is not None:
+        kw["context_pos"] = default_positions(ctx.shape[1])
+    return kw
+
+
+def run_module(module, mech: Mechanism, x, ctx=None, key_padding_mask=None, **extra):
+    """Call a module the way its kind takes inputs; positions of causal-by-position modules default to
+    :func:`position_kwargs` (``extra`` overrides them)."""
+    if mech.kind == "fusion":
+        return module(x, ctx)
+    if mech.kind not in ("sequence", "pooling"):
         return module(x)
     kw = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+    kw.update(position_kwargs(module, mech, x, ctx))
+    kw.update(extra)
+    if mech.kind == "pooling":
+        return module(x, **kw)
     return module(x, ctx, **kw) if ctx is not None else module(x, **kw)
 
 
@@ -166,7 +254,7 @@ def check_shape_dtype(mech: Mechanism, pattern: str) -> None:
             m = make_module(mech, pattern, dtype)
             x, ctx = module_inputs(mech, pattern, dtype)
             out = _first(run_module(m, mech, x, ctx))
-            want = tuple(x.shape) if mech.kind != "pooling" else None
+            want = tuple(x.shape) if mech.kind not in ("pooling", "fusion") else None
         if want is not None:
             assert tuple(out.shape) == want, f"{mech.name} {pattern}: output shape {tuple(out.shape)}, expected {want}"
         assert out.dtype == dtype, f"{mech.name} {pattern}: output dtype {out.dtype}, expected {dtype}"
@@ -189,8 +277,23 @@ def check_noncontiguous(mech: Mechanism, pattern: str) -> None:
         assert_close(out, ref, torch.float64, f"{mech.name} {pattern}: transposed-view inputs ({backend})")
 
 
+def _blind_rows(mech: Mechanism, pattern: str, nq: int, nk: int, t: int) -> torch.Tensor:
+    """(B, Nq) bool: the query rows whose outputs may not depend on keys after position ``t``: the rows at
+    positions <= t; for a functional mechanism that declares its mask, only those whose mask sees no key after t (a
+    modality mask lets a visual token see the later tokens of its span; this is the mask it must honour)."""
+    s = Sizes.of(mech)
+    off = nk - nq
+    rows = (torch.arange(nq) + off <= t).view(1, nq).expand(s.batch, nq)
+    if mech.mask is not None and mech.functional:
+        pred = mech.mask(nq, nk, causal=True, **mech.resolve_options(dict(mech.test_options)))
+        sees_later = materialize(pred, s.batch, 1, nq, nk)[:, 0, :, t + 1 :].any(-1)  # (B, Nq)
+        rows = rows & ~sees_later
+    return rows
+
+
 def check_causality(mech: Mechanism, pattern: str) -> None:
-    """Perturbing keys/values after key position t leaves every query at position <= t unchanged."""
+    """Perturbing keys/values after key position t leaves every query at position <= t unchanged (for a mechanism
+    with a declared mask: every such query whose mask sees no key after t)."""
     assert pattern.startswith("causal")
     nq, nk = lengths(mech, pattern)
     off = nk - nq
@@ -204,10 +307,10 @@ def check_causality(mech: Mechanism, pattern: str) -> None:
             k2[:, :, t + 1 :] += 3 * torch.randn_like(k2[:, :, t + 1 :])
             v2[:, :, t + 1 :] += 3 * torch.randn_like(v2[:, :, t + 1 :])
             pert = run_functional(mech, pattern, q, k2, v2)
-            rows = t - off + 1  # queries whose position i + off <= t
-            if rows <= 0:
+            keep = _blind_rows(mech, pattern, nq, nk, t).view(base.shape[0], 1, nq, 1)
+            if not keep.any():
                 continue
-            a, b = base[:, :, :rows], pert[:, :, :rows]
+            a, b = base * keep, pert * keep
         else:
             m = make_module(mech, pattern)
             x, ctx = module_inputs(mech, pattern)
@@ -230,7 +333,8 @@ def check_causality(mech: Mechanism, pattern: str) -> None:
 
 
 def check_prefix_invariance(mech: Mechanism, pattern: str) -> None:
-    """Causal: the first m queries' outputs equal a run on only the first m queries (and their keys)."""
+    """Causal: the first m queries' outputs equal a run on only the first m queries (and their keys); for a
+    mechanism with a declared mask, those of the m queries whose mask sees no key beyond the truncation."""
     assert pattern.startswith("causal")
     nq, nk = lengths(mech, pattern)
     off = nk - nq
@@ -239,7 +343,8 @@ def check_prefix_invariance(mech: Mechanism, pattern: str) -> None:
         q, k, v = qkv(mech, pattern)
         full = run_functional(mech, pattern, q, k, v)
         part = run_functional(mech, pattern, q[:, :, :m_], k[:, :, : m_ + off], v[:, :, : m_ + off])
-        a = full[:, :, :m_]
+        keep = _blind_rows(mech, pattern, nq, nk, m_ + off - 1)[:, :m_].view(q.shape[0], 1, m_, 1)
+        part, a = part * keep, full[:, :, :m_] * keep
     else:
         mod = make_module(mech, pattern)
         x, ctx = module_inputs(mech, pattern)
@@ -284,17 +389,24 @@ def check_key_padding(mech: Mechanism, pattern: str) -> None:
             assert err < 1e-10, (f"{mech.name} {pattern}: changing the queries at padded positions changed real "
                                  f"outputs by {err:.2e} (padding leaks through query grouping)")
         return
-    if mech.kind != "sequence":
+    if mech.kind not in ("sequence", "pooling"):
         return
     mod = make_module(mech, pattern)
     x, ctx = module_inputs(mech, pattern)
+    if mech.kind == "pooling":
+        nk = x.shape[1]
+        mask = padding_mask(s.batch, nk)
     if not mech.supports_key_padding:
         with _raises(mech, pattern, "a key_padding_mask it does not support"):
             run_module(mod, mech, x, ctx, key_padding_mask=mask)
         return
     base = _first(run_module(mod, mech, x, ctx, key_padding_mask=mask))
     sel = (~mask).view(s.batch, nk, 1)
-    if ctx is None:
+    if mech.kind == "pooling":  # the token set is x; every pooled output must ignore its padded tokens
+        x2 = torch.where(sel, x + 5 * torch.randn_like(x), x)
+        pert = _first(run_module(mod, mech, x2, None, key_padding_mask=mask))
+        err = (base - pert).abs().max().item()
+    elif ctx is None:
         x2 = torch.where(sel, x + 5 * torch.randn_like(x), x)
         pert = _first(run_module(mod, mech, x2, None, key_padding_mask=mask))
         keep = mask.view(s.batch, nk, 1)  # outputs at padded query rows may change; the others may not
@@ -321,7 +433,7 @@ def check_batch_independence(mech: Mechanism, pattern: str) -> None:
     x, ctx = module_inputs(mech, pattern)
     full = _first(run_module(mod, mech, x, ctx))
     for b in range(x.shape[0]):
-        one = _first(run_module(mod, mech, x[b : b + 1], None if ctx is None else ctx[b : b + 1]))
+        one = _first(run_module(mod, mech, x[b : b + 1], _tmap(lambda c, b=b: c[b : b + 1], ctx)))
         assert_close(one, full[b : b + 1], torch.float64, f"{mech.name} {pattern}: batch row {b} alone vs in batch")
 
 
@@ -345,8 +457,8 @@ def check_permutation(mech: Mechanism, pattern: str) -> None:
     if ctx is None:
         out = _first(run_module(mod, mech, x[:, px], None))
     else:
-        pc = torch.randperm(ctx.shape[1], generator=g)
-        out = _first(run_module(mod, mech, x[:, px], ctx[:, pc]))
+        out = _first(run_module(mod, mech, x[:, px], _tmap(lambda c: c[:, torch.randperm(c.shape[1], generator=g)],
+                                                             ctx)))
     assert_close(out, base[:, px], torch.float64, f"{mech.name} {pattern}: permuted tokens")
 
 
@@ -361,15 +473,18 @@ def check_gradients(mech: Mechanism, pattern: str) -> None:
         mod = make_module(mech, pattern, torch.float32)
         x, ctx = module_inputs(mech, pattern, torch.float32)
         x.requires_grad_(True)
-        if ctx is not None:
-            ctx.requires_grad_(True)
+        _tmap(lambda c: c.requires_grad_(True), ctx)
         out = _first(run_module(mod, mech, x, ctx))
         loss = out.square().sum()
         aux = getattr(mod, "aux_loss", None)
         if isinstance(aux, torch.Tensor):
             loss = loss + aux
         loss.backward()
-        named = {"x": x, **({"context": ctx} if ctx is not None else {})}
+        named = {"x": x}
+        if isinstance(ctx, dict):
+            named.update({f"context[{n!r}]": c for n, c in ctx.items()})
+        elif ctx is not None:
+            named["context"] = ctx
         named.update({f"parameter {n}": p for n, p in mod.named_parameters() if p.requires_grad})
     for name, t in named.items():
         if t.grad is None:
@@ -388,13 +503,13 @@ def check_bfloat16(mech: Mechanism, pattern: str) -> None:
         mod.eval()
         x, ctx = module_inputs(mech, pattern, torch.float32)
         x = x.to(torch.bfloat16).float()
-        ctx = None if ctx is None else ctx.to(torch.bfloat16).float()
+        ctx = _tmap(lambda c: c.to(torch.bfloat16).float(), ctx)
         with torch.no_grad():
             for p in mod.parameters():
                 p.copy_(p.to(torch.bfloat16).float())
         hi = _first(run_module(mod, mech, x, ctx))
         mod = mod.to(torch.bfloat16)
-        lo = _first(run_module(mod, mech, x.to(torch.bfloat16), None if ctx is None else ctx.to(torch.bfloat16)))
+        lo = _first(run_module(mod, mech, x.to(torch.bfloat16), _tmap(lambda c: c.to(torch.bfloat16), ctx)))
     assert lo.dtype == torch.bfloat16, f"{mech.name} {pattern}: bfloat16 inputs gave {lo.dtype} output"
     assert_close(lo.float(), hi, torch.bfloat16, f"{mech.name} {pattern}: bfloat16 vs float32")
 
@@ -528,11 +643,209 @@ def check_gradcheck(mech: Mechanism, pattern: str) -> None:
     mod = make_module(mech, pattern)
     x, ctx = module_inputs(mech, pattern)
     x = x[:1].detach().requires_grad_(True)
-    ctx = None if ctx is None else ctx[:1].detach().requires_grad_(True)
-    inputs = (x,) if ctx is None else (x, ctx)
-    fn = lambda *a: _first(run_module(mod, mech, *a))
+    ctx = _tmap(lambda c: c[:1].detach().requires_grad_(True), ctx)
+    names = list(ctx) if isinstance(ctx, dict) else None
+    inputs = (x,) if ctx is None else (x, *ctx.values()) if names else (x, ctx)
+
+    def fn(x, *c):
+        return _first(run_module(mod, mech, x, dict(zip(names, c)) if names else (c[0] if c else None)))
+
     assert torch.autograd.gradcheck(fn, inputs, raise_exception=False, fast_mode=True), (
         f"{mech.name} {pattern}: gradcheck failed (module)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cross checks (records with a cross pattern; see CrossSpec)
+# --------------------------------------------------------------------------------------------------------
+def _perturb_where(t: torch.Tensor, sel: torch.Tensor, seed: int) -> torch.Tensor:
+    """t (B, M, C) with 5 x noise added on the tokens where ``sel`` (M,) or (B, M) is True."""
+    g = _gen(seed)
+    noise = 5 * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+    sel = sel.view(1, -1, 1) if sel.dim() == 1 else sel.unsqueeze(-1)
+    return torch.where(sel, t + noise, t)
+
+
+def query_positions(module, mech: Mechanism, x, ctx) -> torch.Tensor:
+    """(Nq,) positions of the queries a causal-by-position module is run with by default (a pooling module
+    reports its own through ``query_positions(num_frames)``)."""
+    if mech.kind == "pooling":
+        return module.query_positions(POSITIONS)
+    return position_kwargs(module, mech, x, ctx)["q_pos"]
+
+
+def check_cross_visibility(mech: Mechanism, pattern: str) -> None:
+    """Causal by position: perturbing context tokens at positions > t leaves every query at position <= t
+    unchanged, and does change some query at a later position (the check can see a leak)."""
+    mod = make_module(mech, pattern)
+    x, ctx = module_inputs(mech, pattern)
+    assert positional(mod, mech), f"{mech.name} {pattern}: the module is not causal by position (no .causal)"
+    base = _first(run_module(mod, mech, x, ctx))
+    qp = query_positions(mod, mech, x, ctx)
+    for t in range(POSITIONS - 1):
+        if mech.kind == "pooling":
+            x2, c2 = _perturb_where(x, default_positions(x.shape[1]) > t, seed=t), None
+        else:
+            x2 = x
+            c2 = _tmap(lambda c, t=t: _perturb_where(c, default_positions(c.shape[1]) > t, seed=t), ctx)
+        pert = _first(run_module(mod, mech, x2, c2))
+        seen, later = qp <= t, qp > t
+        err = (base[:, seen] - pert[:, seen]).abs().max().item() if seen.any() else 0.0
+        assert err < 1e-10, (f"{mech.name} {pattern}: queries at positions <= {t} changed by {err:.2e} when context "
+                             f"tokens at positions > {t} changed (a query sees a token placed after it)")
+        if later.any():
+            moved = (base[:, later] - pert[:, later]).abs().max().item()
+            assert moved > 1e-6, (f"{mech.name} {pattern}: context tokens after position {t} reach no later query; "
+                                  "the check cannot see a leak")
+
+
+def check_source_masks(mech: Mechanism, pattern: str) -> None:
+    """Named sources: each source's key-padding mask is honoured (changing its masked tokens changes nothing)
+    and applies to that source only (the same change without the mask does change the output)."""
+    s = Sizes.of(mech)
+    mod = make_module(mech, pattern)
+    x, ctx = module_inputs(mech, pattern)
+    assert isinstance(ctx, dict), f"{mech.name} {pattern}: expected named sources {list(context_dims(mech))}"
+    for i, (name, c) in enumerate(ctx.items()):
+        mask = padding_mask(s.batch, c.shape[1], seed=3 + i)
+        base = _first(run_module(mod, mech, x, ctx, key_padding_mask={name: mask}))
+        moved = {**ctx, name: _perturb_where(c, ~mask, seed=11 + i)}
+        pert = _first(run_module(mod, mech, x, moved, key_padding_mask={name: mask}))
+        err = (base - pert).abs().max().item()
+        assert err < 1e-10, (f"{mech.name} {pattern}: changing the masked tokens of source {name!r} changed the "
+                             f"output by {err:.2e} (mask ignored)")
+        free = _first(run_module(mod, mech, x, moved))
+        assert (free - pert).abs().max().item() > 1e-6, (
+            f"{mech.name} {pattern}: source {name!r}'s masked tokens change nothing even without the mask; the "
+            "check cannot see a dropped mask")
+
+
+def check_context_permutation(mech: Mechanism, pattern: str) -> None:
+    """Permuting the context tokens together with their positions and key-padding masks leaves every output
+    unchanged (records whose attention has no order over the context)."""
+    s = Sizes.of(mech)
+    g = _gen(13)
+    if mech.functional:
+        q, k, v = qkv(mech, pattern)
+        mask = padding_mask(s.batch, k.shape[2]) if mech.supports_key_padding else None
+        base = run_functional(mech, pattern, q, k, v, key_padding_mask=mask)
+        pk = torch.randperm(k.shape[2], generator=g)
+        out = run_functional(mech, pattern, q, k[:, :, pk], v[:, :, pk],
+                             key_padding_mask=None if mask is None else mask[:, pk])
+        assert_close(out, base, torch.float64, f"{mech.name} {pattern}: context tokens permuted")
+        return
+    mod = make_module(mech, pattern)
+    x, ctx = module_inputs(mech, pattern)
+    kw = position_kwargs(mod, mech, x, ctx)
+    base = _first(run_module(mod, mech, x, ctx, **kw))
+    if mech.kind == "pooling":  # the token set is x
+        p = torch.randperm(x.shape[1], generator=g)
+        if "context_pos" in kw:
+            kw["context_pos"] = kw["context_pos"][p]
+        out = _first(run_module(mod, mech, x[:, p], None, **kw))
+    else:
+        perms = _tmap(lambda c: torch.randperm(c.shape[1], generator=g), ctx)
+        if isinstance(ctx, dict):
+            c2 = {n: c[:, perms[n]] for n, c in ctx.items()}
+            if "context_pos" in kw:
+                kw["context_pos"] = {n: p[perms[n]] for n, p in kw["context_pos"].items()}
+        else:
+            c2 = ctx[:, perms]
+            if "context_pos" in kw:
+                kw["context_pos"] = kw["context_pos"][perms]
+        out = _first(run_module(mod, mech, x, c2, **kw))
+    assert_close(out, base, torch.float64, f"{mech.name} {pattern}: context tokens permuted (with positions)")
+
+
+def _decode_module(mod, mech: Mechanism, x, ctx, kw: dict, prefill: int) -> torch.Tensor:
+    """Decode ``mod`` against a cached context: the context's projections stored once (frames appended in
+    position order for records causal by position), then queries in a prefill chunk and one at a time."""
+    from .state.context import ContextCache
+
+    state = ContextCache()
+    if mech.kind == "pooling":  # learned queries: each call appends a frame and returns the queries it completes
+        pos = kw["context_pos"]
+        outs = []
+        for t in range(POSITIONS):
+            sel = pos == t
+            out, state = mod(x[:, sel], context_pos=pos[sel], num_frames=kw["num_frames"], state=state)
+            outs.append(out)
+        return torch.cat(outs, dim=1)
+    if "q_pos" not in kw:
+        out, state = mod(x[:, :prefill], ctx, state=state)
+        outs = [out] + [mod(x[:, t : t + 1], state=state)[0] for t in range(prefill, x.shape[1])]
+        return torch.cat(outs, dim=1)
+    # causal by position: append each frame's context tokens, then decode the queries at that position
+    qp, cp = kw["q_pos"], kw["context_pos"]
+    rows = []
+    for t in range(POSITIONS):
+        if isinstance(ctx, dict):
+            new = {n: c[:, cp[n] == t] for n, c in ctx.items() if bool((cp[n] == t).any())}
+            new_pos = {n: cp[n][cp[n] == t] for n in new}
+        else:
+            new, new_pos = ({"x": ctx[:, cp == t]}, {"x": cp[cp == t]}) if bool((cp == t).any()) else ({}, {})
+            new, new_pos = (new["x"], new_pos["x"]) if new else (None, None)
+        if new:
+            mod.extend_context(state, new, context_pos=new_pos)
+        for i in torch.nonzero(qp == t).flatten().tolist():
+            rows.append((i, mod(x[:, i : i + 1], q_pos=qp[i : i + 1], state=state)[0]))
+    order = [i for i, _ in rows]
+    assert order == sorted(order), "query positions must be sorted for this check"
+    return torch.cat([r for _, r in rows], dim=1)
+
+
+def check_context_decode(mech: Mechanism, pattern: str) -> None:
+    """Decoding against a fixed context equals the full run: functional records take the queries in a prefill chunk
+    and then one at a time against the same keys/values; modules declaring ``cache`` decode with a ContextCache
+    (the context projected once; frames appended in order when causal by position); other modules run their
+    queries in chunks against the same context."""
+    s = Sizes.of(mech)
+    if mech.functional:
+        q, k, v = qkv(mech, pattern)
+        mask = padding_mask(s.batch, k.shape[2]) if mech.supports_key_padding else None
+        full = run_functional(mech, pattern, q, k, v, key_padding_mask=mask)
+        n = q.shape[2]
+        prefill = max(1, n // 2)
+        outs = [run_functional(mech, pattern, q[:, :, :prefill], k, v, key_padding_mask=mask)]
+        outs += [run_functional(mech, pattern, q[:, :, t : t + 1], k, v, key_padding_mask=mask)
+                 for t in range(prefill, n)]
+        assert_close(torch.cat(outs, dim=2), full, torch.float64,
+                     f"{mech.name} {pattern}: queries decoded against fixed keys/values vs all at once")
+        return
+    spec = mech.cross_spec()
+    mod = make_module(mech, pattern)
+    mod.eval()
+    x, ctx = module_inputs(mech, pattern)
+    kw = position_kwargs(mod, mech, x, ctx)
+    full = _first(run_module(mod, mech, x, ctx, **kw))
+    prefill = max(1, x.shape[1] // 2)
+    if spec.cache:
+        got = _decode_module(mod, mech, x, ctx, kw, prefill)
+        what = "decoding with a ContextCache"
+    else:
+        chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, x.shape[1])]
+        got = torch.cat([_first(run_module(mod, mech, x[:, a:b], ctx)) for a, b in chunks], dim=1)
+        what = "queries in chunks against the same context"
+    assert_close(got, full, torch.float64, f"{mech.name} {pattern}: {what} vs the full run")
+
+
+def check_source_mass(mech: Mechanism, pattern: str) -> None:
+    """``return_source_mass=True``: per source (B, H, Nq) in [0, 1]; in joint mode (built with ``mode="joint"`` when
+    the record has a mode option) the masses sum to 1 for every query."""
+    overrides = {"mode": "joint"} if any(o.name == "mode" for o in mech.options) else {}
+    s = Sizes.of(mech)
+    torch.manual_seed(0)
+    mod = build(mech.name, s.dim, s.heads, causal=pattern.startswith("causal"), **{**mech.test_options, **overrides})
+    _randomize(mod, 0)
+    mod = mod.double()
+    x, ctx = module_inputs(mech, pattern)
+    res = run_module(mod, mech, x, ctx, return_source_mass=True)
+    assert isinstance(res, tuple) and isinstance(res[1], dict), (
+        f"{mech.name} {pattern}: return_source_mass=True must return (out, {{source: mass}})")
+    mass = res[1]
+    total = sum(mass.values())
+    assert all(((m >= 0) & (m <= 1 + 1e-12)).all() for m in mass.values()), f"{mech.name}: mass outside [0, 1]"
+    err = (total - 1).abs().max().item()
+    assert err < 1e-10, f"{mech.name} {pattern}: joint source masses sum to 1 +- {err:.2e} per query"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -558,16 +871,26 @@ MechCheck = Callable[[Mechanism], None]
 def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
     """(check name, pattern or None, check function) for every check that applies to ``mech``."""
     out: list[tuple[str, str | None, Callable[..., None]]] = []
-    patterns = mech.patterns if mech.kind == "sequence" else ("noncausal_self",)
+    spec = mech.cross_spec()
+    if mech.kind in ("sequence", "pooling", "fusion") and spec is not None:
+        patterns = mech.patterns
+    else:
+        patterns = mech.patterns if mech.kind == "sequence" else ("noncausal_self",)
     for p in patterns:
+        cross = spec is not None and p.endswith("cross")
+        by_position = cross and spec.positions and p.startswith("causal")
         out += [("shape_dtype", p, check_shape_dtype), ("batch_independence", p, check_batch_independence),
                 ("gradients", p, check_gradients), ("bfloat16", p, check_bfloat16),
                 ("gradcheck", p, check_gradcheck)]
-        if mech.kind == "sequence":
+        if cross and spec.sources:
+            out.append(("source_masks", p, check_source_masks))
+        elif mech.kind in ("sequence", "pooling"):
             out.append(("key_padding", p, check_key_padding))
         if mech.functional:
             out.append(("noncontiguous", p, check_noncontiguous))
-        if p.startswith("causal"):
+        if by_position:
+            out.append(("cross_visibility", p, check_cross_visibility))
+        elif p.startswith("causal"):
             out.append(("causality", p, check_causality))
             if mech.prefix_invariant:
                 out.append(("prefix_invariance", p, check_prefix_invariance))
@@ -575,6 +898,15 @@ def cases(mech: Mechanism) -> list[tuple[str, str | None, Callable[..., None]]]:
             out.append(("permutation", p, check_permutation))
         if mech.mask is not None and mech.functional:
             out.append(("declared_mask", p, check_declared_mask))
+        if cross and (p.startswith("noncausal") or by_position):
+            if spec.context_permutation_invariant:
+                out.append(("context_permutation", p, check_context_permutation))
+            if mech.kind == "pooling" and spec.cache and by_position:  # frames appended, query groups emitted
+                out.append(("context_decode", p, check_context_decode))
+            elif mech.kind != "pooling" and (spec.cache or spec.query_independent):
+                out.append(("context_decode", p, check_context_decode))
+        if cross and spec.source_mass:
+            out.append(("source_mass", p, check_source_mass))
         if mech.fast is not None and mech.functional:
             out.append(("fast_vs_reference", p, check_fast_matches_reference))
         elif mech.fast is not None:

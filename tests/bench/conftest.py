@@ -25,9 +25,11 @@ def tiny_config(out, **kw):
     base = dict(
         mechanisms=["softmax", "sliding_window", "bench_fake_module", "bench_fake_grid", "bench_fake_channel"],
         lengths=(16, 32), min_run_time=0.002, warmup=1, retries=0, options={"sliding_window": {"window": 8}},
-        tasks=("mqar", "digits"), quality_steps=3, quality_budget=5.0, deadline=None, mechanism_budget=60.0,
+        tasks=("mqar", "digits"), quality_steps=3, quality_budget=60.0, deadline=None, mechanism_budget=60.0,
         progress=False, out=str(out), imports=[FAKES], command="pytest tiny bench run", decode_tokens=2,
     )
+    # The step count (3) ends every quality case; the budgets are only ceilings, generous so that a loaded 2-core
+    # machine (a quality child is killed at 1.5 x its budget + 6 s) still trains every planned case.
     base.update(kw)
     return quick(**base)
 
@@ -98,7 +100,8 @@ class DevTools:
 @pytest.fixture
 def browser(tmp_path):
     exe = _chromium()
-    websocket = pytest.importorskip("websocket", reason="pip package websocket-client drives Chromium's DevTools")
+    websocket = pytest.importorskip("websocket", reason="websocket-client not installed (pip install "
+                                    "websocket-client): it drives Chromium's DevTools")
     del websocket
     profile = tmp_path / "chromium-profile"
     proc = subprocess.Popen(

@@ -51,6 +51,9 @@ def test_every_mechanism_is_gated_measured_beside_its_baseline_and_trained(tiny_
     grid = [r for r in eff if r["series"] == "bench_fake_grid" and r["status"] == "ok"]
     assert {r["n"] for r in grid} == {16, 25}  # 4x4 and 5x5 grids (side = isqrt(N))
     q = [r for r in recs if r["type"] == "quality" and r["status"] == "ok"]
+    not_ok = [(r["mechanism"], r["task"], r["status"], r["message"]) for r in recs
+              if r["type"] == "quality" and r["status"] not in ("ok", "not_applicable")]
+    assert not not_ok, f"quality cases planned but not trained: {not_ok}"
     assert {(r["mechanism"], r["task"]) for r in q} >= {
         ("softmax", "mqar"), ("sliding_window", "mqar"), ("bench_fake_module", "mqar"), ("softmax", "digits"),
         ("none", "digits"), ("bench_fake_grid", "digits"), ("bench_fake_channel", "digits")}

@@ -134,7 +134,7 @@ def test_layer_errors():
     with pytest.raises(ValueError, match="heads: dim \\(60\\) must be divisible by heads"):
         attnzoo.build("softmax", 60, 8)
     layer = attnzoo.build("softmax", 32, 4)
-    with pytest.raises(ValueError, match=r"x: expected last dim 32, got shape \(2, 5, 16\)"):
+    with pytest.raises(ValueError, match=r"x: expected \(B, N, 32\), got shape \(2, 5, 16\)"):
         layer(torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match="state: decoding needs a causal layer"):
         layer(torch.randn(2, 5, 32), state=KVCache(2, 4, 8))

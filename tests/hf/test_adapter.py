@@ -7,6 +7,7 @@ import torch
 
 import attnzoo
 import attnzoo.hf as azhf
+from attnzoo import masks
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,8 +71,18 @@ def test_padding_is_honoured_not_dropped():
     assert (a[0, 4:] - b[0, 4:]).abs().max().item() < 1e-10
 
 
+def _relaxes_causal(m, n=19):
+    """A declared mask (with the test options) that lets a query see a later key (Croc, AKI): such a mechanism runs
+    only where the model asks for its mask; tests/hf/test_structured_masks.py covers it with 4-D masks."""
+    if m.mask is None:
+        return False
+    pred = m.mask(n, n, causal=True, **m.resolve_options(dict(m.test_options)))
+    return bool((masks.materialize(pred, 1, 1, n, n)[0, 0] & ~torch.ones(n, n, dtype=torch.bool).tril()).any())
+
+
 def _functional_causal():
-    return [m for m in attnzoo.list_mechanisms() if m.functional and "causal_self" in m.patterns]
+    return [m for m in attnzoo.list_mechanisms() if m.functional and "causal_self" in m.patterns
+            and not _relaxes_causal(m)]
 
 
 def _functional_bidirectional():
@@ -171,7 +182,8 @@ def test_window_mechanism_matches_model_with_own_window():
 
 
 def _decodable():
-    return [m for m in attnzoo.list_mechanisms() if m.functional and m.step is not None and "causal_self" in m.patterns]
+    return [m for m in attnzoo.list_mechanisms() if m.functional and m.step is not None and "causal_self" in m.patterns
+            and not _relaxes_causal(m)]
 
 
 @pytest.mark.parametrize("mech", _decodable(), ids=lambda m: m.name)
@@ -194,12 +206,65 @@ def test_swap_attention_state_is_bounded_and_beam_search_works():
     azhf.swap_attention(model, "sink_window", window=4, sinks=1)
     x = ids(1, 30)
     cache = transformers.DynamicCache()
-    model(x, past_key_values=cache, use_cache=True)
+    model(x, **{azhf.cache_argument(model): cache}, use_cache=True)
     states = [layer.state for layer in cache.layers]
     assert len(states) == 2 and all(s.length <= 1 + 3 for s in states)  # sinks + window - 1, not 30
     assert cache.get_seq_length() == 30
     out = model.generate(ids(1, 5), max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
+
+
+def test_swap_attention_cache_crop_follows_the_installed_convention():
+    """A swapped layer crops as the installed transformers' own DynamicLayer does (up to some 5.x release,
+    crop(n >= 0) keeps n tokens; later, crop(-n) removes n, crop(0) removes none and generate() calls it between
+    steps, crop(n > 0) is refused; removing more than it holds empties it). After the crops, decoding continues
+    exactly as from the shorter prefix."""
+    model, plain = llama("sdpa"), llama("sdpa")
+    azhf.swap_attention(model, "softmax")
+    arg = azhf.cache_argument(model)
+    x = ids(1, 12)
+    cache, ref = transformers.DynamicCache(), transformers.DynamicCache()
+    model(x, **{arg: cache}, use_cache=True)
+    plain(x, **{arg: ref}, use_cache=True)
+    assert all(type(layer).__name__ == "AttnzooCacheLayer" for layer in cache.layers)
+    for n in (-3, 0, 7, -2):
+        outcome = []
+        for c in (cache, ref):
+            try:
+                c.crop(n)
+                outcome.append(c.get_seq_length())
+            except ValueError:
+                outcome.append("refused")
+        assert outcome[0] == outcome[1], (n, outcome)
+        assert all(layer.state.seq_len == ref.get_seq_length() for layer in cache.layers)
+    n = cache.get_seq_length()  # 7 (transformers >= 5.1) or 0 (before: crop(0) kept none)
+    got = model(x[:, n : n + 1], **{arg: cache}, use_cache=True).logits[:, -1]
+    want = model(x[:, : n + 1], use_cache=False).logits[:, -1]
+    assert (got - want).abs().max().item() < 1e-10
+
+
+def _mistral(window):
+    cfg = transformers.MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                     attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.MistralForCausalLM(cfg).eval().double()
+
+
+def test_swap_attention_decoding_checks_the_models_own_mask():
+    """A model whose layers have their own sliding window: the swapped decode state must compute that mask. A
+    window inside the model's decodes exactly like the model; full attention (softmax's KV cache) is refused
+    instead of silently attending beyond the model's window."""
+    x = ids(1, 10)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = _mistral(6).generate(x, **kw)
+    model = _mistral(6)
+    azhf.swap_attention(model, "sliding_window", window=6)
+    assert torch.equal(model.generate(x, **kw), ref)
+    model = _mistral(6)
+    azhf.swap_attention(model, "softmax")
+    with pytest.raises(azhf.HFIntegrationError, match="sliding_window is 6"):
+        model.generate(x, **kw)
 
 
 def test_swap_attention_errors():

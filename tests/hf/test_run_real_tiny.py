@@ -60,12 +60,12 @@ def tiny_models(monkeypatch):
     llama, bert = tiny_llama(), tiny_bert()
     monkeypatch.setattr(models, "load_smollm2", lambda dtype=torch.float32: (llama, CharTok()))
     monkeypatch.setattr(models, "load_minilm", lambda dtype=torch.float32: (bert, CharTok()))
-    monkeypatch.setattr(real, "corpus_text", lambda: ("tiny corpus", TEXT))
+    monkeypatch.setattr(real.rows, "corpus_text", lambda: ("tiny corpus", TEXT))
     registry.mechanisms()  # load the registry before adding to it
     registry.register(registry.Mechanism(
         name="bench_real_broken", family="core", title="t", arxiv="", code="", summary="raises",
         patterns=("noncausal_self", "causal_self", "causal_cross"), exact=False, complexity="-", reference=_broken))
-    monkeypatch.setattr(real, "ROWS", [*real.ROWS[:3], real.Row("bench_real_broken"),
+    monkeypatch.setattr(real.rows, "ROWS", [*real.ROWS[:3], real.Row("bench_real_broken"),
                                        real.Row("not_registered_yet", {"x": 1})])
     yield llama
     registry.unregister("bench_real_broken")
@@ -159,7 +159,7 @@ def test_run_real_deadline_skips_rows(tiny_models):
 
 
 def test_row_options_the_mechanism_does_not_have_are_an_error_in_the_row(tiny_models, monkeypatch):
-    monkeypatch.setattr(real, "ROWS", [real.Row("sliding_window", {"windw": 16})])
+    monkeypatch.setattr(real.rows, "ROWS", [real.Row("sliding_window", {"windw": 16})])
     sec = real.run_real(_cfg(options={}, encoder_options={}, minilm=False))
     err = sec["rows"][1]["errors"]["setup"]
     assert "windw" in err and "--option" in err
@@ -202,3 +202,23 @@ def test_stages(tiny_models):
     assert sec["exact_max_abs_logit_diff"] is None
     with pytest.raises(ValueError, match="stages"):
         real.RealConfig(stages=("perplexity", "nope")).validate()
+
+
+@pytest.mark.parametrize("mechanism", ["sdpa", "sliding_window"])
+def test_decode_speed_passes_the_cache_under_the_installed_name(tiny_models, mechanism):
+    """transformers 5.24 renamed the cache argument (past_key_values -> cache); the decode stage uses the installed
+    name, so no deprecated alias is passed (it goes away in 5.40), and a swapped mechanism's state is the cache."""
+    import warnings
+
+    import attnzoo.hf as azhf
+
+    model = tiny_models
+    model.set_attn_implementation("sdpa")
+    if mechanism != "sdpa":
+        azhf.swap_attention(model, mechanism, window=16)
+    ids = CharTok()(TEXT, return_tensors="pt")["input_ids"][:, :40]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = real.decode_speed(model, ids, 2)
+    full = LAYERS * 2 * KV_HEADS * HEAD_DIM * (40 + real.DECODE_WARMUP + 2) * 4
+    assert out["cache_bytes"] == full if mechanism == "sdpa" else 0 < out["cache_bytes"] < full

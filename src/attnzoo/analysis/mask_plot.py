@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import masks, registry
+from ..errors import check_int
 
 PATTERNS = ("causal", "dilated", "block_local", "prefix_lm")
 """Pattern names that are not mechanisms; each maps to its predicate in :mod:`attnzoo.masks`."""
@@ -74,8 +75,7 @@ def _mechanism_mask(mech: registry.Mechanism, n: int, causal: bool, head: int, h
 def mask_matrix(mechanism_or_mask, n: int, *, causal: bool | None = None, head: int = 0, heads: int | None = None,
                 kv_heads: int | None = None, **options: Any) -> tuple[np.ndarray, str]:
     """The (Nq, Nk) boolean mask :func:`plot_mask` draws, and a label for it."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a sequence length >= 1, got {n!r}")
+    check_int("n", n)
     if isinstance(mechanism_or_mask, (np.ndarray, torch.Tensor)):
         m = torch.as_tensor(mechanism_or_mask)
         if m.dtype != torch.bool or m.dim() != 2:
@@ -131,8 +131,7 @@ def plot_mask(mechanism_or_mask, n: int, path: str | os.PathLike, *, causal: boo
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - exercised with matplotlib hidden
         raise ImportError("plot_mask needs matplotlib: pip install attnzoo[bench]") from e
-    if isinstance(size, bool) or not isinstance(size, int) or size < 64:
-        raise ValueError(f"size: expected an int >= 64 (pixels), got {size!r}")
+    check_int("size", size, low=64)
     mask, label = mask_matrix(mechanism_or_mask, n, causal=causal, head=head, heads=heads, kv_heads=kv_heads,
                               **options)
     if title is None:

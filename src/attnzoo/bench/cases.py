@@ -351,6 +351,10 @@ def build(spec: dict[str, Any]) -> Built:
     """The measurable closure of ``spec`` (see the module docstring)."""
     if spec["mode"] not in MODES:
         raise ValueError(f"mode: expected one of {list(MODES)}, got {spec['mode']!r}")
+    if "cross_shape" in spec:  # a cross mechanism at one of its papers' shapes (attnzoo.bench.cross)
+        from .cross import build as build_cross
+
+        return build_cross(spec)
     if spec.get("module") or spec["impl"] == "softmax_module":
         return _module(spec)
     return _functional(spec)

@@ -2,6 +2,7 @@
 
     attnzoo bench [--quick | --full] [options]        # run the benchmark (quick by default)
     attnzoo bench real [--quick] [options]             # training-free mechanisms in real pretrained models
+    attnzoo bench reduce [--quick] [options]           # token reduction at equal budgets (attnzoo.bench.reduce)
     attnzoo bench report RESULTS [--out DIR]           # re-render summary.md, plots, report.html
     attnzoo bench compare A B [--threshold 1.2]        # what changed between two runs
     attnzoo bench merge A B ... --out DIR              # one results.json from several runs (shards)
@@ -274,6 +275,10 @@ def main(argv: list[str]) -> int:
         return _bench_sub(argv[0], argv[1:])
     if argv and argv[0] == "real":
         return _bench_real(argv[1:])
+    if argv and argv[0] == "reduce":  # its argument parsing lives in attnzoo.bench.reduce
+        from .reduce import main as reduce_main
+
+        return reduce_main(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     args = _bench_parser().parse_args(argv)

@@ -18,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..errors import check_int
 from ..registry import PATTERNS
 from .cases import DTYPES, MODES
 
@@ -88,8 +89,7 @@ class BenchConfig:
         for name, value in (("batch", self.batch), ("heads", self.heads), ("head_dim", self.head_dim),
                             ("threads", self.threads), ("decode_tokens", self.decode_tokens),
                             ("quality_workers", self.quality_workers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            check_int(name, value)
         if self.kv_heads is not None and (self.kv_heads < 1 or self.heads % self.kv_heads):
             raise ValueError(f"kv_heads: expected a divisor of heads={self.heads}, got {self.kv_heads!r}")
         if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in self.lengths):

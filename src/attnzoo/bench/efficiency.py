@@ -7,7 +7,10 @@ timed in this process (:mod:`attnzoo.bench.measure`) and its peak memory measure
 - ``sdpa``: torch's fused ``scaled_dot_product_attention`` on the same q/k/v (functional mechanisms);
   decoding: a KV cache + SDPA per token;
 - ``softmax_module``: attnzoo's generic ``Attention`` layer with softmax attention, projections included
-  (module mechanisms; grid and channel modules compare with it on the same tokens flattened).
+  (module mechanisms; grid and channel modules compare with it on the same tokens flattened);
+- cross mechanisms (:mod:`attnzoo.bench.cross`) run at their papers' shapes beside the softmax layer on the same
+  queries and context tokens; their decoding from a ContextCache beside recomputing the context
+  (``context_recompute``).
 
 Speedup = baseline time / mechanism time (> 1 is faster); memory ratio = mechanism / baseline peak memory.
 The *efficiency length* (CAB, arXiv 2210.07661) is the length from which on the mechanism stays cheaper than
@@ -31,7 +34,7 @@ MEMORY_RESOLUTION = 512 * 1024
 counter batching): ratios use max(bytes, MEMORY_RESOLUTION) so tiny cases compare as equal, not as 0 / x."""
 
 PRIMARY_ORDER = ("causal_self", "noncausal_self", "causal_cross", "noncausal_cross")
-BASELINES = ("sdpa", "softmax_module")
+BASELINES = ("sdpa", "softmax_module", "context_recompute")
 
 
 def primary_pattern(mech: Mechanism) -> str:
@@ -116,6 +119,10 @@ def plan(mech: Mechanism, cfg: BenchConfig, available: dict[str, dict[str, Any]]
     """The cases of ``mech``, in priority order: primary pattern first; within a pattern forward at every
     length, then decode, then forward+backward (a budget cut keeps whole curves); peers beside each case."""
     available = available or {}
+    from . import cross as cross_bench
+
+    if cross_bench.applies(mech.name):  # cross mechanisms: their papers' shapes, not cfg.lengths
+        return cross_bench.plan(mech, cfg)
     specs = []
     order = [m for m in ("forward", "decode", "forward_backward") if m in cfg.modes]
     for pattern in patterns_of(mech, cfg):
@@ -135,6 +142,10 @@ def plan(mech: Mechanism, cfg: BenchConfig, available: dict[str, dict[str, Any]]
 
 def baseline_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """The dense-attention case ``spec`` is compared with (same sizes, same run)."""
+    if "cross_shape" in spec:
+        from . import cross as cross_bench
+
+        return cross_bench.baseline_spec(spec)
     out = {k: spec[k] for k in ("pattern", "mode", "nq", "nk", "n", "batch", "heads", "kv_heads", "head_dim",
                                 "dtype", "decode_tokens")}
     out.update(mechanism="softmax", options={}, seed=0)

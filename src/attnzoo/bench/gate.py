@@ -5,7 +5,8 @@ conformance checks of :mod:`attnzoo.testing`, at the record's ``test_options``/`
 blocks and top-k are smaller than the sequence): outputs in float64 and float32, input gradients in float64
 (``assert_close``, relative error 1e-10 / 1e-5). Module mechanisms with a fast form compare
 ``backend="fast"`` with ``backend="reference"`` (outputs and every gradient). Decoding (``step`` or a module
-state) must equal the causal forward. A mechanism that declares a static ``mask`` must equal softmax
+state) must equal the causal forward, and decoding against a ContextCache must equal the full run (cross
+mechanisms that declare ``cross.cache``). A mechanism that declares a static ``mask`` must equal softmax
 attention under that mask, or its FlexAttention / masked-SDPA peers would not be the same computation.
 
 A failing fast form blocks every non-decode case of the mechanism (reported ``gate_failed``); a failing
@@ -56,13 +57,19 @@ def run_gate(mech: Mechanism, patterns: list[str] | tuple[str, ...] | None = Non
                 checks.append(_run("mask_vs_reference", p, testing.check_declared_mask, mech, p))
         if mech.decodable and "causal_self" in mech.patterns:
             checks.append(_run("decode_vs_forward", None, testing.check_decode, mech))
+        cross = mech.cross_spec()
+        if cross is not None and cross.cache:  # decoding from a ContextCache == the full run
+            for p in (p for p in mech.patterns if p.endswith("cross")):
+                if mech.kind != "pooling" or p.startswith("causal"):
+                    checks.append(_run("context_decode", p, testing.check_context_decode, mech, p))
     finally:
         torch.set_num_threads(old)
     blocks: dict[str, str] = {}
     for c in checks:
         if c["status"] == "pass":
             continue
-        what = {"decode_vs_forward": "decode", "mask_vs_reference": "mask"}.get(c["check"], "fast")
+        what = {"decode_vs_forward": "decode", "context_decode": "decode", "mask_vs_reference": "mask"}.get(
+            c["check"], "fast")
         blocks.setdefault(what, f"{c['check']} {c['pattern'] or ''}: {c['status']}: {c['message']}".strip())
     status = "pass"
     if any(c["status"] == "error" for c in checks):

@@ -46,6 +46,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import check_int
 from ..reference import acc_dtype
 
 __all__ = [
@@ -378,8 +379,7 @@ def chunked_linear_attention(
         out (B, Hq, N, Dv) and the final state (B, Hk, F, Dv), both in float32 (or float64 for float64
         inputs); both differentiable (hand-written backward), including through ``initial_state``.
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
+    check_int("chunk", chunk)
     if (q_map is None) != (k_map is None):
         raise ValueError("q_map, k_map: give both feature maps or neither")
     log_decay = _check_log_decay(decay, k.shape[1])

@@ -46,3 +46,39 @@ def sdpa(
     if visible is not None:
         out = torch.where(visible.to(out.device), out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
+
+
+def sdpa_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention that also returns the log-sum-exp of each query row's scaled scores.
+
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) -> out (B, Hq, Nq, Dv), lse (B, Hq, Nq) (float32 for
+    float32/bf16 inputs, float64 for float64; -inf and out 0 on rows that see no key). CPU: PyTorch's flash kernel
+    (``aten._scaled_dot_product_flash_attention_for_cpu``), which computes the LSE anyway and returns it; the
+    key-padding mask goes in as a (B, 1, 1, Nk) additive bias, so no (Nq, Nk) tensor is formed unless causal
+    with Nq != Nk (bottom-right alignment needs an explicit mask). Other devices: the exact reference."""
+    from ..reference import repeat_kv, softmax_attention
+
+    B, Hq, Nq, _ = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    if q.device.type != "cpu":
+        return softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                 return_lse=True)
+    k, v = repeat_kv(k, Hq // Hk), repeat_kv(v, Hq // Hk)  # (B, Hq, Nk, D|Dv)
+    bias = None
+    if key_padding_mask is not None:
+        bias = torch.zeros(B, 1, 1, Nk, dtype=q.dtype, device=q.device).masked_fill(
+            ~key_padding_mask.view(B, 1, 1, Nk), float("-inf"))  # (B, 1, 1, Nk)
+    top_left = causal and Nq == Nk
+    if causal and Nq != Nk:
+        allowed = dense_mask(B, Hq, Nq, Nk, causal=True, key_padding_mask=key_padding_mask, device=q.device)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, top_left, attn_mask=bias, scale=scale)
+    visible = has_visible_key(Nq, Nk, causal, key_padding_mask)
+    if visible is not None:
+        out = torch.where(visible.to(out.device), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        lse = torch.where(visible.squeeze(-1).to(lse.device), lse, torch.full_like(lse, float("-inf")))
+    return out, lse

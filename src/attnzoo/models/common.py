@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 
+# from_pretrained options of every offline loader: no Hub kernels (code fetched from the Hub at run time; transformers
+# 5.25 turns them on by default and raises when its optional `kernels` package is missing).
+OFFLINE = {"use_kernels": False}
+
 
 def package_dir(package: str, install: str) -> Path:
     """The directory of an installed package, found without importing it (``install`` says how to get it)."""
@@ -35,5 +39,5 @@ def load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+                                                 attn_implementation=attn_implementation, **OFFLINE)
     return model.eval(), tok

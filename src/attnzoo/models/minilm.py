@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .common import package_dir, require
+from .common import OFFLINE, package_dir, require
 
 
 def minilm_path() -> Path:
@@ -26,7 +26,8 @@ def load_minilm(dtype: torch.dtype = torch.float32, attn_implementation: str = "
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
+                                      **OFFLINE)
     return model.eval(), tok
 
 

@@ -11,7 +11,8 @@ shares it.
 """
 
 from .base import DecodeState
+from .context import ContextCache
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 from .recurrent import RecurrentState
 
-__all__ = ["DecodeState", "KVCache", "RecurrentState", "SinkWindowCache", "SlidingWindowCache"]
+__all__ = ["ContextCache", "DecodeState", "KVCache", "RecurrentState", "SinkWindowCache", "SlidingWindowCache"]

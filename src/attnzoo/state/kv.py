@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import check_key_padding_mask, check_tensor
+from ..errors import check_append, check_int
 from .base import DecodeState
 
 
@@ -15,16 +15,23 @@ class KVCache(DecodeState):
     Storage grows geometrically (by 25%), so appending one token at a time costs amortised O(1) copies per
     token while the allocation stays within 1.25x of what is filled (``nbytes`` reports the allocation).
     When autograd is recording through the new keys, appends concatenate instead of writing in place.
+    ``keys_only=True`` keeps keys alone (``value_dim`` 0; append values of shape (B, Hk, T, 0)).
     """
 
     _tensor_fields = ("_k", "_v", "_mask")
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 keys_only: bool = False) -> None:
         super().__init__()
-        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
-        self.value_dim = head_dim if value_dim is None else value_dim
-        self.dtype, self.device = dtype, device
+        if keys_only and value_dim not in (None, 0):
+            raise ValueError(f"value_dim: a keys_only cache stores no values, expected None or 0, got {value_dim!r}")
+        self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                       value_dim=None if keys_only else head_dim if value_dim is None else value_dim,
+                       dtype=dtype, device=device)
+        if keys_only:
+            self.value_dim = 0  # values of width 0: a cache of keys alone
+        device = self.device
         self._k = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)  # (B, Hk, cap, D)
         self._v = torch.empty(batch, kv_heads, 0, self.value_dim, dtype=dtype, device=device)  # (B, Hk, cap, Dv)
         self._mask: torch.Tensor | None = None  # (B, cap) bool, only once a padded token arrived
@@ -45,18 +52,7 @@ class KVCache(DecodeState):
 
     # -- writing ---------------------------------------------------------------------------------------
     def _check_new(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> int:
-        check_tensor("k", k, ndim=4)
-        check_tensor("v", v, ndim=4)
-        want_k = (self.batch, self.kv_heads, k.shape[2], self.head_dim)
-        want_v = (self.batch, self.kv_heads, k.shape[2], self.value_dim)
-        if tuple(k.shape) != want_k:
-            raise ValueError(f"k: expected (B, Hk, T, D) = {want_k} for this cache, got {tuple(k.shape)}")
-        if tuple(v.shape) != want_v:
-            raise ValueError(f"v: expected (B, Hk, T, Dv) = {want_v} for this cache, got {tuple(v.shape)}")
-        if k.dtype != self.dtype or v.dtype != self.dtype:
-            raise TypeError(f"k, v: expected dtype {self.dtype} for this cache, got {k.dtype}, {v.dtype}")
-        check_key_padding_mask(key_padding_mask, self.batch, k.shape[2])
-        return k.shape[2]
+        return check_append(self, k, v, key_padding_mask)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -122,10 +118,8 @@ class SlidingWindowCache(KVCache):
     def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
                  window: int, extra: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window: expected an int >= 1, got {window!r}")
-        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
-            raise ValueError(f"extra: expected an int >= 0, got {extra!r}")
+        check_int("window", window)
+        check_int("extra", extra, low=0)
         super().__init__(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
         self.window, self.extra = window, extra
 
@@ -170,8 +164,7 @@ class SinkWindowCache(SlidingWindowCache):
     def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
                  window: int, sinks: int, extra: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"sinks: expected an int >= 0, got {sinks!r}")
+        check_int("sinks", sinks, low=0)
         super().__init__(batch, kv_heads, head_dim, value_dim, window=window, extra=extra, dtype=dtype,
                          device=device)
         self.sinks = sinks

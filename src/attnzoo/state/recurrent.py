@@ -29,6 +29,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..errors import check_int
 from .base import DecodeState
 
 
@@ -111,8 +112,7 @@ class RecurrentState(DecodeState):
 
     def keep_snapshots(self, count: int) -> None:
         """Remember the state after each of the last ``count`` steps so that ``crop`` can return there."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"snapshots: expected an int >= 0, got {count!r}")
+        check_int("snapshots", count, low=0)
         self.snapshots = count
         while len(self._snapshots) > count:
             self._snapshots.popitem(last=False)

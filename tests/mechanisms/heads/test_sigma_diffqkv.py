@@ -93,7 +93,7 @@ def test_selective_v_fetching():
     best = (q @ k.transpose(-1, -2)).argmax(-1)  # (1, 2, 4)
     assert_close(out, v[0, 0][best], F64, "v_topk = 1 picks the best value row")
     with pytest.raises(ValueError, match="backend"):
-        DiffQKVAttention(16, 4, v_topk=2, backend="fast")(x)
+        DiffQKVAttention(16, 4, v_topk=2, backend="fast").double()(x)
 
 
 def test_cache_holds_fewer_key_heads_and_decodes():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import check_step
 from ...kernels.sdpa import sdpa
 from ...masks import causal as causal_mask
 from ...reference import softmax_attention
@@ -37,6 +38,7 @@ def softmax_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None):
 
     q (B, Hq, T, D), k (B, Hk, T, D), v (B, Hk, T, Dv) -> (B, Hq, T, Dv).
     """
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=KVCache)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
     return softmax_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale)
 

@@ -1,66 +1,13 @@
-"""Helpers shared by the dense-family modules: argument checks, head reshapes and a masked softmax.
-
-Registers nothing. Every check raises ``ValueError``/``TypeError`` naming the argument, the value
-received and what was expected (ARCHITECTURE.md, "Errors").
+"""Helpers shared by the dense-family modules: the projection KV cache, the token-history cache, head reshapes
+and a masked softmax. Registers nothing; argument checks are the ones of ``attnzoo.errors``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ...errors import check_bool, check_int, check_key_padding_mask, check_tensor
-from ...registry import Mechanism
+from ...errors import check_int, check_key_padding_mask, check_tensor
 from ...state import KVCache
-
-
-def check_heads(mech: Mechanism, dim: Any, heads: Any, kv_heads: Any, *, gqa: bool) -> tuple[int, int, int, int]:
-    """(dim, heads, kv_heads, head_dim) for a module; ``gqa=False`` rejects kv_heads != heads."""
-    dim = check_int("dim", dim)
-    heads = check_int("heads", heads)
-    if dim % heads:
-        raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
-    if kv_heads is None:
-        kv_heads = heads
-    kv_heads = check_int("kv_heads", kv_heads)
-    if not gqa and kv_heads != heads:
-        raise ValueError(f"kv_heads: mechanism {mech.name!r} has no grouped-query form; expected None or "
-                         f"{heads}, got {kv_heads}")
-    if heads % kv_heads:
-        raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={kv_heads}")
-    return dim, heads, kv_heads, dim // heads
-
-
-def check_call(mech: Mechanism, module: torch.nn.Module, x: Any, context: Any, key_padding_mask: Any,
-               state: Any) -> torch.Tensor:
-    """Validate a sequence module's forward arguments; returns the key/value source (x or context).
-
-    ``module`` must have ``dim``, ``causal`` and optionally ``context_dim`` attributes.
-    """
-    check_tensor("x", x, ndim=3)
-    if x.shape[-1] != module.dim:
-        raise ValueError(f"x: expected (B, N, {module.dim}), got shape {tuple(x.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError(f"x: expected at least one token, got shape {tuple(x.shape)}")
-    if context is not None:
-        check_tensor("context", context, ndim=3)
-        cdim = getattr(module, "context_dim", module.dim)
-        if context.shape[0] != x.shape[0] or context.shape[-1] != cdim or context.shape[1] == 0:
-            raise ValueError(f"context: expected ({x.shape[0]}, M >= 1, {cdim}), got {tuple(context.shape)}")
-        if context.dtype != x.dtype:
-            raise TypeError(f"context: expected dtype {x.dtype} (x's), got {context.dtype}")
-    src = x if context is None else context
-    check_key_padding_mask(key_padding_mask, x.shape[0], src.shape[1])
-    if state is not None:
-        if context is not None:
-            raise ValueError("context: decoding with a state is causal self attention; got a context")
-        if not module.causal:
-            raise ValueError("state: decoding needs a causal module; build it with causal=True")
-    else:
-        pattern = ("causal_" if module.causal else "noncausal_") + ("self" if context is None else "cross")
-        mech.check_pattern(pattern)
-    return src
 
 
 def projection_kv_cache(module: torch.nn.Module, batch_size: int, dtype: torch.dtype | None, device) -> KVCache:
@@ -86,12 +33,11 @@ class TokenHistoryCache(KVCache):
                  keep: int, extra: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         for name, val, low in (("features", features, 1), ("keep", keep, 0), ("extra", extra, 0)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {val!r}")
+            check_int(name, val, low=low)
         super().__init__(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
         self.features, self.keep, self.extra = features, keep, extra
-        self._hist = torch.empty(batch, 0, features, dtype=dtype, device=device)  # (B, h, F)
-        self._hist_mask = torch.ones(batch, 0, dtype=torch.bool, device=device)  # (B, h)
+        self._hist = torch.empty(batch, 0, features, dtype=dtype, device=self.device)  # (B, h, F)
+        self._hist_mask = torch.ones(batch, 0, dtype=torch.bool, device=self.device)  # (B, h)
 
     @property
     def history(self) -> torch.Tensor:
@@ -140,15 +86,6 @@ class TokenHistoryCache(KVCache):
         super().crop(length)
         self._hist = self._hist[:, : have - drop]
         self._hist_mask = self._hist_mask[:, : have - drop]
-
-
-def check_pattern_flag(mech: Mechanism, causal: Any) -> bool:
-    """Validate ``causal`` at construction: the mechanism must support at least one pattern of that kind."""
-    check_bool("causal", causal)
-    prefix = "causal_" if causal else "noncausal_"
-    if not any(p.startswith(prefix) for p in mech.patterns):
-        mech.check_pattern(prefix + "self")  # raises, naming the patterns it does support
-    return causal
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

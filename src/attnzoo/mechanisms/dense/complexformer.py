@@ -38,20 +38,12 @@ import math
 import torch
 from torch import nn
 
-from ...errors import check_backend
+from ...errors import check_backend, check_heads, check_pattern_flag, check_sequence_call
 from ...kernels.sdpa import sdpa
 from ...reference import acc_dtype, dense_mask, repeat_kv
-from ...registry import PATTERNS, Mechanism, Option, register
+from ...registry import PATTERNS, CrossSpec, Mechanism, Option, register
 from ...state import KVCache
-from ._common import (
-    check_call,
-    check_heads,
-    check_pattern_flag,
-    masked_softmax,
-    merge_heads,
-    projection_kv_cache,
-    split_heads,
-)
+from ._common import masked_softmax, merge_heads, projection_kv_cache, split_heads
 
 
 def polar(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +76,8 @@ class ComplexMultiHeadAttention(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         mech = COMPLEXFORMER
-        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(mech, dim, heads, kv_heads, gqa=True)
+        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(
+            dim, heads, kv_heads, gqa=True, what=f"mechanism {mech.name!r}")
         if self.head_dim % 2:
             raise ValueError(f"heads: the head dim dim/heads = {self.head_dim} must be even (channels are paired "
                              f"into complex numbers); got dim={dim}, heads={heads}")
@@ -154,7 +147,8 @@ class ComplexMultiHeadAttention(nn.Module):
         return projection_kv_cache(self, batch_size, dtype, device)
 
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
-        src = check_call(COMPLEXFORMER, self, x, context, key_padding_mask, state)
+        src = check_sequence_call(self, x, context, key_padding_mask=key_padding_mask, state=state,
+                                  state_type=KVCache, mech=COMPLEXFORMER)
         B, N, _ = x.shape
         q = split_heads(self.q_proj(x), self.heads)  # (B, H, N, d)
         k = split_heads(self.k_proj(src), self.kv_heads)  # (B, Hk, M, d)
@@ -221,4 +215,6 @@ COMPLEXFORMER = register(Mechanism(
     test_options={"adapt": "affine"},
     notes="Implemented from the abstract and CATALOG only: the arXiv paper was withdrawn (v2, May 2025) "
           "and no code was released. adapt='identity' is exactly RoPE attention.",
+    # queries sit at index positions (bottom-right) and are rotated by them: an output depends on where it sits
+    cross=CrossSpec(query_independent=False),
 ))

@@ -47,11 +47,10 @@ import math
 import torch
 from torch import nn
 
-from ...errors import check_backend, check_int
+from ...errors import check_backend, check_int, check_pattern_flag, check_sequence_call
 from ...reference import acc_dtype
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
-from ._common import check_call, check_pattern_flag
 
 
 def _moments(x: torch.Tensor, dim: int, mask: torch.Tensor | None, unbiased: bool):
@@ -171,7 +170,8 @@ class GaussianAdaptiveAttention(nn.Module):
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
         if context is not None:
             raise ValueError("context: GAAM re-weights one token stream (self only); got a context")
-        check_call(GAAM, self, x, None, key_padding_mask, state)
+        check_sequence_call(self, x, None, key_padding_mask=key_padding_mask, state=state, state_type=PositionState,
+                            mech=GAAM)
         y = (x.to(acc_dtype(x.dtype)) * self.weights(x, key_padding_mask)).to(x.dtype)  # (B, N, dim)
         if key_padding_mask is not None:
             y = torch.where(key_padding_mask.unsqueeze(-1), y, x)  # padded tokens pass through
@@ -189,10 +189,9 @@ class PositionState(DecodeState):
     """The number of tokens decoded so far and nothing else (token-wise mechanisms)."""
 
     def __init__(self, batch: int) -> None:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
         super().__init__()
-        self.batch = batch
+        self.built_for(batch=batch)
+        self.device = None  # holds no tensor: serves any device
 
     def advance(self, tokens: int) -> None:
         self.seq_len += tokens

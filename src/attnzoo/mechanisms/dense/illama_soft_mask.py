@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...errors import check_int, check_step
 from ...kernels.sdpa import has_visible_key, sdpa
 from ...reference import acc_dtype, dense_mask, repeat_kv
 from ...registry import Mechanism, Option, register
@@ -169,6 +170,7 @@ def init_kv_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, rate, 
 
 def illama_soft_mask_step(q, k, v, state: KVCache, *, scale, rate, form, key_padding_mask=None):
     """Decode T >= 1 tokens: causal softmax attention over the cache (the trained causal model)."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=KVCache)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
     return sdpa(q, keys, values, causal=True, key_padding_mask=mask, scale=scale)
 
@@ -180,8 +182,7 @@ def soft_mask_schedule(epochs: int, steps_per_epoch: int, cutoff_epochs: int, sc
     (``"linear"``); afterwards it is 0 (causal). Official recipes: tiny constant/50 epochs, base linear/25."""
     for name, val, low in (("epochs", epochs, 1), ("steps_per_epoch", steps_per_epoch, 1),
                            ("cutoff_epochs", cutoff_epochs, 0)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {val!r}")
+        check_int(name, val, low=low)
     if cutoff_epochs > epochs:
         raise ValueError(f"cutoff_epochs: expected <= epochs ({epochs}), got {cutoff_epochs}")
     if schedule not in ("constant", "linear"):

@@ -30,12 +30,12 @@ import math
 import torch
 from torch import nn
 
-from ...errors import check_backend
+from ...errors import check_backend, check_heads, check_pattern_flag, check_sequence_call
 from ...kernels.sdpa import sdpa
 from ...reference import acc_dtype, dense_mask
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import KVCache
-from ._common import check_call, check_heads, check_pattern_flag, masked_softmax, merge_heads, split_heads
+from ._common import masked_softmax, merge_heads, split_heads
 
 QK_FORMS = ("separate", "collapsed", "symmetric", "symmetric_collapsed")
 VALUE_FORMS = ("identity", "collapsed", "separate")
@@ -55,7 +55,8 @@ class MinimalAttention(nn.Module):
                  qk: str = "symmetric", value: str = "identity", backend: str = "auto") -> None:
         super().__init__()
         mech = MINIMAL_SYMMETRIC
-        self.dim, self.heads, _, self.head_dim = check_heads(mech, dim, heads, kv_heads, gqa=False)
+        self.dim, self.heads, _, self.head_dim = check_heads(
+            dim, heads, kv_heads, gqa=False, what=f"mechanism {mech.name!r}")
         self.causal = check_pattern_flag(mech, causal)
         opts = mech.resolve_options({"qk": qk, "value": value})
         self.qk, self.value = opts["qk"], opts["value"]
@@ -135,7 +136,8 @@ class MinimalAttention(nn.Module):
         return KVCache(batch_size, H, d, d, dtype=dtype, device=device)
 
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
-        src = check_call(MINIMAL_SYMMETRIC, self, x, context, key_padding_mask, state)
+        src = check_sequence_call(self, x, context, key_padding_mask=key_padding_mask, state=state,
+                                  state_type=KVCache, mech=MINIMAL_SYMMETRIC)
         B, N, _ = x.shape
         q, k = self._queries_keys(x, src)  # (B, H, N, e), (B, H|1, M, e)
         v = self._values(src)  # (B, H, M, d)

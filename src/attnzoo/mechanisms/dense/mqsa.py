@@ -31,19 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend
+from ...errors import check_backend, check_heads, check_pattern_flag, check_sequence_call
 from ...kernels.sdpa import sdpa
 from ...reference import acc_dtype, dense_mask, repeat_kv
 from ...registry import Mechanism, Option, register
-from ._common import (
-    TokenHistoryCache,
-    check_call,
-    check_heads,
-    check_pattern_flag,
-    masked_softmax,
-    merge_heads,
-    split_heads,
-)
+from ._common import TokenHistoryCache, masked_softmax, merge_heads, split_heads
 
 
 def pooling_matrix(n: int, window: int, mask: torch.Tensor | None, logits: torch.Tensor | None,
@@ -93,7 +85,8 @@ class MultiQuerySelfAttention(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         mech = MQSA
-        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(mech, dim, heads, kv_heads, gqa=True)
+        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(
+            dim, heads, kv_heads, gqa=True, what=f"mechanism {mech.name!r}")
         self.causal = check_pattern_flag(mech, causal)
         opts = mech.resolve_options({"long_window": long_window, "short_window": short_window, "alpha": alpha,
                                      "pool": pool})
@@ -136,7 +129,8 @@ class MultiQuerySelfAttention(nn.Module):
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
         if context is not None:
             raise ValueError("context: MQSA is causal self attention over one item sequence; got a context")
-        check_call(MQSA, self, x, None, key_padding_mask, state)
+        check_sequence_call(self, x, None, key_padding_mask=key_padding_mask, state=state, state_type=TokenHistoryCache,
+                            mech=MQSA)
         B, N, _ = x.shape
         k = split_heads(self.k_proj(x), self.kv_heads)  # (B, Hk, N, d)
         v = split_heads(self.v_proj(x), self.kv_heads)  # (B, Hk, N, d)

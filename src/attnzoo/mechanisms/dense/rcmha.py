@@ -36,19 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend
+from ...errors import check_backend, check_heads, check_pattern_flag, check_sequence_call
 from ...reference import acc_dtype, dense_mask
 from ...registry import Mechanism, Option, register
-from ._common import (
-    TokenHistoryCache,
-    check_call,
-    check_heads,
-    check_pattern_flag,
-    masked_softmax,
-    merge_heads,
-    sinusoid,
-    split_heads,
-)
+from ._common import TokenHistoryCache, masked_softmax, merge_heads, sinusoid, split_heads
 
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, *, causal: bool) -> torch.Tensor:
@@ -69,7 +60,8 @@ class RelativeConvolutionalMHA(nn.Module):
                  kernel_size: int = 3, conv_input: str = "projections", backend: str = "auto") -> None:
         super().__init__()
         mech = RCMHA
-        self.dim, self.heads, _, self.head_dim = check_heads(mech, dim, heads, kv_heads, gqa=False)
+        self.dim, self.heads, _, self.head_dim = check_heads(
+            dim, heads, kv_heads, gqa=False, what=f"mechanism {mech.name!r}")
         self.causal = check_pattern_flag(mech, causal)
         opts = mech.resolve_options({"kernel_size": kernel_size, "conv_input": conv_input})
         self.kernel_size, self.conv_input = opts["kernel_size"], opts["conv_input"]
@@ -157,7 +149,8 @@ class RelativeConvolutionalMHA(nn.Module):
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
         if context is not None:
             raise ValueError("context: RCMHA convolves one sequence (self attention only); got a context")
-        check_call(RCMHA, self, x, None, key_padding_mask, state)
+        check_sequence_call(self, x, None, key_padding_mask=key_padding_mask, state=state, state_type=TokenHistoryCache,
+                            mech=RCMHA)
         B, N, _ = x.shape
         stream = self._conv_stream(x)  # (B, N, F)
         if key_padding_mask is not None:

@@ -36,20 +36,20 @@ import math
 import torch
 from torch import nn
 
-from ...errors import check_backend, check_key_padding_mask, check_qkv, check_scale
+from ...errors import (
+    check_backend,
+    check_heads,
+    check_key_padding_mask,
+    check_pattern_flag,
+    check_qkv,
+    check_scale,
+    check_sequence_call,
+)
 from ...kernels.sdpa import sdpa
 from ...reference import acc_dtype, dense_mask, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import KVCache
-from ._common import (
-    check_call,
-    check_heads,
-    check_pattern_flag,
-    masked_softmax,
-    merge_heads,
-    projection_kv_cache,
-    split_heads,
-)
+from ._common import masked_softmax, merge_heads, projection_kv_cache, split_heads
 
 
 def visible_keys(nq: int, nk: int, causal: bool, device=None, dtype=torch.float64) -> torch.Tensor:
@@ -120,7 +120,8 @@ class SelectiveAttention(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         mech = SELECTIVE_ATTENTION
-        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(mech, dim, heads, kv_heads, gqa=True)
+        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(
+            dim, heads, kv_heads, gqa=True, what=f"mechanism {mech.name!r}")
         self.causal = check_pattern_flag(mech, causal)
         opts = mech.resolve_options(dict(position_temperature=position_temperature,
                                          token_temperature=token_temperature, value_temperature=value_temperature,
@@ -160,7 +161,8 @@ class SelectiveAttention(nn.Module):
         return projection_kv_cache(self, batch_size, dtype, device)
 
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
-        src = check_call(SELECTIVE_ATTENTION, self, x, context, key_padding_mask, state)
+        src = check_sequence_call(self, x, context, key_padding_mask=key_padding_mask, state=state,
+                                  state_type=KVCache, mech=SELECTIVE_ATTENTION)
         q = split_heads(self.q_proj(x), self.heads)  # (B, H, N, d)
         k = split_heads(self.k_proj(src), self.kv_heads)  # (B, Hk, M, d)
         v = split_heads(self.v_proj(src), self.kv_heads)  # (B, Hk, M, d)

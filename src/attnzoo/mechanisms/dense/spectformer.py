@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import check_backend, check_int, check_tensor
+from ...errors import check_backend, check_int, check_module_input
 from ...reference import acc_dtype
 from ...registry import Mechanism, Option, register
 
@@ -74,7 +74,7 @@ class SpectralGatingNetwork(nn.Module):
         return f"dim={self.dim}, height={self.height}, width={self.width}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, ndim=4)
+        check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         if tuple(x.shape[1:]) != (self.height, self.width, self.dim):
             raise ValueError(f"x: expected (B, {self.height}, {self.width}, {self.dim}) channels-last (the filter is "
                              f"learned for this grid), got {tuple(x.shape)}")

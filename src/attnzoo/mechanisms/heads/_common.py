@@ -29,11 +29,10 @@ class TokenBuffers(DecodeState):
     def __init__(self, batch: int, shapes: Sequence[tuple[int, int]], *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, names: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.batch = check_int("batch", batch)
+        self.built_for(batch=batch, dtype=dtype, device=device)
         self.shapes = [(check_int("heads", h), check_int("dim", d, low=0)) for h, d in shapes]
         self.names = list(names) if names is not None else [f"buffer {i}" for i in range(len(self.shapes))]
-        self.dtype, self.device = dtype, device
-        self._bufs = [torch.empty(batch, h, 0, d, dtype=dtype, device=device) for h, d in self.shapes]
+        self._bufs = [torch.empty(batch, h, 0, d, dtype=dtype, device=self.device) for h, d in self.shapes]
         self._mask: torch.Tensor | None = None  # (B, capacity) bool, only once a padded token arrived
         self.length = 0
 
@@ -48,7 +47,7 @@ class TokenBuffers(DecodeState):
 
     def pending_mask(self, T: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The padding mask over committed + T new tokens (without committing), or None if nothing is padded."""
-        check_key_padding_mask(key_padding_mask, self.batch, T)
+        check_key_padding_mask(key_padding_mask, self.batch, T, device=self.device)
         if key_padding_mask is None and self._mask is None:
             return None
         old = self.mask if self._mask is not None else torch.ones(self.batch, self.length, dtype=torch.bool,
@@ -68,6 +67,8 @@ class TokenBuffers(DecodeState):
             raise ValueError(f"{self.names[i]}: expected (B, H, T, D) = {want} for this cache, got {tuple(new.shape)}")
         if new.dtype != self.dtype:
             raise TypeError(f"{self.names[i]}: expected dtype {self.dtype} for this cache, got {new.dtype}")
+        if new.device != self.device:
+            raise ValueError(f"{self.names[i]}: expected device {self.device} (this cache's), got {new.device}")
         L = self.length
         buf = self._bufs[i]
         if torch.is_grad_enabled() and (new.requires_grad or buf.requires_grad):
@@ -83,7 +84,7 @@ class TokenBuffers(DecodeState):
 
     def advance(self, T: int, key_padding_mask: torch.Tensor | None = None) -> None:
         """Commit T written tokens (every buffer must have been written), with their padding mask (B, T)."""
-        check_key_padding_mask(key_padding_mask, self.batch, T)
+        check_key_padding_mask(key_padding_mask, self.batch, T, device=self.device)
         L = self.length
         for name, buf in zip(self.names, self._bufs):
             if buf.shape[2] < L + T:

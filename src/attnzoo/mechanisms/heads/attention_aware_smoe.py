@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_int, check_key_padding_mask, check_tensor
+from ...errors import (
+    check_backend,
+    check_bool,
+    check_heads,
+    check_int,
+    check_sequence_call,
+)
 from ...reference import dense_mask, repeat_kv
 from ...registry import Mechanism, Option, register
 from ._common import TokenBuffers
@@ -81,23 +87,15 @@ class AttentionAwareSMoE(nn.Module):
         opts = SMOE.resolve_options(dict(experts=experts, top_k=top_k, router=router, tau=tau,
                                          expert_hidden=expert_hidden, pre_norm=pre_norm,
                                          aux_loss_weight=aux_loss_weight))
-        self.dim, self.heads = check_int("dim", dim), check_int("heads", heads)
-        self.kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
-        if heads % self.kv_heads:
-            raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={self.kv_heads}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}; or pass head_dim")
-            head_dim = dim // heads
-        self.head_dim = hd = check_int("head_dim", head_dim)
+        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(dim, heads, kv_heads, head_dim=head_dim)
+        hd = self.head_dim
         self.experts, self.top_k, self.router = opts["experts"], opts["top_k"], opts["router"]
         if self.top_k > self.experts:
             raise ValueError(f"top_k: expected at most experts={self.experts}, got {self.top_k}")
         if not opts["tau"] > 0:
             raise ValueError(f"tau: expected a positive temperature, got {opts['tau']!r}")
         self.tau, self.aux_loss_weight = opts["tau"], opts["aux_loss_weight"]
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        check_bool("causal", causal)
         check_backend(backend)
         self.causal, self.backend = causal, backend
         self.scale = 1.0 / math.sqrt(hd)
@@ -147,16 +145,12 @@ class AttentionAwareSMoE(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, state: RoutedKVCache | None = None):
         """x (B, N, dim), key_padding_mask (B, N) bool (True = real token). Returns (B, N, dim), or (out, state)."""
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
         if context is not None:
             raise ValueError("context: attention-aware routing mixes the gates of one sequence's tokens; cross "
                              "attention is not supported (got a context)")
-        if state is not None and not self.causal:
-            raise ValueError("state: decoding needs a causal layer; build it with causal=True")
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=RoutedKVCache,
+                            mech=SMOE)
         B, N, _ = x.shape
-        check_key_padding_mask(key_padding_mask, B, N)
         H, Hk, hd, E = self.heads, self.kv_heads, self.head_dim, self.experts
         xa = self.norm1(x)
         q = split_heads(self.q_proj(xa), H, hd)  # (B, H, N, hd)
@@ -189,7 +183,8 @@ class AttentionAwareSMoE(nn.Module):
         p_mix = mix_gates(p_all, graph)  # (B, N, E)
         sel = topk_mask(p_mix, self.top_k)  # (B, N, E)
         g = p_mix * sel
-        g = g / g.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)  # renormalised over the top-k
+        den = g.sum(dim=-1, keepdim=True)  # 0 for a token that sees no key (all its gates are 0): keep them 0
+        g = g / torch.where(den > 0, den, torch.ones_like(den))  # renormalised over the top-k (finite gradients)
         weight = key_padding_mask.reshape(-1) if key_padding_mask is not None else None
         self.aux_loss = load_balancing_loss(p_mix.reshape(-1, E), sel.reshape(-1, E), weight) * self.aux_loss_weight
         self.last_gates, self.last_selected = p_mix.detach(), sel

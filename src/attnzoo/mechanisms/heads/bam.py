@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_int, check_key_padding_mask, check_tensor
+from ...errors import (
+    check_backend,
+    check_bool,
+    check_heads,
+    check_int,
+    check_sequence_call,
+)
 from ...kernels.sdpa import sdpa
 from ...reference import softmax_attention
 from ...registry import PATTERNS, Mechanism, Option, register
@@ -57,21 +63,13 @@ class BAMAttention(nn.Module):
         super().__init__()
         opts = BAM.resolve_options(dict(experts=experts, routing=routing, top_k=top_k, kv_sharing=kv_sharing,
                                         aux_loss_weight=aux_loss_weight))
-        self.dim, self.heads = check_int("dim", dim), check_int("heads", heads)
-        self.kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
-        if heads % self.kv_heads:
-            raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={self.kv_heads}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}; or pass head_dim")
-            head_dim = dim // heads
-        self.head_dim = hd = check_int("head_dim", head_dim)
+        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(dim, heads, kv_heads, head_dim=head_dim)
+        hd = self.head_dim
         self.experts, self.routing, self.top_k = opts["experts"], opts["routing"], opts["top_k"]
         self.kv_sharing, self.aux_loss_weight = opts["kv_sharing"], opts["aux_loss_weight"]
         if self.routing == "topk" and self.top_k > self.experts:
             raise ValueError(f"top_k: expected at most experts={self.experts}, got {self.top_k}")
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        check_bool("causal", causal)
         check_backend(backend)
         self.causal, self.backend = causal, backend
         self.context_dim = dim if context_dim is None else check_int("context_dim", context_dim)
@@ -160,20 +158,9 @@ class BAMAttention(nn.Module):
 
         Returns (B, N, dim), or ``(out, state)`` with a decode state.
         """
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        if context is not None:
-            check_tensor("context", context, ndim=3)
-            if context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
-                raise ValueError(f"context: expected ({x.shape[0]}, M, {self.context_dim}), got {tuple(context.shape)}")
-            if state is not None:
-                raise ValueError("context: decoding with a state is causal self attention; got a context")
-        if state is not None and not self.causal:
-            raise ValueError("state: decoding needs a causal layer; build it with causal=True")
-        src = x if context is None else context
+        src = check_sequence_call(self, x, context, key_padding_mask=key_padding_mask, state=state,
+                                  state_type=KVCache, mech=BAM)
         B, N, _ = x.shape
-        check_key_padding_mask(key_padding_mask, B, src.shape[1])
         k, v = self._kv(src)  # (B, n Hk, M, hd)
         kpm = key_padding_mask
         if state is not None:

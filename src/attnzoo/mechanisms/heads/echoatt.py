@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import check_int, check_key_padding_mask, check_tensor
+from ...errors import check_bool, check_heads, check_int, check_sequence_call
 from ...reference import dense_mask, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
 from ._common import TokenBuffers
@@ -63,17 +63,9 @@ class EchoAttention(nn.Module):
                  bias: bool = False) -> None:
         super().__init__()
         opts = ECHOATT.resolve_options(dict(layers=layers, share=share))
-        self.dim, self.heads = check_int("dim", dim), check_int("heads", heads)
-        self.kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
-        if heads % self.kv_heads:
-            raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={self.kv_heads}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}; or pass head_dim")
-            head_dim = dim // heads
-        self.head_dim = hd = check_int("head_dim", head_dim)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(dim, heads, kv_heads, head_dim=head_dim)
+        hd = self.head_dim
+        check_bool("causal", causal)
         self.causal, self.layers, self.share = causal, opts["layers"], opts["share"]
         self.context_dim = dim if context_dim is None else check_int("context_dim", context_dim)
         self.scale = 1.0 / math.sqrt(hd)
@@ -106,19 +98,9 @@ class EchoAttention(nn.Module):
 
         Returns (B, N, dim), or ``(out, state)`` with a decode state.
         """
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        if context is not None:
-            check_tensor("context", context, ndim=3)
-            if context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
-                raise ValueError(f"context: expected ({x.shape[0]}, M, {self.context_dim}), got {tuple(context.shape)}")
-            if state is not None:
-                raise ValueError("context: decoding with a state is causal self attention; got a context")
-        if state is not None and not self.causal:
-            raise ValueError("state: decoding needs a causal layer; build it with causal=True")
+        src = check_sequence_call(self, x, context, key_padding_mask=key_padding_mask, state=state,
+                                  state_type=EchoAttentionCache, mech=ECHOATT)
         B, N, _ = x.shape
-        check_key_padding_mask(key_padding_mask, B, (x if context is None else context).shape[1])
         H, Hk, hd = self.heads, self.kv_heads, self.head_dim
         kpm = key_padding_mask if state is None else state.pending_mask(N, key_padding_mask)
         h = x

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import check_int, check_key_padding_mask, check_tensor
+from ...errors import check_int, check_sequence_call
 from ...registry import Mechanism, Option, register
 
 FORMS = ("mlb", "hadamard")
@@ -84,10 +84,7 @@ class LowRankMultiHeadPooling(nn.Module):
 
     def forward(self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, dim) -> (B, heads, dim)."""
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask)
         c = self.global_context(x, key_padding_mask)  # (B, dim)
         s = self.scores(x, c)  # (B, heads, N)
         if key_padding_mask is not None:

@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_int, check_key_padding_mask, check_tensor
+from ...errors import (
+    check_backend,
+    check_bool,
+    check_heads,
+    check_int,
+    check_sequence_call,
+)
 from ...reference import softmax_attention
 from ...registry import PATTERNS, Mechanism, Option, register
 from ...state import KVCache
@@ -65,18 +71,8 @@ class MixtureOfHeadsAttention(nn.Module):
         super().__init__()
         opts = MOH.resolve_options(dict(shared_heads=shared_heads, routed_topk=routed_topk, gate=gate, router=router,
                                         aux_loss_weight=aux_loss_weight))
-        self.dim = check_int("dim", dim)
-        self.heads = check_int("heads", heads)
-        self.kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
-        if heads % self.kv_heads:
-            raise ValueError(f"kv_heads: heads ({heads}) must be a multiple of kv_heads, got kv_heads={self.kv_heads}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}; or pass head_dim")
-            head_dim = dim // heads
-        self.head_dim = check_int("head_dim", head_dim)
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        self.dim, self.heads, self.kv_heads, self.head_dim = check_heads(dim, heads, kv_heads, head_dim=head_dim)
+        check_bool("causal", causal)
         check_backend(backend)
         self.causal, self.backend = causal, backend
         hs = heads // 2 if opts["shared_heads"] is None else opts["shared_heads"]
@@ -184,20 +180,9 @@ class MixtureOfHeadsAttention(nn.Module):
 
         Returns (B, N, dim), or ``(out, state)`` when a decode state is given.
         """
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        if context is not None:
-            check_tensor("context", context, ndim=3)
-            if context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
-                raise ValueError(f"context: expected ({x.shape[0]}, M, {self.context_dim}), got {tuple(context.shape)}")
-            if state is not None:
-                raise ValueError("context: decoding with a state is causal self attention; got a context")
-        if state is not None and not self.causal:
-            raise ValueError("state: decoding needs a causal layer; build it with causal=True")
-        src = x if context is None else context
+        src = check_sequence_call(self, x, context, key_padding_mask=key_padding_mask, state=state,
+                                  state_type=KVCache, mech=MOH)
         B, N, _ = x.shape
-        check_key_padding_mask(key_padding_mask, B, src.shape[1])
         hd, H, Hk = self.head_dim, self.heads, self.kv_heads
         k = split_heads(self.k_proj(src), Hk, hd)  # (B, Hk, M, hd)
         v = split_heads(self.v_proj(src), Hk, hd)  # (B, Hk, M, hd)

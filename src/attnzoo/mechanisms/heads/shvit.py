@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_int, check_tensor
+from ...errors import check_backend, check_int, check_module_input
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 
@@ -72,9 +72,7 @@ class SingleHeadSelfAttention(nn.Module):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """The tensor before the projection: ``[attention(X_att); X_res]`` (B, dim, H, W)."""
-        check_tensor("x", x, ndim=4)
-        if x.shape[1] != self.dim:
-            raise ValueError(f"x: expected (B, {self.dim}, H, W) channels-first, got shape {tuple(x.shape)}")
+        check_module_input(self, x, layout="(B, C, H, W)", channels=self.dim, channel_axis=1)
         B, C, Hh, Ww = x.shape
         x_att, x_res = torch.split(x, [self.pdim, C - self.pdim], dim=1)  # (B, Cp, H, W), (B, C - Cp, H, W)
         q, k, v = self.qkv(self.pre_norm(x_att)).split([self.qk_dim, self.qk_dim, self.pdim], dim=1)

@@ -37,7 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_int, check_key_padding_mask, check_tensor
+from ...errors import (
+    check_backend,
+    check_bool,
+    check_heads,
+    check_int,
+    check_key_padding_mask,
+    check_sequence_call,
+)
 from ...kernels.sdpa import sdpa
 from ...reference import dense_mask, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
@@ -140,12 +147,8 @@ class DiffQKVAttention(nn.Module):
         super().__init__()
         opts = SIGMA.resolve_options(dict(key_heads=key_heads, value_heads=value_heads, key_dim=key_dim,
                                           aug_q_dim=aug_q_dim, v_topk=v_topk))
-        self.dim, self.heads = check_int("dim", dim), check_int("heads", heads)
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}; or pass head_dim")
-            head_dim = dim // heads
-        self.head_dim = hd = check_int("head_dim", head_dim)
+        self.dim, self.heads, _, self.head_dim = check_heads(dim, heads, None, head_dim=head_dim)
+        hd = self.head_dim
         if kv_heads is not None:
             check_int("kv_heads", kv_heads)
         nv = opts["value_heads"] if opts["value_heads"] is not None else (kv_heads or max(1, heads // 2))
@@ -156,8 +159,7 @@ class DiffQKVAttention(nn.Module):
         self.key_heads, self.value_heads = nk, nv
         self.key_dim = hd if opts["key_dim"] is None else opts["key_dim"]
         self.aug_q_dim, self.v_topk = opts["aug_q_dim"], opts["v_topk"]
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        check_bool("causal", causal)
         check_backend(backend)
         self.causal, self.backend = causal, backend
         self.context_dim = dim if context_dim is None else check_int("context_dim", context_dim)
@@ -200,23 +202,12 @@ class DiffQKVAttention(nn.Module):
 
         Returns (B, N, dim), or ``(out, state)`` with a decode state.
         """
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        if context is not None:
-            check_tensor("context", context, ndim=3)
-            if context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
-                raise ValueError(f"context: expected ({x.shape[0]}, M, {self.context_dim}), got {tuple(context.shape)}")
-            if state is not None:
-                raise ValueError("context: decoding with a state is causal self attention; got a context")
-        if state is not None and not self.causal:
-            raise ValueError("state: decoding needs a causal layer; build it with causal=True")
+        src = check_sequence_call(self, x, context, key_padding_mask=key_padding_mask, state=state,
+                                  state_type=DiffKVCache, mech=SIGMA)
         if self.backend == "fast" and self.v_topk is not None:
             raise ValueError("backend: 'fast' does not apply with v_topk (selective V fetching is computed by the "
                              "reference form); use backend='auto' or 'reference'")
-        src = x if context is None else context
         B, N, _ = x.shape
-        check_key_padding_mask(key_padding_mask, B, src.shape[1])
         q = self.queries(x)  # (B, n_q, N, hd)
         k = split_heads(self.k_proj(src), self.key_heads, self.key_dim)  # (B, n_k, M, d_k)
         v = split_heads(self.v_proj(src), self.value_heads, self.head_dim)  # (B, n_v, M, hd)
@@ -273,6 +264,7 @@ class DiffKVCache(TokenBuffers):
         if k.dim() == 4 and v.dim() == 4 and k.shape[2] != v.shape[2]:
             raise ValueError(f"k, v: expected the same number of new tokens, got {k.shape[2]} and {v.shape[2]}")
         T = k.shape[2] if k.dim() == 4 else 0
+        check_key_padding_mask(key_padding_mask, self.batch, T, device=self.device)
         keys = self.write(0, k)
         values = self.write(1, v)
         self.advance(T, key_padding_mask)

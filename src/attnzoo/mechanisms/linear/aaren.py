@@ -37,7 +37,7 @@ import math
 import torch
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
+from ...errors import check_backend, check_heads, check_init_state, check_int, check_sequence_call
 from ...reference import acc_dtype, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state import RecurrentState
@@ -162,14 +162,10 @@ class Aaren(nn.Module):
         if causal is not True:
             raise ValueError(f"causal: Aaren computes every prefix's attention (pattern 'causal_self'), "
                              f"got causal={causal!r}; use Aaren.pool for the many-to-one output")
-        if kv_heads is not None and kv_heads != heads:
-            raise ValueError(f"kv_heads: Aaren has one learned query per head, expected None or {heads}, "
-                             f"got {kv_heads}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
-            head_dim = dim // heads
-        self.dim, self.heads, self.head_dim, self.chunk, self.backend = dim, heads, head_dim, chunk, backend
+        dim, heads, _, head_dim = check_heads(dim, heads, kv_heads, head_dim=head_dim, gqa=False,
+                                              what="Aaren (one learned query per head)")
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.chunk, self.backend = check_int("chunk", chunk), check_backend(backend)
         self.scale = 1.0 / math.sqrt(head_dim)
         self.query = nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, head_dim), std=1.0))
         self.k_proj = nn.Linear(dim, heads * head_dim, bias=False)
@@ -181,12 +177,13 @@ class Aaren(nn.Module):
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None, device=None) -> RecurrentState:
         w = self.query
-        acc = acc_dtype(dtype or w.dtype)
-        device = device or w.device
+        spec = check_init_state(batch=batch_size, dtype=w.dtype if dtype is None else dtype,
+                                device=w.device if device is None else device)
+        acc, device = acc_dtype(spec["dtype"]), spec["device"]
         H = self.heads
         return RecurrentState(m=torch.full((batch_size, H), NEG_INF, dtype=acc, device=device),
                               u=torch.zeros(batch_size, H, dtype=acc, device=device),
-                              w=torch.zeros(batch_size, H, self.head_dim, dtype=acc, device=device))
+                              w=torch.zeros(batch_size, H, self.head_dim, dtype=acc, device=device)).built_for(**spec)
 
     def _kv(self, x):
         B, N, _ = x.shape
@@ -200,12 +197,9 @@ class Aaren(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, state: RecurrentState | None = None):
         """x (B, N, dim) -> (B, N, dim), or ``(out, state)`` when decoding with a state."""
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
         if context is not None:
             raise ValueError("context: Aaren attends over its own prefix (pattern 'causal_self'); got a context")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=RecurrentState)
         B, N, _ = x.shape
         k, v = self._kv(x)
         if state is None and self.backend == "reference":
@@ -224,8 +218,7 @@ class Aaren(nn.Module):
 
     def pool(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Many-to-one: the attention of the learned queries over all of x, (B, N, dim) -> (B, dim)."""
-        check_tensor("x", x, ndim=3)
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask)
         B, N, _ = x.shape
         k, v = self._kv(x)
         s = aaren_scores(self.query, k, self.scale, key_padding_mask)  # (B, H, N)

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_tensor
+from ...errors import check_backend, check_heads, check_int, check_module_input
 from ...kernels.sdpa import sdpa
 from ...reference import acc_dtype, repeat_kv
-from ...registry import Mechanism, Option, register
+from ...registry import CrossSpec, Mechanism, Option, register
 
 
 def pool_agents(q: torch.Tensor, agents: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,6 +120,7 @@ AGENT = register(Mechanism(
     test_options={"agents": 3},
     notes="invariant to permuting keys with their values, not to permuting queries (agents pool them in order); "
           "agents >= Nq with Nq | agents makes the agents the queries themselves (repeated).",
+    cross=CrossSpec(query_independent=False, context_permutation_invariant=True),  # agents pool all the queries
 ))
 
 
@@ -146,8 +147,8 @@ class AgentAttention2d(nn.Module):
     def __init__(self, dim: int, heads: int, *, agents: int = 49, grid: int = 14, qkv_bias: bool = False,
                  agent_bias: bool = True, backend: str = "auto") -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
+        dim, heads, _, _ = check_heads(dim, heads)
+        agents, grid = check_int("agents", agents), check_int("grid", grid)
         pool = math.isqrt(agents)
         if pool * pool != agents:
             raise ValueError(f"agents: the module pools the grid to sqrt(agents) x sqrt(agents); expected a perfect "
@@ -155,7 +156,7 @@ class AgentAttention2d(nn.Module):
         self.dim, self.heads, self.agents, self.pool_size, self.grid = dim, heads, agents, pool, grid
         self.head_dim = dim // heads
         self.scale = self.head_dim ** -0.5
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
@@ -185,9 +186,7 @@ class AgentAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) channels-last -> (B, H, W, C)."""
-        check_tensor("x", x, ndim=4)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got shape {tuple(x.shape)}")
+        check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, Hh, Ww, C = x.shape
         N, h, d, m = Hh * Ww, self.heads, self.head_dim, self.agents
         q, k, v = self.qkv(x.reshape(B, N, C)).chunk(3, dim=-1)  # (B, N, C) each

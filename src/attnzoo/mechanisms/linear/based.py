@@ -43,7 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
+from ...errors import (
+    check_backend,
+    check_bool,
+    check_choice,
+    check_float,
+    check_heads,
+    check_init_state,
+    check_int,
+    check_sequence_call,
+    check_step,
+)
 from ...kernels import chunked  # chunked.PIECE_TOKENS read at call time (tests shrink it)
 from ...kernels.chunked import (
     DEFAULT_CHUNK,
@@ -56,7 +66,7 @@ from ...kernels.chunked import (
 )
 from ...reference import acc_dtype
 from ...registry import PATTERNS, Mechanism, Option, register
-from ...state import RecurrentState
+from ...state import KVCache, RecurrentState
 from .linear_attention import (
     CHUNK_OPTION,
     fast_linear_attention,
@@ -309,8 +319,7 @@ def chunked_taylor_attention(
     ones to v for the denominator. Returns out (B, Hq, N, Dv) and the final state (B, Hk, F, Dv) in float32
     (or float64), both differentiable.
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
+    check_int("chunk", chunk)
     return _ChunkedTaylorAttention.apply(q, k, v, initial_state, float(scale), chunk, key_padding_mask)
 
 
@@ -327,12 +336,13 @@ def based_fast(q, k, v, *, causal, key_padding_mask, scale, normalize, eps, chun
 
 
 def based_init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, normalize, eps, chunk):
-    return init_linear_state(batch, kv_heads, taylor_feature_dim(head_dim), value_dim, normalize=normalize,
-                             dtype=dtype, device=device)
+    return init_linear_state(batch, kv_heads, taylor_feature_dim, value_dim, normalize=normalize, dtype=dtype,
+                             device=device, head_dim=head_dim)
 
 
 def based_step(q, k, v, state, *, scale, key_padding_mask=None, normalize, eps, chunk):
     """Decode T tokens on the packed (kv, z) state: (1 + d' + d'(d'+1)/2) x (Dv + 1) numbers per head."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=RecurrentState)
     qf, kf = _taylor_qk(q, k, scale)
     out = linear_state_step(qf, kf, v, state, normalize=normalize, eps=eps, key_padding_mask=key_padding_mask,
                             chunk=chunk)
@@ -397,18 +407,15 @@ class BasedLayer(nn.Module):
         super().__init__()
         if causal is not True:
             raise ValueError(f"causal: a BASED layer is causal (patterns ['causal_self']), got causal={causal!r}")
-        if kv_heads is not None and kv_heads != heads:
-            raise ValueError(f"kv_heads: BASED has one key/value head per head, expected None or {heads}, "
-                             f"got {kv_heads}")
-        if mixer not in MIXERS:
-            raise ValueError(f"mixer: expected one of {list(MIXERS)}, got {mixer!r}")
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
+        dim, heads, _, self.head_dim = check_heads(dim, heads, kv_heads, gqa=False,
+                                                   what="BASED (one key/value head per head)")
+        check_choice("mixer", mixer, MIXERS)
         self.dim, self.heads, self.mixer = dim, heads, mixer
-        self.head_dim = dim // heads
-        self.feature_dim, self.normalize, self.eps, self.chunk = feature_dim, normalize, eps, chunk
-        self.kernel_size, self.window = kernel_size, window
-        self.backend = backend
+        self.feature_dim, self.normalize = check_int("feature_dim", feature_dim), check_bool("normalize", normalize)
+        self.eps, self.chunk = check_float("eps", eps, low=0.0), check_int("chunk", chunk)
+        self.kernel_size, self.window = check_int("kernel_size", kernel_size), check_int("window", window)
+        expand = check_int("expand", expand)
+        self.backend = check_backend(backend)
         if mixer == "linear":
             self.proj_q = nn.Linear(dim, feature_dim * heads, bias=False)
             self.proj_k = nn.Linear(dim, feature_dim * heads, bias=False)
@@ -431,25 +438,24 @@ class BasedLayer(nn.Module):
     # -- state ---------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None, device=None):
         w = next(self.parameters())
-        dtype, device = dtype or w.dtype, device or w.device
+        dtype, device = (w.dtype if dtype is None else dtype), (w.device if device is None else device)
         if self.mixer == "linear":
             return init_linear_state(batch_size, self.heads, taylor_feature_dim(self.feature_dim), self.head_dim,
                                      normalize=self.normalize, dtype=dtype, device=device)
         if self.mixer == "conv":
+            spec = check_init_state(batch=batch_size, dtype=dtype, device=device)
             return RecurrentState(conv=torch.zeros(batch_size, self.kernel_size - 1, self.d_inner, dtype=dtype,
-                                                   device=device))
+                                                   device=spec["device"])).built_for(**spec)
         return self.attn.init_state(batch_size, dtype=dtype, device=device)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, state=None):
         """x (B, N, dim) -> (B, N, dim), or ``(out, state)`` when decoding with a state."""
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
         if context is not None:
             raise ValueError("context: a BASED layer is causal self attention (pattern 'causal_self'); got a context")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state,
+                            state_type=KVCache if self.mixer == "window" else RecurrentState)
         if self.mixer == "window":
             self.attn.backend = self.backend
             return self.attn(x, key_padding_mask=key_padding_mask, state=state)

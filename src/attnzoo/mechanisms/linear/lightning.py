@@ -32,8 +32,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ...errors import check_step
 from ...reference import acc_dtype, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
+from ...state import RecurrentState
 from .linear_attention import (
     CHUNK_OPTION,
     decay_matrix,
@@ -137,11 +139,13 @@ def lightning_fast_supports(q, k, v, causal, key_padding_mask, opts):
 
 
 def lightning_init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, decay, chunk):
-    return init_linear_state(batch, kv_heads, head_dim, value_dim, normalize=False, dtype=dtype, device=device)
+    return init_linear_state(batch, kv_heads, head_dim, value_dim, normalize=False, dtype=dtype, device=device,
+                             head_dim=head_dim)
 
 
 def lightning_step(q, k, v, state, *, scale, key_padding_mask=None, decay, chunk):
     """``KV <- lambda KV + k^T v``, ``o = q KV`` (one token); a prefill runs the block algorithm."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=RecurrentState)
     lam = resolve_decay(decay, k.shape[1])
     out = linear_state_step(q * scale, k, v, state, decay=lam, normalize=False, eps=0.0,
                             key_padding_mask=key_padding_mask, chunk=chunk)

@@ -26,9 +26,12 @@ decode step on a :class:`~attnzoo.state.RecurrentState` (:func:`linear_state_ste
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from ...errors import check_init_state, check_int, check_step
 from ...kernels.chunked import DEFAULT_CHUNK, chunked_linear_attention, decay_weights, global_linear_attention
 from ...reference import acc_dtype, repeat_kv
 from ...registry import PATTERNS, Mechanism, Option, register
@@ -211,14 +214,20 @@ def fast_linear_attention(qf, kf, v, *, causal: bool, decay: torch.Tensor | None
 # --------------------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------------------
-def init_linear_state(batch: int, kv_heads: int, features: int, value_dim: int, *, normalize: bool,
-                      dtype: torch.dtype, device) -> RecurrentState:
-    """Empty state: ``kv`` (B, Hk, F, Dv) and, when normalising, ``z`` (B, Hk, F), in float32 or wider."""
+def init_linear_state(batch: int, kv_heads: int, features: int | Callable[[int], int], value_dim: int, *,
+                      normalize: bool, dtype: torch.dtype, device, head_dim: int | None = None) -> RecurrentState:
+    """Empty state: ``kv`` (B, Hk, F, Dv) and, when normalising, ``z`` (B, Hk, F), in float32 or wider; built for
+    calls with ``batch``, ``kv_heads``, ``head_dim`` (``features`` may be a function of it), ``value_dim`` and
+    ``dtype`` (validated first)."""
+    spec = check_init_state(batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=value_dim, dtype=dtype,
+                            device=device)
+    features = check_int("features", features(head_dim) if callable(features) else features)
     acc = acc_dtype(dtype)
+    device = spec["device"]
     tensors = {"kv": torch.zeros(batch, kv_heads, features, value_dim, dtype=acc, device=device)}
     if normalize:
         tensors["z"] = torch.zeros(batch, kv_heads, features, dtype=acc, device=device)
-    return RecurrentState(**tensors)
+    return RecurrentState(**tensors).built_for(**spec)
 
 
 def linear_state_step(qf, kf, v, state: RecurrentState, *, decay: torch.Tensor | None = None, normalize: bool,
@@ -289,11 +298,13 @@ def linear_fast(q, k, v, *, causal, key_padding_mask, scale, feature_map, normal
 
 
 def linear_init_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, feature_map, normalize, eps, chunk):
-    return init_linear_state(batch, kv_heads, head_dim, value_dim, normalize=normalize, dtype=dtype, device=device)
+    return init_linear_state(batch, kv_heads, head_dim, value_dim, normalize=normalize, dtype=dtype, device=device,
+                             head_dim=head_dim)
 
 
 def linear_step(q, k, v, state, *, scale, key_padding_mask=None, feature_map, normalize, eps, chunk):
     """Decode T new tokens on the (kv, z) state; constant time and memory per token."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=RecurrentState)
     qf, kf = _features(q, k, scale, feature_map)
     out = linear_state_step(qf, kf, v, state, normalize=normalize, eps=eps, key_padding_mask=key_padding_mask,
                             chunk=chunk)

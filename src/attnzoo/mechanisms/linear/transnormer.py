@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_key_padding_mask, check_tensor
+from ...errors import check_backend, check_bool, check_int, check_sequence_call
 from ...reference import acc_dtype
 from ...registry import Mechanism, Option, register
+from ...state import RecurrentState
 from .lightning import alibi_slopes, lightning_fast, lightning_reference, lightning_step
 from .linear_attention import CHUNK_OPTION, init_linear_state
 
@@ -77,10 +78,11 @@ class TransNormerAttention(nn.Module):
         if causal is not True:
             raise ValueError(f"causal: TransNormerLLM's attention is causal (patterns ['causal_self']), "
                              f"got causal={causal!r}")
+        dim, heads = check_int("dim", dim), check_int("heads", heads)
         if kv_heads is not None and kv_heads != heads:
             raise ValueError(f"kv_heads: TransNormerLLM has one key/value head per head, expected None or {heads}, "
                              f"got {kv_heads}")
-        hidden = dim if hidden_dim is None else hidden_dim
+        hidden = dim if hidden_dim is None else check_int("hidden_dim", hidden_dim)
         if hidden % heads:
             raise ValueError(f"hidden_dim: ({hidden}) must be divisible by heads, got heads={heads}")
         if not 0 <= layer_idx < num_layers:
@@ -88,7 +90,8 @@ class TransNormerAttention(nn.Module):
         if gate not in GATES:
             raise ValueError(f"gate: expected one of {list(GATES)}, got {gate!r}")
         self.dim, self.heads, self.hidden, self.head_dim = dim, heads, hidden, hidden // heads
-        self.use_lrpe, self.gate, self.norm_eps, self.chunk, self.backend = lrpe, gate, norm_eps, chunk, backend
+        self.use_lrpe, self.gate, self.norm_eps = check_bool("lrpe", lrpe), gate, norm_eps
+        self.chunk, self.backend = check_int("chunk", chunk), check_backend(backend)
         self.decay = tnl_decay(heads, layer_idx, num_layers)  # python floats: immune to .to(dtype)
         self.qkvu_proj = nn.Linear(dim, 4 * hidden, bias=bias)
         self.out_proj = nn.Linear(hidden, dim, bias=bias)
@@ -104,18 +107,16 @@ class TransNormerAttention(nn.Module):
         w = self.qkvu_proj.weight
         feat = 2 * self.head_dim if self.use_lrpe else self.head_dim
         return init_linear_state(batch_size, self.heads, feat, self.head_dim, normalize=False,
-                                 dtype=dtype or w.dtype, device=device or w.device)
+                                 dtype=w.dtype if dtype is None else dtype,
+                                 device=w.device if device is None else device)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, state=None):
         """x (B, N, dim) -> (B, N, dim), or ``(out, state)`` when decoding with a state."""
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
         if context is not None:
             raise ValueError("context: TransNormerLLM's attention is causal self attention (pattern 'causal_self'); "
                              "got a context")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=RecurrentState)
         B, N, _ = x.shape
         H, d = self.heads, self.head_dim
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # (B, N, hidden) each

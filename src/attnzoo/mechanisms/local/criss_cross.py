@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import check_backend, check_tensor
+from ...errors import check_backend, check_int, check_module_input
 from ...masks import Predicate, materialize
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
@@ -76,8 +76,7 @@ class CrissCrossAttention(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("qk_reduction", qk_reduction), ("recurrence", recurrence)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
+            check_int(name, val)
         qk_dim = dim // qk_reduction
         if qk_dim < heads or qk_dim % heads or dim % heads:
             raise ValueError(f"heads: dim // qk_reduction = {qk_dim} and dim = {dim} must both be divisible by heads "
@@ -102,9 +101,7 @@ class CrissCrossAttention(nn.Module):
         return self.gamma * out + x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, ndim=4)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
+        check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         check_backend(self.backend)
         for _ in range(self.recurrence):
             x = self.attend(x)

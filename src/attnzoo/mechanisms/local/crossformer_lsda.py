@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import check_backend, check_int, check_tensor
+from ...errors import check_backend, check_bool, check_choice, check_heads, check_int, check_module_input
 from ...kernels.grid import tile_attention
 from ...masks import document, materialize
 from ...reference import softmax_attention
@@ -150,19 +150,14 @@ class CrossFormerLSDA(nn.Module):
     def __init__(self, dim: int, heads: int, *, mode: str = "sda", group_size: int = 7, interval: int | None = None,
                  qkv_bias: bool = True, dpb_dim: int | None = None, backend: str = "auto") -> None:
         super().__init__()
-        check_int("dim", dim)
-        check_int("heads", heads)
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
-        if mode not in ("sda", "lda"):
-            raise ValueError(f"mode: expected 'sda' or 'lda', got {mode!r}")
+        dim, heads, _, _ = check_heads(dim, heads)
+        check_choice("mode", mode, ("sda", "lda"))
         check_int("group_size", group_size)
         if interval is not None:
             check_int("interval", interval)
             if mode != "lda":
                 raise ValueError(f"interval: only applies to mode='lda', got interval={interval} with mode={mode!r}")
-        if not isinstance(qkv_bias, bool):
-            raise TypeError(f"qkv_bias: expected a bool, got {qkv_bias!r}")
+        check_bool("qkv_bias", qkv_bias)
         check_backend(backend)
         dpb_dim = max(dim // 16, 4) if dpb_dim is None else check_int("dpb_dim", dpb_dim)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
@@ -177,10 +172,8 @@ class CrossFormerLSDA(nn.Module):
                f"interval={self.interval}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, ndim=4)
+        check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
-        if C != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
         check_backend(self.backend)
         Gh, Gw, Ih, Iw = lsda_geometry(H, W, self.mode, self.group_size, self.interval)
         qkv = self.qkv(x).view(B, H, W, 3, self.heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)  # (3, B, h, H, W, d)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_tensor
+from ...errors import check_backend, check_bool, check_heads, check_int, check_module_input
 from ...kernels.grid import from_tiles, tile_attention, to_tiles
 from ...masks import Predicate, materialize
 from ...reference import softmax_attention
@@ -126,15 +126,11 @@ class HaloAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, block_size: int = 8, halo_size: int = 3, qkv_bias: bool = False,
                  mask_padding: bool = True, backend: str = "auto") -> None:
         super().__init__()
-        for name, val, low in (("dim", dim, 1), ("heads", heads, 1), ("block_size", block_size, 1),
-                               ("halo_size", halo_size, 0)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {val!r}")
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
-        for name, val in (("qkv_bias", qkv_bias), ("mask_padding", mask_padding)):
-            if not isinstance(val, bool):
-                raise TypeError(f"{name}: expected a bool, got {val!r}")
+        dim, heads, _, _ = check_heads(dim, heads)
+        check_int("block_size", block_size)
+        check_int("halo_size", halo_size, low=0)
+        check_bool("qkv_bias", qkv_bias)
+        check_bool("mask_padding", mask_padding)
         check_backend(backend)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.block_size, self.halo_size, self.mask_padding, self.backend = block_size, halo_size, mask_padding, backend
@@ -151,10 +147,8 @@ class HaloAttention(nn.Module):
                 f"mask_padding={self.mask_padding}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, ndim=4)
+        check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
-        if C != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
         if H % self.block_size or W % self.block_size:
             raise ValueError(f"x: grid {H}x{W} must be a multiple of block_size={self.block_size} on both axes")
         check_backend(self.backend)

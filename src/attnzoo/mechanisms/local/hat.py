@@ -36,17 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_int, check_tensor
+from ...errors import check_backend, check_bool, check_float, check_heads, check_int, check_module_input
 from ...kernels.grid import from_tiles, tile_attention, to_tiles
 from ...masks import document, materialize
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 from .halonet import halo_mask
-
-
-def _check_backend(backend):
-    check_backend(backend)
-    return backend
 
 
 def _mlp(dim: int, ratio: float) -> nn.Sequential:
@@ -269,23 +264,18 @@ class HybridAttentionBlock(nn.Module):
                  conv_scale: float = 0.01, mlp_ratio: float = 2.0, qkv_bias: bool = True, ocab: bool = True,
                  backend: str = "auto") -> None:
         super().__init__()
-        check_int("dim", dim)
-        check_int("heads", heads)
+        dim, heads, _, _ = check_heads(dim, heads)
         check_int("window_size", window_size)
         check_int("shift_size", shift_size, low=0)
         check_int("compress_ratio", compress_ratio)
         check_int("squeeze_factor", squeeze_factor)
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
-        for name, val in (("qkv_bias", qkv_bias), ("ocab", ocab)):
-            if not isinstance(val, bool):
-                raise TypeError(f"{name}: expected a bool, got {val!r}")
+        check_bool("qkv_bias", qkv_bias)
+        check_bool("ocab", ocab)
         for name, val in (("overlap_ratio", overlap_ratio), ("conv_scale", conv_scale), ("mlp_ratio", mlp_ratio)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
-                raise ValueError(f"{name}: expected a float >= 0, got {val!r}")
+            check_float(name, val, low=0.0)
         if int(dim * mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio: int(dim * mlp_ratio) must be >= 1, got {mlp_ratio}")
-        _check_backend(backend)
+        check_backend(backend)
         self.dim, self.heads, self.window = dim, heads, window_size
         self.hab = HAB(dim, heads, window_size=window_size, shift_size=shift_size, compress_ratio=compress_ratio,
                        squeeze_factor=squeeze_factor, conv_scale=conv_scale, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
@@ -300,16 +290,14 @@ class HybridAttentionBlock(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._backend = _check_backend(value)
+        self._backend = check_backend(value)
         self.hab.backend = value
         if self.ocab is not None:
             self.ocab.backend = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, ndim=4)
+        check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
-        if C != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
         if H % self.window or W % self.window:
             raise ValueError(f"x: grid {H}x{W} must be a multiple of window_size={self.window} on both axes")
         x = self.hab(x)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ...errors import check_append, check_int, check_step
 from ...kernels.local import local_attention
 from ...kernels.sdpa import sdpa
 from ...masks import materialize
@@ -178,9 +179,9 @@ class MoAState(DecodeState):
     def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *, sinks: int,
                  extra: int = 0, dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()
-        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
-        self.value_dim = head_dim if value_dim is None else value_dim
-        self.sinks, self.extra, self.dtype, self.device = sinks, extra, dtype, device
+        self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                       value_dim=head_dim if value_dim is None else value_dim, dtype=dtype, device=device)
+        self.sinks, self.extra = check_int("sinks", sinks, low=0), check_int("extra", extra, low=0)
         self.query_windows: list[int] | None = None  # per query head, set by configure()
         self.cache: PerHeadWindowCache | None = None
 
@@ -216,6 +217,7 @@ def init_moa_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, alpha
 def moa_step(q, k, v, state: MoAState, *, scale, alphas, betas, sinks, length, min_span, span_multiple,
              key_padding_mask=None):
     """Append T tokens to the per-head bounded cache, attend each query head to its sinks + window, evict."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=MoAState)
     Hq, Hk = q.shape[1], k.shape[1]
     if Hq % Hk:
         raise ValueError(f"q, k: query heads must be a multiple of key/value heads, got Hq={Hq}, Hk={Hk}")
@@ -259,10 +261,9 @@ class PerHeadWindowCache(DecodeState):
         if len(windows) != kv_heads:
             raise ValueError(f"windows: expected one window per key/value head ({kv_heads}), got {len(windows)}")
         for w in windows:
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                raise ValueError(f"windows: expected ints >= 1, got {windows!r}")
-        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
-        self.value_dim = head_dim if value_dim is None else value_dim
+            check_int("windows", w)
+        self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                       value_dim=head_dim if value_dim is None else value_dim, dtype=dtype, device=device)
         self.windows, self.sinks, self.extra = windows, sinks, extra
         self.groups: list[tuple[list[int], SinkWindowCache]] = []
         for w in sorted(set(windows)):
@@ -277,8 +278,7 @@ class PerHeadWindowCache(DecodeState):
     def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
         """Append T tokens, k (B, Hk, T, D), v (B, Hk, T, Dv); return per group (heads, keys, values, mask)
         with keys (B, |heads|, L_g, D) laid out [sinks | recent] as in SinkWindowCache."""
-        if k.dim() != 4 or k.shape[1] != self.kv_heads:
-            raise ValueError(f"k: expected (B, Hk, T, D) with Hk = {self.kv_heads}, got {tuple(k.shape)}")
+        check_append(self, k, v, key_padding_mask)
         out = []
         for heads, cache in self.groups:
             idx = torch.tensor(heads, device=k.device)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import check_step
 from ...kernels.local import local_attention
 from ...kernels.sdpa import sdpa
 from ...masks import materialize
@@ -232,6 +233,7 @@ def neighborhood_1d_step(q, k, v, state: SlidingWindowCache, *, scale, kernel_si
 
     Dilation groups are defined by differences of positions, so they are the same inside the cache (which
     starts at an arbitrary absolute position) as in the whole sequence."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=SlidingWindowCache)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, <= (k-1)d + T, D)
     out = neighborhood_1d_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale,
                                kernel_size=kernel_size, dilation=dilation)

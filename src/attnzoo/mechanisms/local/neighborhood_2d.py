@@ -55,7 +55,7 @@ from ...errors import (
     check_backend,
     check_bool,
     check_choice,
-    check_int,
+    check_heads,
     check_module_input,
     check_pair,
     check_scale,
@@ -349,9 +349,7 @@ class NeighborhoodAttention2d(nn.Module):
     def __init__(self, dim: int, heads: int, *, kernel_size=7, dilation=1, rel_pos_bias: bool = True,
                  qkv_bias: bool = True, backend: str = "auto") -> None:
         super().__init__()
-        dim, heads = check_int("dim", dim), check_int("heads", heads)
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
+        dim, heads, _, _ = check_heads(dim, heads)
         check_bool("rel_pos_bias", rel_pos_bias)
         check_bool("qkv_bias", qkv_bias)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...errors import check_append, check_int, check_step
 from ...kernels.sdpa import sdpa
 from ...masks import materialize
 from ...reference import softmax_attention
@@ -413,6 +414,7 @@ def init_s2_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, **opts
 
 def s2_step(q, k, v, state: S2Cache, *, scale, key_padding_mask=None, **opts):
     """Append T tokens; each key/value head attends (exactly, over its few stored keys) with its S2 mask."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=S2Cache)
     Hq, Hk, T = q.shape[1], k.shape[1], q.shape[2]
     if state.shifts is None:  # the default head step depends on the number of query heads
         state.configure(s2_head_offsets(Hq, Hk, **{k: v for k, v in state.pattern.items()
@@ -448,14 +450,13 @@ class S2Cache(DecodeState):
                  head_sliding_offset: int = 0, homo_head: bool = False, extra: int = 0,
                  dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()
-        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
-            raise ValueError(f"extra: expected an int >= 0, got {extra!r}")
-        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
-        self.value_dim = head_dim if value_dim is None else value_dim
+        self.extra = check_int("extra", extra, low=0)
+        self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                       value_dim=head_dim if value_dim is None else value_dim, dtype=dtype, device=device)
+        device = self.device
         self.pattern = dict(block_size=block_size, local_blocks=local_blocks, vert_stride=vert_stride,
                             num_dense_heads=num_dense_heads, head_sliding_step=head_sliding_step,
                             head_sliding_offset=head_sliding_offset, homo_head=homo_head)
-        self.extra, self.dtype, self.device = extra, dtype, device
         self.shifts: list[int | None] | None = None  # per key/value head, fixed at the first step (needs Hq)
         self.keys = [torch.empty(batch, 0, head_dim, dtype=dtype, device=device) for _ in range(kv_heads)]
         self.values = [torch.empty(batch, 0, self.value_dim, dtype=dtype, device=device) for _ in range(kv_heads)]
@@ -471,13 +472,8 @@ class S2Cache(DecodeState):
         self.shifts = list(shifts)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> None:
-        T = k.shape[2]
-        if tuple(k.shape) != (self.batch, self.kv_heads, T, self.head_dim):
-            raise ValueError(f"k: expected (B, Hk, T, D) = ({self.batch}, {self.kv_heads}, T, {self.head_dim}), "
-                             f"got {tuple(k.shape)}")
-        if tuple(v.shape) != (self.batch, self.kv_heads, T, self.value_dim):
-            raise ValueError(f"v: expected (B, Hk, T, Dv) = ({self.batch}, {self.kv_heads}, T, {self.value_dim}), "
-                             f"got {tuple(v.shape)}")
+        """Append T tokens, k (B, Hk, T, D), v (B, Hk, T, Dv), mask (B, T) bool (True = attend)."""
+        T = check_append(self, k, v, key_padding_mask)
         pos = torch.arange(self.seq_len, self.seq_len + T, device=k.device)
         for x in range(self.kv_heads):
             self.keys[x] = torch.cat([self.keys[x], k[:, x]], dim=1)

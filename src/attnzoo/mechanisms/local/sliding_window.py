@@ -9,6 +9,7 @@ Each query attends only to keys within ``window`` positions: causal ``p - window
 
 from __future__ import annotations
 
+from ...errors import check_step
 from ...kernels.local import local_attention
 from ...kernels.sdpa import sdpa
 from ...masks import materialize, sliding_window
@@ -57,6 +58,7 @@ def init_window_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, wi
 
 def sliding_window_step(q, k, v, state: SlidingWindowCache, *, scale, window, key_padding_mask=None):
     """Append T new tokens to the bounded cache, attend causally within the window, evict old keys."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=SlidingWindowCache)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, <= window - 1 + T, D)
     out = sliding_window_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, window=window)
     state.evict()

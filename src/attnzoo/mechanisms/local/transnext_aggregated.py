@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_pair, check_tensor
+from ...errors import check_backend, check_bool, check_heads, check_int, check_module_input, check_pair
 from ...masks import Predicate, materialize, sliding_window
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
@@ -152,15 +152,12 @@ class AggregatedAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, window_size: int = 3, pool_size=7, qkv_bias: bool = True,
                  cpb_hidden: int = 512, pretrain_size=None, backend: str = "auto") -> None:
         super().__init__()
-        for name, val in (("dim", dim), ("heads", heads), ("window_size", window_size), ("cpb_hidden", cpb_hidden)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
+        dim, heads, _, _ = check_heads(dim, heads)
+        check_int("window_size", window_size)
+        check_int("cpb_hidden", cpb_hidden)
         if window_size % 2 == 0:
             raise ValueError(f"window_size: expected an odd int (a window centred on the query), got {window_size}")
-        if not isinstance(qkv_bias, bool):
-            raise TypeError(f"qkv_bias: expected a bool, got {qkv_bias!r}")
+        check_bool("qkv_bias", qkv_bias)
         check_backend(backend)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.window, self.pool_size = window_size, check_pair("pool_size", pool_size)
@@ -184,10 +181,8 @@ class AggregatedAttention(nn.Module):
         return f"dim={self.dim}, heads={self.heads}, window_size={self.window}, pool_size={self.pool_size}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, ndim=4)
+        check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
-        if C != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
         check_backend(self.backend)
         h, d, N = self.heads, self.head_dim, H * W
         Ph, Pw = self.pool_size

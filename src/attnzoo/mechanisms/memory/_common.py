@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import check_key_padding_mask, check_qkv
-
 # Score tiles hold at most about this many elements (bounds the temporary memory of tiled kernels).
 TILE_ELEMENTS = 1 << 22
 
@@ -34,15 +32,6 @@ def query_positions(nq: int, nk: int, device=None) -> torch.Tensor:
 def rows_per_tile(row_cost: int, budget: int = TILE_ELEMENTS) -> int:
     """How many query rows fit in a tile whose rows cost ``row_cost`` elements each."""
     return max(1, budget // max(1, row_cost))
-
-
-def check_step_inputs(q, k, v, state, key_padding_mask) -> tuple[int, int, int, int, int, int, int]:
-    """Validate the T new tokens of a decode step against each other (the state checks its own shapes)."""
-    B, Hq, Hk, T, Tk, D, Dv = check_qkv(q, k, v)
-    if T != Tk:
-        raise ValueError(f"q, k: a decode step takes as many new queries as new keys, got {T} and {Tk}")
-    check_key_padding_mask(key_padding_mask, B, T)
-    return B, Hq, Hk, T, Tk, D, Dv
 
 
 def attend_parts(q: torch.Tensor, parts, scale: float) -> torch.Tensor:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import check_int
+from ...errors import check_int, check_step
 from ...kernels.sdpa import sdpa
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache, SlidingWindowCache
-from ._common import attend_parts, check_step_inputs, masked_lse
+from ._common import attend_parts, masked_lse
 
 
 def compressed_groups(pos: torch.Tensor, window: int, group_size: int) -> torch.Tensor:
@@ -115,7 +115,7 @@ def init_cca_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, group
 def cca_step(q, k, v, state: CCAState, *, scale, group_size, window, key_padding_mask=None):
     """Append T tokens: groups they complete become core tokens (pooled with the group's last query);
     each new query attends to its core tokens and its raw window; raw keys no query needs are evicted."""
-    B, Hq, Hk, T, _, D, Dv = check_step_inputs(q, k, v, state, key_padding_mask)
+    B, Hq, Hk, T, D, Dv = check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=CCAState)
     if (state.group_size, state.window) != (group_size, window):
         raise ValueError(f"group_size, window: this CCAState was built for ({state.group_size}, {state.window}), "
                          f"got ({group_size}, {window})")
@@ -164,8 +164,10 @@ class CCAState(DecodeState):
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         self.group_size = check_int("group_size", group_size)
         self.window = check_int("window", window)
+        self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                       value_dim=head_dim if value_dim is None else value_dim, dtype=dtype, device=device)
         self.raw = SlidingWindowCache(batch, kv_heads, head_dim, value_dim, window=window + group_size - 1,
-                                      extra=extra, dtype=dtype, device=device)
+                                      extra=extra, dtype=dtype, device=self.device)
         self.cores: KVCache | None = None
         self._geometry = (batch, head_dim, self.raw.value_dim, dtype, device)
         if query_heads is not None:
@@ -198,6 +200,7 @@ class CCAState(DecodeState):
         self.raw.reorder(index)
         if self.cores is not None:
             self.cores.reorder(index)
+        self.batch = self.raw.batch
 
     def crop(self, length: int) -> None:
         length = self._check_crop(length)

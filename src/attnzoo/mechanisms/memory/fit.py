@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_int, check_key_padding_mask, check_tensor
+from ...errors import check_bool, check_heads, check_int, check_sequence_call
 from ...kernels.sdpa import sdpa
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
@@ -73,13 +73,8 @@ class FIT(nn.Module):
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = False,
                  group_size: int = 256, latents: int = 16, backend: str = "auto") -> None:
         super().__init__()
-        dim, heads = check_int("dim", dim), check_int("heads", heads)
-        kv_heads = heads if kv_heads is None else check_int("kv_heads", kv_heads)
-        if dim % heads or heads % kv_heads:
-            raise ValueError(f"heads, kv_heads: need dim % heads == 0 and heads % kv_heads == 0, got dim={dim}, "
-                             f"heads={heads}, kv_heads={kv_heads}")
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        dim, heads, kv_heads, _ = check_heads(dim, heads, kv_heads)
+        check_bool("causal", causal)
         opts = FIT_RECORD.resolve_options({"group_size": group_size, "latents": latents})
         self.group_size, self.n_latents = opts["group_size"], opts["latents"]
         self.dim, self.heads, self.kv_heads, self.causal, self.backend = dim, heads, kv_heads, causal, backend
@@ -105,15 +100,11 @@ class FIT(nn.Module):
 
     # -- parallel forms ---------------------------------------------------------------------------------
     def forward(self, x, context=None, *, key_padding_mask=None, state: FITState | None = None):
-        check_tensor("x", x, ndim=3)
         if context is not None:
             raise ValueError("context: FIT is self attention over groups and latents; got a context")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=FITState,
+                            mech=FIT_RECORD)
         if state is not None:
-            if not self.causal:
-                raise ValueError("state: decoding needs a causal FIT layer; build it with causal=True")
             return self._decode(x, key_padding_mask, state), state
         B, N, _ = x.shape
         g = self.group_size
@@ -244,8 +235,10 @@ class FITState(DecodeState):
     def __init__(self, batch: int, dim: int, heads: int, kv_heads: int, group_size: int, latents: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.batch, self.dim, self.group_size = batch, dim, check_int("group_size", group_size)
+        self.built_for(batch=batch, kv_heads=kv_heads, dtype=dtype, device=device)
+        self.dim, self.group_size = dim, check_int("group_size", group_size)
         hd = dim // heads
+        device = self.device
         self._empty = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device=device)
         self.g_k, self.g_v = self._empty(batch, kv_heads, 0, hd), self._empty(batch, kv_heads, 0, hd)
         self.g_mask = self._empty(batch, 0, dt=torch.bool)

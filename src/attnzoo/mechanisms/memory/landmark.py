@@ -44,13 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_int, check_key_padding_mask, check_module_input, check_same_device
+from ...errors import check_backend, check_int, check_same_device, check_sequence_call, check_state, check_step
 from ...kernels.select import selection_scores, top_k_indices
 from ...reference import acc_dtype, repeat_kv
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
-from ._common import check_step_inputs, masked_lse, query_positions, rows_per_tile
+from ._common import masked_lse, query_positions, rows_per_tile
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -370,10 +370,7 @@ def _decode_one(q, state: LandmarkCache, scale, block_size, top_k):
 def landmark_step(q, k, v, state: LandmarkCache, *, scale, block_size, top_k, key_padding_mask=None):
     """Append T tokens to the block store; one query retrieves its top_k blocks by landmark score, a
     chunk of queries runs the tiled grouped softmax over the whole store (the same computation)."""
-    check_step_inputs(q, k, v, state, key_padding_mask)
-    if not isinstance(state, LandmarkCache):
-        raise TypeError(f"state: expected a LandmarkCache (init_state of 'landmark'), got {type(state).__name__}")
-    check_same_device(q=q, state=state.keys)
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=LandmarkCache)
     if state.block_size != block_size:
         raise ValueError(f"block_size: this LandmarkCache was built for {state.block_size}, got {block_size}")
     keys, values, mask = state.append(k, v, key_padding_mask)
@@ -497,13 +494,13 @@ class LandmarkAttention(nn.Module):
         check_same_device(x=x, state=state.cache.keys)
 
     def forward(self, x, context=None, *, key_padding_mask=None, state=None):
-        check_module_input(self, x, channels=self.dim)
         if context is not None:
             raise ValueError("context: landmark attention is causal self attention; got a context")
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=LandmarkState)
         B, N, _ = x.shape
-        check_key_padding_mask(key_padding_mask, B, N, device=x.device)
         if state is not None:
             self._check_state(state, x)
+            check_state(state.cache, batch=B, dtype=x.dtype, device=x.device)
         ext_pos, M = self.layout(0 if state is None else state.seq_len, N, x.device)
         hd = self.head_dim
         lm = self.landmark

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import check_int, check_tensor
+from ...errors import check_int, check_step, check_tensor
 from ...kernels.select import top_k_indices
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
-from ._common import check_step_inputs, masked_lse, query_positions, rows_per_tile
+from ._common import masked_lse, query_positions, rows_per_tile
 
 
 def chunk_summaries(q, k, v, key_padding_mask, scale, chunk_size):
@@ -235,7 +235,7 @@ def init_longheads_state(*, batch, kv_heads, head_dim, value_dim, dtype, device,
 def longheads_step(q, k, v, state: LongHeadsState, *, scale, chunk_size, max_chunks, key_padding_mask=None):
     """Append T tokens; chunks they complete get their summary (from the chunk's buffered queries); each
     new query selects its chunks from the summaries and attends to them."""
-    B, Hq, Hk, T, _, D, Dv = check_step_inputs(q, k, v, state, key_padding_mask)
+    B, Hq, Hk, T, D, Dv = check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=LongHeadsState)
     _check_dims(q, v)
     if state.chunk_size != chunk_size:
         raise ValueError(f"chunk_size: this LongHeadsState was built for {state.chunk_size}, got {chunk_size}")
@@ -329,6 +329,8 @@ class LongHeadsState(DecodeState):
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.extra = check_int("extra", extra, low=0)
         self.kv = KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+        self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=self.kv.value_dim, dtype=dtype,
+                       device=self.kv.device)
         self.summaries: KVCache | None = None
         self._q: torch.Tensor | None = None  # (B, Hq, L_q, D): queries of positions q_start ..
         self.q_start = 0
@@ -366,7 +368,7 @@ class LongHeadsState(DecodeState):
     def add_summary(self, c_k: torch.Tensor, valid: torch.Tensor) -> None:
         B, H, _, D = c_k.shape
         if self.summaries is None:
-            self.summaries = KVCache(B, H, D, 0, dtype=self.kv.dtype, device=self.kv.device)
+            self.summaries = KVCache(B, H, D, keys_only=True, dtype=self.kv.dtype, device=self.kv.device)
         self.summaries.append(c_k.detach().to(self.kv.dtype), c_k.new_empty(B, H, c_k.shape[2], 0).to(self.kv.dtype),
                               None if bool(valid.all()) and self.summaries.mask is None else valid)
 
@@ -383,6 +385,7 @@ class LongHeadsState(DecodeState):
             self.summaries.reorder(index)
         if self._q is not None:
             self._q = self._q.index_select(0, index.to(self._q.device))
+        self.batch = self.kv.batch
 
     def crop(self, length: int) -> None:
         length = self._check_crop(length)

@@ -29,14 +29,14 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
-from ...errors import check_int
+from ...errors import check_int, check_step
 from ...kernels.sdpa import sdpa
 from ...kernels.select import top_k_indices
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state.base import DecodeState
 from ...state.kv import KVCache
-from ._common import check_step_inputs, masked_lse
+from ._common import masked_lse
 
 
 def schedule(pos: torch.Tensor, stride: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +153,7 @@ def init_recycled_state(*, batch, kv_heads, head_dim, value_dim, dtype, device, 
 def recycled_step(q, k, v, state: RecycledState, *, scale, stride, top_k, start, aggregate, key_padding_mask=None):
     """Append T tokens; full steps attend to the whole cache and record the recycled set of their last
     row; recycled steps gather the recorded top-K keys plus the keys since the anchor (O(K + stride))."""
-    B, Hq, Hk, T, _, D, Dv = check_step_inputs(q, k, v, state, key_padding_mask)
+    B, Hq, Hk, T, D, Dv = check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=RecycledState)
     if (state.stride, state.start) != (stride, start):
         raise ValueError(f"stride, start: this RecycledState was built for ({state.stride}, {state.start}), got "
                          f"({stride}, {start})")
@@ -216,6 +216,8 @@ class RecycledState(DecodeState):
         self.start = check_int("start", start, low=0)
         self.keep = check_int("keep", keep)
         self.kv = KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+        self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=self.kv.value_dim, dtype=dtype,
+                       device=self.kv.device)
         self._sets: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._cr: KVCache | None = None  # the paper's recycled cache C_r: the set, then the tokens since
         self._cr_anchor = self._cr_upto = -1
@@ -272,6 +274,7 @@ class RecycledState(DecodeState):
         self._sets = [(a, i.index_select(0, index.to(i.device)), o.index_select(0, index.to(o.device)))
                       for a, i, o in self._sets]
         self._cr = None
+        self.batch = self.kv.batch
 
     def crop(self, length: int) -> None:
         length = self._check_crop(length)

@@ -23,11 +23,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...errors import check_step
 from ...kernels.sdpa import sdpa
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 from ...state import SinkWindowCache
-from ._common import check_step_inputs, query_positions
+from ._common import query_positions
 
 
 def _head_offsets(hq: int, group_size: int, shift: bool, device=None) -> torch.Tensor:
@@ -147,7 +148,7 @@ def init_sinklora_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, 
 def sinklora_step(q, k, v, state: SinkWindowCache, *, scale, group_size, sinks, shift, key_padding_mask=None):
     """Append T tokens to the sink + window cache (window = group_size keeps every key of the current
     group), attend with the SF-Attn mask in absolute positions, evict what no later query sees."""
-    B, Hq, Hk, T, _, D, Dv = check_step_inputs(q, k, v, state, key_padding_mask)
+    B, Hq, Hk, T, D, Dv = check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=SinkWindowCache)
     if (state.window, state.sinks) != (group_size, sinks):
         raise ValueError(f"group_size, sinks: this SinkWindowCache was built for ({state.window}, {state.sinks}), "
                          f"got ({group_size}, {sinks})")

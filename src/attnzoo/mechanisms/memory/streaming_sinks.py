@@ -11,6 +11,7 @@ Defaults follow the official ``run_streaming_llama.py`` (start_size 4, recent_si
 
 from __future__ import annotations
 
+from ...errors import check_step
 from ...kernels.local import local_attention
 from ...kernels.sdpa import sdpa
 from ...masks import and_masks, materialize, or_masks, sliding_window
@@ -67,6 +68,7 @@ def init_sink_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, wind
 
 def sink_window_step(q, k, v, state: SinkWindowCache, *, scale, window, sinks, key_padding_mask=None):
     """Append T tokens; attend to sinks + window inside the cache; evict what no later query sees."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=SinkWindowCache)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, <= sinks + window - 1 + T, D)
     out = sink_window_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, window=window,
                            sinks=min(sinks, state.seq_len))

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ...errors import check_int, check_key_padding_mask, check_tensor
+from ...errors import check_init_state, check_int, check_sequence_call
 from ...kernels.sdpa import sdpa
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
@@ -167,7 +167,13 @@ class Titans(nn.Module):
         (MAG, MAL, LMM) and the attention cache (MAG, MAL)."""
         check_int("batch_size", batch_size)
         w = self.mem_k.weight
-        dtype, device = dtype or w.dtype, device or w.device
+        spec = check_init_state(batch=batch_size, dtype=w.dtype if dtype is None else dtype,
+                                device=w.device if device is None else device)
+        dtype, device = spec["dtype"], spec["device"]
+        if self.persistent_tokens is not None and self.variant != "mac" and (dtype, device) != (w.dtype, w.device):
+            raise ValueError(f"dtype, device: this {self.variant.upper()} state starts from the persistent tokens run "
+                             f"through the layer, so it takes the layer's dtype {w.dtype} and device {w.device}; "
+                             f"got {dtype} on {device}")
         md = self._mem_dtype(dtype)
         weights = [W.to(device=device, dtype=md).unsqueeze(0).expand(batch_size, -1, -1, -1) for W in self.memory_init]
         mem = NeuralMemoryState(weights, chunk_size=self.chunk_size)
@@ -178,7 +184,7 @@ class Titans(nn.Module):
         elif self.variant == "mal":
             attn = SlidingWindowCache(batch_size, self.kv_heads, self.head_dim, self.head_dim, window=self.window,
                                       extra=history, dtype=dtype, device=device)
-        state = TitansState(mem, attn, history=history)
+        state = TitansState(mem, attn, history=history).built_for(**spec)
         if self.persistent_tokens is not None and self.variant != "mac":
             p = self._persistent(batch_size, dtype).to(device)
             reads, _ = self._mem_update(mem, p, None, read=self.variant == "mal", read_after=False)
@@ -194,19 +200,12 @@ class Titans(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x, context=None, *, key_padding_mask=None, state: TitansState | None = None):
         """x (B, N, dim), key_padding_mask (B, N) bool; returns (B, N, dim), or (out, state) with a state."""
-        check_tensor("x", x, ndim=3)
         if context is not None:
             raise ValueError("context: Titans layers are causal self attention (pattern causal_self); got a context")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
-        check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1])
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=TitansState)
         own = state is None
         if own:
             state = self.init_state(x.shape[0], dtype=x.dtype, device=x.device)
-        elif not isinstance(state, TitansState):
-            raise TypeError(f"state: expected a TitansState from init_state(), got {type(state).__name__}")
-        elif state.batch != x.shape[0]:
-            raise ValueError(f"state: built for batch {state.batch}, got x of batch {x.shape[0]}")
         if state.history > 0 and x.shape[1] > 1:  # one token at a time, so that crop can stop anywhere
             outs = [self._advance(x[:, t : t + 1], None if key_padding_mask is None else key_padding_mask[:, t : t + 1],
                                   state) for t in range(x.shape[1])]
@@ -340,15 +339,12 @@ class TitansState(DecodeState):
                  history: int = 0) -> None:
         super().__init__()
         self.memory, self.attn = memory, attn
+        self.batch = memory.batch
         self.prefix = check_int("prefix", prefix, low=0)
         self.history = check_int("history", history, low=0)
         self.seg_weights: list[torch.Tensor] | None = None
         self.seg_k = self.seg_v = self.seg_mask = None
         self._snapshots: list[tuple[int, dict]] = []
-
-    @property
-    def batch(self) -> int:
-        return self.memory.batch
 
     @property
     def _mem_tensors(self):
@@ -395,6 +391,7 @@ class TitansState(DecodeState):
                 snap[key] = sel_list(snap[key])
             for key in ("seg_k", "seg_v", "seg_mask"):
                 snap[key] = sel(snap[key])
+        self.batch = index.numel()
 
     def crop(self, length: int) -> None:
         length = self._check_crop(length)

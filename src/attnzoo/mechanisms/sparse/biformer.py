@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import check_backend, check_tensor
+from ...errors import check_backend, check_int, check_module_input
 from ...kernels.gather import gather_attention
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
@@ -112,9 +112,7 @@ class BiLevelRoutingAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, backend: str = "auto", **options: Any) -> None:
         super().__init__()
         opts = BIFORMER.resolve_options(options)
-        for name, value in (("dim", dim), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        dim, heads = check_int("dim", dim), check_int("heads", heads)
         qk_dim = dim if opts["qk_dim"] is None else opts["qk_dim"]
         if qk_dim % heads or dim % heads:
             raise ValueError(f"heads: dim ({dim}) and qk_dim ({qk_dim}) must be divisible by heads, got heads={heads}")
@@ -134,10 +132,8 @@ class BiLevelRoutingAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, dim) channels-last -> (B, H, W, dim)."""
-        check_tensor("x", x, ndim=4)
+        check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
-        if C != self.dim:
-            raise ValueError(f"x: expected (B, H, W, {self.dim}) channels-last, got {tuple(x.shape)}")
         S = self.n_win
         if H % S or W % S:
             raise ValueError(f"x: height and width must be multiples of n_win={S}, got H={H}, W={W}")

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_key_padding_mask, check_tensor
+from ...errors import check_backend, check_bool, check_heads, check_sequence_call, check_step
 from ...kernels.gather import gather_attention
 from ...reference import repeat_kv, softmax_attention
 from ...registry import Mechanism, Option, register
@@ -234,6 +234,7 @@ def init_kv_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, **_opt
 
 def dma_step(q, k, v, state: KVCache, *, scale, window, bias_scale, bias_form, key_padding_mask=None):
     """Append T tokens to the KV cache; every new query keeps its top-w among all cached keys."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=KVCache)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
     return dma_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, window=window,
                     bias_scale=bias_scale, bias_form=bias_form)
@@ -257,16 +258,8 @@ class DynamicMaskAttention(nn.Module):
         if opts["bias_scale"] != 0:
             raise ValueError(f"bias_scale: applies to the training-free functional form only; the module learns "
                              f"A and dt_proj, got bias_scale={opts['bias_scale']!r}")
-        for name, value in (("dim", dim), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        kv_heads = heads if kv_heads is None else kv_heads
-        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
-            raise ValueError(f"kv_heads: expected an int dividing heads={heads}, got {kv_heads!r}")
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        dim, heads, kv_heads, _ = check_heads(dim, heads, kv_heads)
+        check_bool("causal", causal)
         check_backend(backend)
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, dim // heads
         self.causal, self.backend = causal, backend
@@ -303,22 +296,17 @@ class DynamicMaskAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, state: KVCache | None = None):
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
         if context is not None:
             raise ValueError("context: the dma module is self attention only (its mask comes from its own values)")
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=KVCache)
         check_backend(self.backend)
         B, N, _ = x.shape
-        check_key_padding_mask(key_padding_mask, B, N)
         hd = self.head_dim
         q = self.q_proj(x).view(B, N, self.heads, hd).transpose(1, 2)  # (B, Hq, N, hd)
         k = self.k_proj(x).view(B, N, self.kv_heads, hd).transpose(1, 2)  # (B, Hk, N, hd)
         v = self.v_proj(x).view(B, N, self.kv_heads, hd).transpose(1, 2)  # (B, Hk, N, hd)
         causal, mask = self.causal, key_padding_mask
         if state is not None:
-            if not self.causal:
-                raise ValueError("state: decoding needs a causal layer; build it with causal=True")
             k, v, mask = state.append(k, v, key_padding_mask)  # the whole cache, (B, Hk, L, hd)
         bias = self.dynamic_bias(v)  # (B, Hk, L)
         fn = dma_attention_reference if self.backend == "reference" else dma_attention_fast

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...errors import check_step
 from ...kernels.gather import gather_attention
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
@@ -267,6 +268,7 @@ def init_kv_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, **_opt
 
 def hip_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None, **opts):
     """Append T tokens to the KV cache and run the same tree search for the new queries over the cache."""
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=KVCache)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
     return hip_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, **opts)
 

@@ -61,7 +61,7 @@ from ...kernels.gather import gather_attention
 from ...kernels.merge import merge_attention
 from ...kernels.sdpa import sdpa
 from ...reference import acc_dtype, softmax_attention
-from ...registry import Mechanism, Option, register
+from ...registry import CrossSpec, Mechanism, Option, register
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -350,4 +350,5 @@ HYPERATTENTION = register(Mechanism(
     notes="approximate; exact when block_size >= Nk, when sample_size >= Nk, or below min_seq_len. "
           "Causal outputs depend on later queries (sortLSH blocks) and on the length (recursion), as in the "
           "paper: prefix_invariant=False.",
+    cross=CrossSpec(query_independent=False),  # queries are sorted into LSH blocks together
 ))

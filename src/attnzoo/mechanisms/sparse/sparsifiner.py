@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_key_padding_mask, check_tensor
+from ...errors import check_backend, check_bool, check_heads, check_sequence_call
 from ...kernels.gather import gather_attention
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
@@ -93,19 +93,11 @@ class SparsifinerAttention(nn.Module):
                  backend: str = "auto", **options: Any) -> None:
         super().__init__()
         opts = SPARSIFINER.resolve_options(options)
-        for name, value in (("dim", dim), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        if kv_heads is not None and kv_heads != heads:
-            raise ValueError(f"kv_heads: sparsifiner is multi-head self attention (kv_heads == heads), "
-                             f"got {kv_heads!r}")
-        if causal:
+        dim, heads, _, hd = check_heads(dim, heads, kv_heads, gqa=False, what="sparsifiner (multi-head self attention)")
+        if check_bool("causal", causal):
             raise ValueError("causal: sparsifiner supports noncausal_self only (a vision transformer layer), "
                              "got causal=True")
-        if dim % heads:
-            raise ValueError(f"heads: dim ({dim}) must be divisible by heads, got heads={heads}")
         check_backend(backend)
-        hd = dim // heads
         n = opts["num_tokens"]
         reduced_c = max(1, hd // opts["reduce_c_factor"])
         reduced_n = max(1, int(n // opts["reduce_n_factor"]))
@@ -165,19 +157,16 @@ class SparsifinerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, state=None) -> torch.Tensor:
-        check_tensor("x", x, ndim=3)
+        if state is not None:
+            raise ValueError("state: sparsifiner has no decoding form (non-causal vision attention)")
+        if context is not None:
+            raise ValueError("context: sparsifiner is self attention only, got a context")
+        check_sequence_call(self, x, key_padding_mask=key_padding_mask)
         B, N, C = x.shape
-        if C != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
         if N != self.num_tokens:
             raise ValueError(f"x: this layer was built for num_tokens={self.num_tokens} tokens (its token "
                              f"projections have that size), got {N}")
-        if context is not None:
-            raise ValueError("context: sparsifiner is self attention only, got a context")
-        if state is not None:
-            raise ValueError("state: sparsifiner has no decoding form (non-causal vision attention)")
         check_backend(self.backend)
-        check_key_padding_mask(key_padding_mask, B, N)
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, hd)
         index = self.select(q, k, key_padding_mask)  # (B, H, N - cls, budget)
