@@ -660,9 +660,11 @@ class CrossAttention(nn.Module):
             raise ValueError("context: expected at least one source to store, got none")
         kpm = _named("key_padding_mask", key_padding_mask, self.single, self.names)
         pos = _named("context_pos", context_pos, self.single, self.names)
-        self._check_extra(ctx, kpm=kpm, pos=pos)
-        for name, c in ctx.items():
-            k, v = self.project(name, c)
+        self._check_extra(ctx, key_padding_mask=kpm, context_pos=pos)
+        kv = {name: self.project(name, c) for name, c in ctx.items()}
+        self._check_masks(kpm, {n: k.shape[2] for n, (k, _) in kv.items()}, next(iter(kv.values()))[0].shape[0],
+                          next(iter(kv.values()))[0].device)
+        for name, (k, v) in kv.items():
             if append:
                 state.append(name, k, v, key_padding_mask=kpm.get(name), positions=pos.get(name))
             else:
@@ -670,6 +672,12 @@ class CrossAttention(nn.Module):
                     raise ValueError(f"context: source {name!r} is already in this ContextCache; decode with "
                                      "context=None, or pass append_context=True to add tokens to it")
                 state.set(name, k, v, key_padding_mask=kpm.get(name), positions=pos.get(name))
+
+    def _check_masks(self, masks: Mapping[str, Any], lengths: Mapping[str, int], batch: int, device) -> None:
+        """Each source's key-padding mask: bool (B, M_s) on x's device, named as the caller passed it."""
+        for n, m in masks.items():
+            check_key_padding_mask(m, batch, lengths[n], device=device,
+                                   name="key_padding_mask" if self.single else f"key_padding_mask[{n!r}]")
 
     def _check_extra(self, ctx: Mapping[str, Any], **named: Mapping[str, Any]) -> None:
         for arg, d in named.items():
@@ -727,6 +735,7 @@ class CrossAttention(nn.Module):
             for n, (k, _) in sources.items():
                 if k.shape[0] != B:
                     raise ValueError(f"context[{n!r}]: batch {k.shape[0]} does not match x's batch {B}")
+            self._check_masks(masks, {n: k.shape[2] for n, (k, _) in sources.items()}, B, x.device)
         if self.causal and not kv_pos:
             raise ValueError("context_pos: this layer is causal by position; pass positions for the sources the "
                              "queries may see only in part")

@@ -175,6 +175,11 @@ class Mechanism:
     the defaults cannot fit every size (a window count that must divide the grid, token projections built
     for one length, a single-head design). Options a user gives explicitly win; see :meth:`fit_case`.
 
+    ``decode_prefill(**options) -> int``, for a causal mask with a bidirectional region that token-by-token
+    decoding cannot give (Croc's visual span, AKI's image + prompt): decoding from an empty state must take
+    positions ``[0, P)`` in its first step (the prompt's prefill; a step that cuts the region raises), then it may go
+    token by token. The conformance and reliability suites prefill that much; None = any step size from position 0.
+
     ``cross`` (:class:`CrossSpec`) says how a mechanism with a cross pattern takes its context: named sources,
     causal by position, context permutation invariance, decoding against a cached context, source mass.
 
@@ -211,6 +216,7 @@ class Mechanism:
     test_options: Mapping[str, Any] = field(default_factory=dict)
     test_sizes: Mapping[str, int] = field(default_factory=dict)
     case_options: Callable[..., dict[str, Any]] | None = None
+    decode_prefill: Callable[..., int] | None = None
     cross: CrossSpec | None = None
     notes: str = ""
 
@@ -267,6 +273,11 @@ class Mechanism:
         fit = dict(self.case_options(n=n, side=side, heads=heads, causal=causal))
         heads = int(fit.pop("heads", heads))
         return {**fit, **given}, heads  # validated where they are used (resolve_options / build)
+
+    def min_prefill(self, options: Mapping[str, Any]) -> int:
+        """Positions a decode from an empty state must take in its first step under ``options`` (resolved):
+        ``decode_prefill(**options)``, or 1 when the record declares none."""
+        return 1 if self.decode_prefill is None else max(1, int(self.decode_prefill(**options)))
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``given`` against the declared options and fill in defaults."""

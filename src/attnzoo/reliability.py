@@ -49,7 +49,7 @@ from .errors import AttnzooError
 from .functional import attention
 from .layers import build
 from .registry import Mechanism
-from .testing import TOL, Sizes, make_module, module_inputs, qkv, rel_err
+from .testing import TOL, Sizes, make_module, module_inputs, position_kwargs, qkv, rel_err
 
 CLEAR_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, AttnzooError)
 """The exception types a bad input may raise (with a message naming the argument)."""
@@ -277,7 +277,7 @@ def _empty_functional_probes(mech: Mechanism) -> list[tuple[str, Callable[[], No
 # Probes of modules (a mechanism's own, or the generic Attention around a functional one)
 # --------------------------------------------------------------------------------------------------------
 def _module_pattern(mech: Mechanism) -> str:
-    return _pattern(mech) if mech.kind == "sequence" else "noncausal_self"
+    return _pattern(mech) if mech.kind in ("sequence", "fusion") else "noncausal_self"
 
 
 def _module(mech: Mechanism, pattern: str | None = None, dtype=torch.float64):
@@ -285,9 +285,39 @@ def _module(mech: Mechanism, pattern: str | None = None, dtype=torch.float64):
 
 
 def _call_module(mod, mech: Mechanism, x, ctx=None, **kw):
-    if mech.kind != "sequence":
+    if mech.kind not in ("sequence", "fusion"):
         return mod(x, **kw)
     return mod(x, ctx, **kw) if ctx is not None else mod(x, **kw)
+
+
+def _takes_context(mod, mech: Mechanism, x, ctx) -> bool:
+    """False when the module refuses a good context with a clear error naming it (a self-attention module of a
+    record whose cross pattern belongs to its functional form); True when it takes it."""
+    try:
+        _call_module(mod, mech, x, ctx)
+    except CLEAR_ERRORS as e:
+        if names_argument(str(e), "context"):
+            return False
+        raise ProbeFailure(f"a good context raised {type(e).__name__}: {e}") from None
+    return True
+
+
+def _one_source(ctx, fn):
+    """``ctx`` with ``fn`` applied to its one tensor, or to the first source of a {source: tensor} context (the
+    others stay good, so an error must come from that source)."""
+    if isinstance(ctx, dict):
+        first = next(iter(ctx))
+        return {**ctx, first: fn(ctx[first])}
+    return fn(ctx)
+
+
+def _source_mask(ctx, mask):
+    """A key-padding mask for ``ctx``: the mask itself for one tensor, {first source: mask} for named sources."""
+    return {next(iter(ctx)): mask} if isinstance(ctx, dict) else mask
+
+
+def _context_length(ctx) -> int:
+    return (next(iter(ctx.values())) if isinstance(ctx, dict) else ctx).shape[1]
 
 
 def _build_probes(mech: Mechanism) -> list[tuple[str, Callable[[], None]]]:
@@ -308,42 +338,68 @@ def _build_probes(mech: Mechanism) -> list[tuple[str, Callable[[], None]]]:
 def _module_probes(mech: Mechanism) -> list[tuple[str, Callable[[], None]]]:
     pattern = _module_pattern(mech)
     mod = _module(mech, pattern)
-    x, _ = module_inputs(mech, pattern)
-    s = Sizes.of(mech)
+    x, ctx = module_inputs(mech, pattern)  # a context when the module's first pattern is cross
     caxis = 1 if mech.kind == "channel" else -1
     out: list[tuple[str, Callable[[], None]]] = []
 
     def add(name, call, *names, contains=None):
         out.append((name, lambda: expect_error(call, *names, contains=contains)))
 
-    add("module.x_list", lambda: _call_module(mod, mech, x.tolist()), "x")
-    add("module.x_rank", lambda: _call_module(mod, mech, x[0]), "x")
-    add("module.x_channels", lambda: _call_module(mod, mech, _with_shape(x, caxis, x.shape[caxis] + 1)), "x")
-    add("module.x_int", lambda: _call_module(mod, mech, x.long()), "x")
-    add("module.x_dtype", lambda: _call_module(mod, mech, x.float()), "x")
-    add("module.x_meta", lambda: _call_module(mod, mech, x.to("meta")), "x")
-    if mech.kind == "sequence":
-        B, N = x.shape[0], x.shape[1]
-        for label, mask, contains in _bad_masks(B, N):
-            add(f"module.mask_{label}", lambda mask=mask: _call_module(mod, mech, x, key_padding_mask=mask),
-                "key_padding_mask", contains=contains)
-        cross = [p for p in mech.patterns if p.endswith("cross")]
-        if cross:
-            cmod = _module(mech, cross[0])
-            xc, ctx = module_inputs(mech, cross[0])
-            add("module.context_channels", lambda: _call_module(cmod, mech, xc, _with_shape(ctx, 2, s.dim + 1)),
-                "context")
-            add("module.context_batch", lambda: _call_module(cmod, mech, xc, _with_shape(ctx, 0, ctx.shape[0] + 1)),
-                "context")
-            add("module.context_dtype", lambda: _call_module(cmod, mech, xc, ctx.float()), "context")
-            add("module.context_meta", lambda: _call_module(cmod, mech, xc, ctx.to("meta")), "context")
-            add("module.context_rank", lambda: _call_module(cmod, mech, xc, ctx[0]), "context")
+    add("module.x_list", lambda: _call_module(mod, mech, x.tolist(), ctx), "x")
+    add("module.x_rank", lambda: _call_module(mod, mech, x[0], ctx), "x")
+    add("module.x_channels", lambda: _call_module(mod, mech, _with_shape(x, caxis, x.shape[caxis] + 1), ctx), "x")
+    add("module.x_int", lambda: _call_module(mod, mech, x.long(), ctx), "x")
+    add("module.x_dtype", lambda: _call_module(mod, mech, x.float(), ctx), "x")
+    add("module.x_meta", lambda: _call_module(mod, mech, x.to("meta"), ctx), "x")
+    if mech.kind != "sequence":
+        return out
+
+    def mask_probes(prefix, m, xx, cc, only_if=None):
+        """Bad key-padding masks: over x for self patterns, over the context (one source's, by name, for named
+        sources) for cross patterns. ``only_if()`` False: the probe has nothing to check (passes)."""
+        n = xx.shape[1] if cc is None else _context_length(cc)
+
+        def probe(call, contains=None):
+            def run():
+                if only_if is None or only_if():
+                    expect_error(call, "key_padding_mask", contains=contains)
+            return run
+
+        for label, mask, contains in _bad_masks(xx.shape[0], n):
+            out.append((f"{prefix}_{label}", probe(lambda mask=mask: _call_module(
+                m, mech, xx, cc, key_padding_mask=mask if cc is None else _source_mask(cc, mask)), contains)))
+        if isinstance(cc, dict):
+            good = torch.ones(xx.shape[0], n, dtype=torch.bool)
+            out.append((f"{prefix}_unknown_source", probe(lambda: _call_module(m, mech, xx, cc, key_padding_mask={
+                "no_such_source": good}))))
+
+    mask_probes("module.mask", mod, x, ctx)
+    cross = [p for p in mech.patterns if p.endswith("cross")]
+    if cross:
+        cmod = mod if ctx is not None else _module(mech, cross[0])
+        xc, cc = (x, ctx) if ctx is not None else module_inputs(mech, cross[0])
+        if ctx is None:  # the module's first pattern is self: its context masks too, if its forward takes one
+            mask_probes("module.context_mask", cmod, xc, cc, only_if=lambda: _takes_context(cmod, mech, xc, cc))
+
+        def bad(fn):
+            return lambda: _call_module(cmod, mech, xc, _one_source(cc, fn))
+
+        add("module.context_list", bad(lambda c: c.tolist()), "context")
+        add("module.context_channels", bad(lambda c: _with_shape(c, 2, c.shape[2] + 1)), "context")
+        add("module.context_batch", bad(lambda c: _with_shape(c, 0, c.shape[0] + 1)), "context")
+        add("module.context_dtype", bad(lambda c: c.float()), "context")
+        add("module.context_int", bad(lambda c: c.long()), "context")
+        add("module.context_meta", bad(lambda c: c.to("meta")), "context")
+        add("module.context_rank", bad(lambda c: c[0]), "context")
+        if isinstance(cc, dict):
+            add("module.context_unknown_source", lambda: _call_module(
+                cmod, mech, xc, {**cc, "no_such_source": next(iter(cc.values()))}), "context")
     return out
 
 
 def _empty_module_probes(mech: Mechanism) -> list[tuple[str, Callable[[], None]]]:
     pattern = _module_pattern(mech)
-    x, _ = module_inputs(mech, pattern)
+    x, ctx = module_inputs(mech, pattern)
     out = []
     axes = {"batch": 0}
     if mech.kind in ("sequence", "pooling"):
@@ -355,14 +411,14 @@ def _empty_module_probes(mech: Mechanism) -> list[tuple[str, Callable[[], None]]
     for label, axis in axes.items():
         def run(axis=axis):
             mod = _module(mech, pattern)
-            expect_error(lambda: _call_module(mod, mech, x.narrow(axis, 0, 0)), "x")
+            expect_error(lambda: _call_module(mod, mech, x.narrow(axis, 0, 0), ctx), "x")
         out.append((f"empty.module_{label}", run))
     cross = [p for p in mech.patterns if p.endswith("cross")] if mech.kind == "sequence" else []
     if cross:
         def run_ctx():
             mod = _module(mech, cross[0])
             xc, ctx = module_inputs(mech, cross[0])
-            expect_error(lambda: _call_module(mod, mech, xc, ctx[:, :0]), "context")
+            expect_error(lambda: _call_module(mod, mech, xc, _one_source(ctx, lambda c: c[:, :0])), "context")
         out.append(("empty.module_context", run_ctx))
     return out
 
@@ -370,6 +426,22 @@ def _empty_module_probes(mech: Mechanism) -> list[tuple[str, Callable[[], None]]
 # --------------------------------------------------------------------------------------------------------
 # Decoding: a uniform view of functional steps and module states
 # --------------------------------------------------------------------------------------------------------
+def decode_chunks(start: int, stop: int, pos: int, prefill: int) -> list[tuple[int, int]]:
+    """Token ranges [a, b) that decode tokens ``start .. stop - 1`` into a state holding ``pos`` positions: one token
+    each, except a first step reaching position ``prefill`` (:meth:`Mechanism.min_prefill`: a bidirectional region
+    that decoding must take in one step) while the state holds fewer."""
+    out, t = [], start
+    while t < stop:
+        size = max(1, min(stop - t, prefill - pos)) if t == start else 1
+        out.append((t, t + size))
+        t += size
+    return out
+
+
+def _seq_len(state, prefill: int) -> int:
+    return 0 if prefill <= 1 else state.seq_len
+
+
 class _Decoder:
     """Decode through ``mech.step`` (functional) or ``module(x, state=...)`` on token slices."""
 
@@ -378,6 +450,7 @@ class _Decoder:
         self.s = replace(Sizes.of(mech), **({} if batch is None else {"batch": batch}))
         self.opts = mech.resolve_options(dict(mech.test_options))
         self.scale = 1.0 / math.sqrt(self.s.head_dim)
+        self.prefill = mech.min_prefill(self.opts)
         if not functional:
             self.mod = _module(mech, "causal_self")
             self.mod.eval()
@@ -414,8 +487,10 @@ class _Decoder:
         return _first(self.mod(tok, state=state, **kw))
 
     def run(self, tok, state, start: int, stop: int, index=None) -> torch.Tensor | None:
-        """Decode tokens ``start .. stop - 1`` one at a time (None when there are none)."""
-        outs = [self.step(self.take(tok, t, t + 1, index), state) for t in range(start, stop)]
+        """Decode tokens ``start .. stop - 1`` one at a time, after a first step reaching the record's
+        ``min_prefill`` when the state holds fewer positions (None when there are none)."""
+        outs = [self.step(self.take(tok, a, b, index), state)
+                for a, b in decode_chunks(start, stop, _seq_len(state, self.prefill), self.prefill)]
         return torch.cat(outs, dim=2 if self.functional else 1) if outs else None
 
 
@@ -506,12 +581,14 @@ def _decode_probes(mech: Mechanism, functional: bool) -> list[tuple[str, Callabl
             out.append((f"module_step.state_{label}", run))
 
     # crop / reorder arguments
-    def decoded(n=2):
+    decoded_len = max(2, dec.prefill)  # a state holding this many positions (at least the record's prefill)
+
+    def decoded():
         state = dec.init()
-        dec.run(dec.tokens(n), state, 0, n)
+        dec.run(dec.tokens(decoded_len), state, 0, decoded_len)
         return state
 
-    for label, value in (("negative", -1), ("beyond", 3), ("float", 1.5), ("bool", True)):
+    for label, value in (("negative", -1), ("beyond", decoded_len + 1), ("float", 1.5), ("bool", True)):
         add(f"{pre}state.crop_{label}", lambda value=value: decoded().crop(value), "length")
     for label, value in (("out_of_range", torch.tensor([0, s.batch])), ("negative", torch.tensor([-1])),
                          ("float", torch.tensor([0.0])), ("rank", torch.zeros(1, 1, dtype=torch.long)),
@@ -541,7 +618,7 @@ def _decode_probes(mech: Mechanism, functional: bool) -> list[tuple[str, Callabl
 def _crop_continue(dec: _Decoder, *, partial: bool) -> None:
     """Decode n tokens, crop to m, decode new tokens == decode the first m then the new tokens afresh (a crop may be
     refused with an error naming ``length``)."""
-    n = max(dec.s.n, 4)
+    n = max(dec.s.n, 4, 2 * dec.prefill + 2)  # the cut (crop point, reorder point) lies past the prefill
     m = n - 2 if partial else 0
     tok, new = dec.tokens(n, seed=0), dec.tokens(n - m, seed=7)
     state = dec.init()
@@ -565,7 +642,7 @@ def _crop_continue(dec: _Decoder, *, partial: bool) -> None:
 
 def _reorder_continue(dec: _Decoder) -> None:
     """Decode B rows, reorder with [last, 0, 0], decode new tokens == decoding the reordered rows afresh."""
-    n = max(dec.s.n, 4)
+    n = max(dec.s.n, 4, 2 * dec.prefill + 2)  # the cut (crop point, reorder point) lies past the prefill
     t = n // 2
     B = dec.s.batch
     index = torch.tensor([B - 1, 0, 0])
@@ -635,10 +712,21 @@ def _fully_masked_module_pattern(mech: Mechanism, pattern: str) -> None:
     mod = _module(mech, pattern)
     x, ctx = module_inputs(mech, pattern)
     x.requires_grad_(True)
-    src = x if ctx is None else ctx
-    mask = torch.ones(src.shape[0], src.shape[1], dtype=torch.bool)
-    mask[-1] = False
-    out = _first(_guard(lambda: _call_module(mod, mech, x, ctx, key_padding_mask=mask), f"{pattern}: masked call"))
+
+    def masked(n):
+        mask = torch.ones(x.shape[0], n, dtype=torch.bool)
+        mask[-1] = False
+        return mask
+
+    if ctx is None:
+        mask = masked(x.shape[1])
+    elif isinstance(ctx, dict):  # every source masked in the last batch row
+        mask = {name: masked(c.shape[1]) for name, c in ctx.items()}
+    else:
+        mask = masked(ctx.shape[1])
+    pos = position_kwargs(mod, mech, x, ctx)
+    out = _first(_guard(lambda: _call_module(mod, mech, x, ctx, key_padding_mask=mask, **pos),
+                        f"{pattern}: masked call"))
     if not bool(torch.isfinite(out).all()):
         raise ProbeFailure(f"{pattern}: non-finite output with a fully masked batch row")
     (g,) = _guard(lambda: torch.autograd.grad(out.square().sum(), (x,)), f"{pattern}: backward")
@@ -732,7 +820,8 @@ def _tied_module_pattern(mech: Mechanism, pattern: str, x: torch.Tensor) -> None
     if pattern == "causal_self" and mech.decodable and hasattr(mod, "init_state"):
         ref = _first(_guard(lambda: mod(x), f"{pattern}: forward"))
         state = mod.init_state(x.shape[0])
-        steps = [_first(_guard(lambda t=t: mod(x[:, t : t + 1], state=state), "decoding")) for t in range(x.shape[1])]
+        chunks = decode_chunks(0, x.shape[1], 0, mech.min_prefill(mech.resolve_options(dict(mech.test_options))))
+        steps = [_first(_guard(lambda a=a, b=b: mod(x[:, a:b], state=state), "decoding")) for a, b in chunks]
         _close(torch.cat(steps, 1), ref, TOL[torch.float64], "tied scores, decoding vs causal forward")
 
 

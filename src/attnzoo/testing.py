@@ -604,7 +604,7 @@ def check_decode(mech: Mechanism) -> None:
         opts = mech.resolve_options(dict(mech.test_options))
         scale = 1.0 / math.sqrt(s.head_dim)
         n = q.shape[2]
-        prefill = max(1, n // 2)
+        prefill = max(n // 2, mech.min_prefill(opts))
         outs = [mech.step(q[:, :, :prefill], k[:, :, :prefill], v[:, :, :prefill], state, scale=scale, **opts)]
         for t in range(prefill, n):
             sl = slice(t, t + 1)
@@ -619,7 +619,7 @@ def check_decode(mech: Mechanism) -> None:
     full = _first(run_module(mod, mech, x))
     state = mod.init_state(x.shape[0])
     n = x.shape[1]
-    prefill = max(1, n // 2)
+    prefill = max(n // 2, mech.min_prefill(mech.resolve_options(dict(mech.test_options))))
     out, state = mod(x[:, :prefill], state=state)
     outs = [out]
     for t in range(prefill, n):

@@ -131,3 +131,57 @@ def test_unknown_task_and_bad_config_raise():
     with pytest.raises(ValueError, match="vocab"):
         make_task("mqar", {"pairs": 40, "seq_len": 100, "vocab": 16})
     assert math.isfinite(make_task("mqar", {}).baselines()["chance"])
+
+
+def test_skimage_patches_split_is_disjoint_balanced_and_fixed():
+    pytest.importorskip("skimage")
+    t = make_task("skimage_patches", {"patch": 16, "eval_size": 40})
+    assert (t.classes, t.side, t.seq_len, t.input) == (10, 16, 256, "image")
+    x, y = t.eval_set()
+    assert x.shape == (40, 16, 16) and torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 4))
+    assert torch.equal(make_task("skimage_patches", {"patch": 16, "eval_size": 40}).eval_set()[0], x)
+    xs, ys = t.sample(8, torch.Generator().manual_seed(0))
+    assert xs.shape == (8, 16, 16) and ys.shape == (8,) and int(ys.max()) < 10
+    # training crops lie in the top part, evaluation crops in the bottom part of each image: no shared pixels
+    for train, test in zip(t.train_parts, t.test_parts):
+        assert train.shape[1] == test.shape[1] and train.shape[0] > 3 * test.shape[0] - 3
+    # an evaluation crop is found in its image's test part and nowhere in the train part
+    img = t.test_parts[int(y[0])]
+    crop = x[0] * t.std + t.mean
+    windows = img.unfold(0, 16, 1).unfold(1, 16, 1)  # (H - 15, W - 15, 16, 16) every crop of the test part
+    assert ((windows - crop).abs().amax(dim=(-1, -2)) < 1e-5).any()
+    with pytest.raises(ValueError, match="test_fraction"):
+        make_task("skimage_patches", {"test_fraction": 1.5})
+
+
+def test_image_tasks_train_grid_channel_and_sequence_models():
+    pytest.importorskip("skimage")
+    from attnzoo.bench.quality import NO_ATTENTION, applicability, train_case
+
+    t = make_task("skimage_patches", {"patch": 8, "eval_size": 20})
+    assert applicability(t, NO_ATTENTION) == ("channel", False)
+    for mech, model in (("neighborhood_2d", "grid"), ("eca", "channel"), ("softmax", "sequence"),
+                        (NO_ATTENTION, "channel")):
+        rec = train_case(t, mech, seed=0, steps=2, budget=30, options={}, dim=16, heads=1 if mech == "eca" else 2)
+        assert rec["status"] == "ok" and rec["model"] == model and 0 <= rec["value"] <= 1, rec["message"]
+
+
+def test_every_task_is_in_the_results_schema():
+    from attnzoo.bench.quality import TASKS
+    from attnzoo.bench.results import load_schema
+
+    enums = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            task = node.get("properties", {}).get("task") if isinstance(node.get("properties"), dict) else None
+            if isinstance(task, dict) and "enum" in task:
+                enums.append(set(task["enum"]))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(load_schema())
+    assert enums and all(set(TASKS) <= e for e in enums), (sorted(TASKS), enums)

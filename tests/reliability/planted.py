@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -61,6 +62,27 @@ class FPELayer(nn.Module):
         return self.proj(x)
 
 
+class LooseSourcesLayer(nn.Module):
+    """A two-source cross-attention layer that validates nothing of its sources: a float per-source mask is read as
+    0/1 weights (accepted silently), a list source crashes inside."""
+
+    def __init__(self, dim, heads, *, kv_heads=None, causal=False):
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.ModuleDict({n: nn.Linear(dim, dim) for n in ("text", "image")})
+
+    def forward(self, x, context=None, *, key_padding_mask=None, state=None):
+        out = x
+        for name, c in context.items():
+            kv = self.proj[name](c)  # (B, M, dim)
+            s = x @ kv.transpose(1, 2)  # (B, N, M)
+            m = (key_padding_mask or {}).get(name)
+            if m is not None:
+                s = s.masked_fill(~m.bool()[:, None, :], float("-inf"))
+            out = out + torch.softmax(s, -1) @ kv
+        return out
+
+
 def _record(name, **kw):
     base = dict(name=name, family="core", title="planted bug", arxiv="0000.00000", code="-", summary="test only",
                 patterns=registry.PATTERNS, exact=True, complexity="-", reference=softmax_reference)
@@ -74,6 +96,10 @@ RECORDS = [
     _record("_planted_loose_step", step=loose_step, init_state=init_kv_cache, state="kv"),
     _record("_planted_forgetful", step=softmax_step, init_state=forgetful_init, state="kv"),
     _record("_planted_fpe", patterns=("noncausal_self",), reference=None, module=FPELayer, exact=False),
+    _record("_planted_loose_sources", patterns=("noncausal_cross",), reference=None, module=LooseSourcesLayer,
+            exact=False, cross=registry.CrossSpec(sources=("text", "image"))),
+    # Croc without its decode_prefill: the probes then decode its visual span token by token, which Croc refuses
+    replace(registry.get("croc"), name="_planted_croc_no_prefill", aliases=(), decode_prefill=None),
 ]
 
 

@@ -63,6 +63,25 @@ def test_interpreter_crash_is_isolated(planted):
     assert out["softmax::empty.batch"] is None
 
 
+def test_source_dict_probes_caught(planted):
+    """The module probes perturb one source of a {source: tensor} context and pass per-source masks: a layer that
+    validates neither is caught; the contract's layer passes the same probes."""
+    assert failure("_planted_loose_sources::module.mask_float").startswith("accepted silently")
+    assert "does not name context" in failure("_planted_loose_sources::module.context_list")
+    assert failure("_planted_loose_sources::module.context_batch").startswith("crashed inside")
+    for probe in ("module.mask_float", "module.context_list", "module.context_batch"):
+        assert failure(f"cross_attention::{probe}") is None
+
+
+def test_decode_prefill_is_read(planted):
+    """The decode probes prefill a record's ``decode_prefill`` in one step: without it, Croc's visual span would
+    be decoded token by token, which Croc refuses by design."""
+    assert "cut the visual span" in failure("_planted_croc_no_prefill::state.crop_continue")
+    assert failure("croc::state.crop_continue") is None
+    assert reliability.decode_chunks(0, 6, 0, 4) == [(0, 4), (4, 5), (5, 6)]
+    assert reliability.decode_chunks(2, 5, 9, 4) == [(2, 3), (3, 4), (4, 5)]
+
+
 def test_expect_error_outcomes():
     def raises(exc):
         def call():

@@ -83,7 +83,7 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="a mechanism option, e.g. --option sliding_window.window=256 (repeatable)")
     p.add_argument("--peers", help="comma-separated peers (reference,sdpa_masked,flex,local_attention), or none/all")
     p.add_argument("--tasks", help="comma-separated quality tasks (mqar,selective_copy,passkey,icl_regression,"
-                                   "listops,char_lm,digits)")
+                                   "listops,char_lm,digits,skimage_patches)")
     p.add_argument("--studies", help="comma-separated quality studies (attnzoo.bench.quality.protocol), e.g. "
                                      "mqar-L64-P8,passkey-beyond-window")
     p.add_argument("--lrs", help="comma-separated learning rates swept (default: each study's)")

@@ -155,9 +155,9 @@ def quality_plan(cfg: BenchConfig, mechs: list[registry.Mechanism]) -> list[dict
         except Exception:  # noqa: BLE001 - e.g. scikit-learn missing; reported by run_quality
             cases.append({**base, "mechanism": "*", "variant": "default", "options": {}, "lr": None, "seed": 0})
             continue
-        pool = names + ([NO_ATTENTION] if study.task == "digits" else [])
+        pool = names + ([NO_ATTENTION] if task.input == "image" else [])
         order = mechanisms_of(study, pool)
-        if study.task == "digits" and NO_ATTENTION in order:  # the CNN without attention, right after softmax
+        if task.input == "image" and NO_ATTENTION in order:  # the CNN without attention, right after softmax
             order.remove(NO_ATTENTION)
             order.insert(1 if order and order[0] == "softmax" else 0, NO_ATTENTION)
         lrs = list(cfg.quality_lrs or study.lrs)

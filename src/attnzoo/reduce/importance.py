@@ -159,5 +159,6 @@ def mechanism_attention_row(
     nq, nk = q.shape[2], k.shape[2]
     pred = row_predicate(mechanism, nq, nk, causal=causal, heads=q.shape[1], kv_heads=k.shape[1], **options)
     idx = _rows_tensor(rows, torch.as_tensor(rows).numel(), nq, q.device)
-    return attention_row(q[:, :, idx], k, rows=idx, nq=nq, scale=scale, causal=causal,
+    # a declared mask already holds the mechanism's causality (Croc/AKI: bidirectional spans inside a causal mask)
+    return attention_row(q[:, :, idx], k, rows=idx, nq=nq, scale=scale, causal=causal and pred is None,
                          key_padding_mask=key_padding_mask, lse=lse, predicate=pred)

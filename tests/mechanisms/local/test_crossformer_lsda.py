@@ -136,10 +136,11 @@ def test_gradcheck_fast():
 
 
 def test_errors():
+    # grids the groups or the interval do not divide are padded (masked), not refused
+    assert CrossFormerLSDA(16, 2, group_size=4)(torch.randn(1, 6, 7, 16)).shape == (1, 6, 7, 16)
+    assert CrossFormerLSDA(16, 2, mode="lda", interval=4)(torch.randn(1, 6, 6, 16)).shape == (1, 6, 6, 16)
     with pytest.raises(ValueError, match="group_size"):
-        CrossFormerLSDA(16, 2, group_size=4)(torch.randn(1, 6, 6, 16))
-    with pytest.raises(ValueError, match="interval"):
-        CrossFormerLSDA(16, 2, mode="lda", interval=4)(torch.randn(1, 6, 6, 16))
+        CrossFormerLSDA(16, 2, group_size=0)
     with pytest.raises(ValueError, match="interval"):
         CrossFormerLSDA(16, 2, mode="sda", interval=2)
     with pytest.raises(ValueError, match="mode"):

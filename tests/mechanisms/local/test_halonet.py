@@ -92,8 +92,9 @@ def test_module_backends_and_gradcheck():
 
 
 def test_errors():
+    assert HaloAttention(8, 2, block_size=3)(torch.randn(1, 4, 5, 8)).shape == (1, 4, 5, 8)  # padded, not refused
     with pytest.raises(ValueError, match="block_size"):
-        HaloAttention(8, 2, block_size=3)(torch.randn(1, 4, 4, 8))
+        HaloAttention(8, 2, block_size=0)
     with pytest.raises(ValueError, match="heads"):
         HaloAttention(8, 3)
     with pytest.raises(TypeError, match="mask_padding"):

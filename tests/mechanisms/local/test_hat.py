@@ -160,8 +160,9 @@ def test_gradcheck_fast():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="window_size"):
-        HybridAttentionBlock(8, 2, window_size=4, compress_ratio=2, squeeze_factor=2)(torch.randn(1, 6, 6, 8))
+    # a grid the window does not divide is padded (masked), not refused
+    assert HybridAttentionBlock(8, 2, window_size=4, compress_ratio=2, squeeze_factor=2)(
+        torch.randn(1, 6, 7, 8)).shape == (1, 6, 7, 8)
     with pytest.raises(ValueError, match="overlap_ratio"):
         HybridAttentionBlock(8, 2, window_size=4, overlap_ratio=0.25, compress_ratio=2, squeeze_factor=2)
     with pytest.raises(ValueError, match="squeeze_factor"):

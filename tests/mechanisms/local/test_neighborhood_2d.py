@@ -203,10 +203,11 @@ def test_module_built_from_registry():
 
 def test_errors():
     q, k, v = _qkv(1, 2, 5, 5, 4)
+    # grids smaller than kernel_size * dilation are padded (masked), not refused
+    assert na2d(q, k, v, kernel_size=7).shape == q.shape
+    assert na2d(q, k, v, kernel_size=3, dilation=2).shape == q.shape
     with pytest.raises(ValueError, match="kernel_size"):
-        na2d(q, k, v, kernel_size=7)
-    with pytest.raises(ValueError, match="kernel_size"):
-        na2d(q, k, v, kernel_size=3, dilation=2)
+        na2d(q, k, v, kernel_size=0)
     with pytest.raises(ValueError, match="rpb"):
         na2d(q, k, v, kernel_size=3, rpb=torch.zeros(2, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="backend"):

@@ -152,8 +152,7 @@ def test_sparse_is_not_dense_when_topk_small():
 
 def test_errors():
     m = _module(n_win=3, topk=2)
-    with pytest.raises(ValueError, match="multiples of n_win"):
-        m(_grid(1, 5, 6, 8))
+    assert m(_grid(1, 5, 7, 8)).shape == (1, 5, 7, 8)  # auto_pad: padded (masked), not refused
     with pytest.raises(ValueError, match=r"x: expected \(B, H, W, 8\)"):
         m(_grid(1, 6, 6, 4))
     with pytest.raises(ValueError, match="topk"):

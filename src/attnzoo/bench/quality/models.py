@@ -3,8 +3,9 @@
 - :class:`SequenceModel`: token embedding (or a linear map of feature vectors) + learned positions, pre-norm
   blocks (attention, then a 4x MLP), a final norm and a head per position or, for classification, at the
   last token or the mean over tokens.
-- :class:`GridModel`: 8x8 pixels as a (B, 8, 8, C) token grid, blocks of a grid mechanism, mean pool.
-- :class:`ChannelModel`: a small CNN on (B, C, 8, 8) maps, each block conv -> norm -> ReLU -> the channel
+- :class:`GridModel`: side x side pixels (8x8 digits, 16x16 patches) as a (B, side, side, C) token grid, blocks of
+  a grid mechanism, mean pool.
+- :class:`ChannelModel`: a small CNN on (B, C, side, side) maps, each block conv -> norm -> ReLU -> the channel
   mechanism (``mechanism=None`` gives the same CNN without attention), residual, mean pool.
 """
 
@@ -88,7 +89,7 @@ class SequenceModel(nn.Module):
 
 
 class GridModel(nn.Module):
-    """x (B, 8, 8) pixels -> (B, classes) with a grid mechanism on (B, H, W, C)."""
+    """x (B, side, side) pixels -> (B, classes) with a grid mechanism on (B, H, W, C)."""
 
     def __init__(self, mechanism: str, *, classes: int, side: int = 8, dim: int = 64, layers: int = 2,
                  heads: int = 4, options: dict[str, Any] | None = None):
@@ -113,16 +114,17 @@ class GridModel(nn.Module):
 
 
 class ChannelModel(nn.Module):
-    """x (B, 8, 8) pixels -> (B, classes): conv blocks with a channel mechanism on (B, C, H, W)."""
+    """x (B, side, side) pixels -> (B, classes): conv blocks with a channel mechanism on (B, C, H, W)."""
 
-    def __init__(self, mechanism: str | None, *, classes: int, dim: int = 64, layers: int = 2, heads: int = 4,
-                 options: dict[str, Any] | None = None):
+    def __init__(self, mechanism: str | None, *, classes: int, side: int = 8, dim: int = 64, layers: int = 2,
+                 heads: int = 4, options: dict[str, Any] | None = None):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU())
         self.convs = nn.ModuleList(
             nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU()) for _ in range(layers))
         self.attns = nn.ModuleList(
-            (_build(mechanism, dim, heads, n=64, side=8, causal=None, options=options) if mechanism else nn.Identity())
+            (_build(mechanism, dim, heads, n=side * side, side=side, causal=None, options=options) if mechanism
+             else nn.Identity())
             for _ in range(layers))
         self.head = nn.Linear(dim, classes)
 

@@ -141,6 +141,8 @@ STUDIES: dict[str, list[Study]] = {
         Study("mqar", "mqar", {"pairs": 4, "seq_len": 32, "vocab": 64, "eval_size": 256},
               about="every mechanism, a few seconds each: a smoke test, not converged"),
         Study("digits", "digits", {}, about="real 8x8 digits for grid and channel mechanisms"),
+        Study("skimage_patches", "skimage_patches", {"patch": 16, "eval_size": 500},
+              about="16x16 patches of scikit-image's sample photographs (on request: --tasks skimage_patches)"),
     ],
     "full": [
         Study("mqar-L64-P8", "mqar", {"pairs": 8, "seq_len": 64, "vocab": 128, "eval_size": 1000}, dim=64,
@@ -173,6 +175,8 @@ STUDIES: dict[str, list[Study]] = {
         Study("listops", "listops", {"max_len": 128, "max_depth": 4, "max_args": 4, "eval_size": 1000},
               dim=128, batch=64, steps=1500, lrs=(1e-3,), budget=90.0),
         Study("digits", "digits", {}, dim=128, batch=64, steps=1500, lrs=(1e-3,), budget=90.0),
+        Study("skimage_patches", "skimage_patches", {"patch": 16, "eval_size": 1000}, dim=128, batch=64,
+              steps=1500, lrs=(1e-3,), budget=90.0),
     ],
 }
 

@@ -19,6 +19,10 @@ the input: the same data trains causal (decoder) and non-causal (encoder) models
   package: gensim's ``lee_background.cor`` when gensim is installed, else Python's ``pydoc_data.topics``;
   bits per character on a held-out tail. Causal mechanisms only.
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images), for grid and channel mechanisms.
+- ``skimage_patches``: grayscale 16x16 patches of ten of scikit-image's bundled sample photographs (astronaut,
+  camera, coffee, ...); the class is the source image. Training crops come from the top 75% of each image, the
+  fixed evaluation crops from the bottom 25% (disjoint pixels), so the task asks what a texture/structure looks
+  like, not which crop was seen. A larger real-pixel task than digits (256 tokens, 10 classes), offline.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ EVAL_SEED = 12345
 @dataclass
 class Task:
     """Base class. ``input`` is "tokens" (long (B, L)), "vectors" (float (B, L, F)) or "image"
-    (float (B, 8, 8)); ``output`` is "tokens" (per-position classes, y (B, L) with -100 ignored),
+    (float (B, side, side) grayscale); ``output`` is "tokens" (per-position classes, y (B, L) with -100 ignored),
     "scalar" (per-position regression, y (B, L) with NaN ignored) or "class" (y (B,))."""
 
     config: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +59,7 @@ class Task:
     features: int = 0
     seq_len: int = 0
     eval_size: int = 256
+    side: int = 0  # image tasks: the side of the square images (seq_len = side * side pixels)
 
     def sample(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -379,7 +384,7 @@ class Digits(Task):
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
         cut = int(0.8 * len(y))
         super().__init__(config={"images": len(y), "split": "80/20"}, name="digits", input="image", output="class",
-                         readout="mean", classes=10, seq_len=64, eval_size=len(y) - cut)
+                         readout="mean", classes=10, seq_len=64, eval_size=len(y) - cut, side=8)
         self.train = (x[perm[:cut]], y[perm[:cut]])
         self.test = (x[perm[cut:]], y[perm[cut:]])
 
@@ -394,9 +399,82 @@ class Digits(Task):
         return {"chance": 0.1}
 
 
+SKIMAGE_IMAGES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "brick", "grass", "gravel")
+"""The sample photographs of ``skimage_patches``: bundled with scikit-image (no download), all at least 300 px."""
+
+
+def load_skimage_gray(names=SKIMAGE_IMAGES) -> list[torch.Tensor]:
+    """scikit-image's bundled sample images as grayscale float tensors (H, W) in [0, 1] (RGB -> luminance with
+    skimage's rgb2gray weights 0.2125, 0.7154, 0.0721)."""
+    try:
+        import skimage.data as skdata
+    except ImportError as e:
+        raise ImportError("the skimage_patches task needs scikit-image (pip install scikit-image); it reads its "
+                          "bundled sample images, no download") from e
+    out = []
+    for name in names:
+        a = torch.as_tensor(getattr(skdata, name)())
+        a = a.float() / 255.0 if a.dtype == torch.uint8 else a.float()
+        if a.dim() == 3:
+            a = (a[..., :3] * torch.tensor([0.2125, 0.7154, 0.0721])).sum(-1)
+        out.append(a)  # (H, W)
+    return out
+
+
+class SkimagePatches(Task):
+    """Grayscale ``patch`` x ``patch`` crops of scikit-image's sample photographs; label = source image.
+
+    Training crops are drawn at random positions inside the top ``1 - test_fraction`` of every image, the
+    evaluation set is a fixed set of crops (``eval_size``, balanced over the images) inside the bottom part, so
+    train and evaluation pixels are disjoint. Pixels are standardised with the training regions' mean and std.
+    """
+
+    def __init__(self, patch: int = 16, eval_size: int = 1000, test_fraction: float = 0.25):
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction: expected a float in (0, 1), got {test_fraction!r}")
+        images = load_skimage_gray()
+        super().__init__(config={"patch": patch, "images": len(images), "test_fraction": test_fraction},
+                         name="skimage_patches", input="image", output="class", readout="mean",
+                         classes=len(images), seq_len=patch * patch, eval_size=eval_size, side=patch)
+        self.train_parts, self.test_parts = [], []
+        for img in images:
+            cut = int(round(img.shape[0] * (1 - test_fraction)))
+            if cut < patch or img.shape[0] - cut < patch or img.shape[1] < patch:
+                raise ValueError(f"patch: {patch} px crops do not fit the train/test parts of a {tuple(img.shape)} "
+                                 "image")
+            self.train_parts.append(img[:cut])
+            self.test_parts.append(img[cut:])
+        train_pixels = torch.cat([t.reshape(-1) for t in self.train_parts])
+        self.mean, self.std = float(train_pixels.mean()), float(train_pixels.std())
+
+    def _crops(self, parts: list[torch.Tensor], labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        p = self.side
+        out = torch.empty(len(labels), p, p)
+        for i, c in enumerate(labels.tolist()):
+            img = parts[c]
+            r = int(torch.randint(0, img.shape[0] - p + 1, (1,), generator=g))
+            col = int(torch.randint(0, img.shape[1] - p + 1, (1,), generator=g))
+            out[i] = img[r:r + p, col:col + p]
+        return (out - self.mean) / self.std  # (B, p, p)
+
+    def sample(self, batch, g):
+        y = torch.randint(0, self.classes, (batch,), generator=g)
+        return self._crops(self.train_parts, y, g), y
+
+    def eval_set(self):
+        if not hasattr(self, "_eval"):
+            g = torch.Generator().manual_seed(EVAL_SEED)
+            y = torch.arange(self.eval_size) % self.classes  # balanced
+            self._eval = (self._crops(self.test_parts, y, g), y)
+        return self._eval
+
+    def baselines(self):
+        return {"chance": 1.0 / self.classes}
+
+
 TASKS: dict[str, type[Task]] = {
     "mqar": MQAR, "selective_copy": SelectiveCopy, "passkey": Passkey, "icl_regression": ICLRegression,
-    "listops": ListOps, "char_lm": CharLM, "digits": Digits,
+    "listops": ListOps, "char_lm": CharLM, "digits": Digits, "skimage_patches": SkimagePatches,
 }
 
 def make_task(name: str, config: dict[str, Any]) -> Task:

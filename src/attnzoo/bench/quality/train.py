@@ -16,22 +16,23 @@ from .models import ChannelModel, GridModel, SequenceModel, aux_loss
 from .tasks import IGNORE, Task
 
 NO_ATTENTION = "none"
-"""Pseudo-mechanism of the digits task: the same CNN without any attention (channel-model baseline)."""
+"""Pseudo-mechanism of the image tasks (digits, skimage_patches): the same CNN without any attention (channel-model
+baseline)."""
 
 
 def applicability(task: Task, mechanism: str) -> tuple[str, bool] | str:
     """``(model, causal)`` to train ``mechanism`` on ``task``, or the reason it does not apply."""
     if mechanism == NO_ATTENTION:
-        return ("channel", False) if task.name == "digits" else "the no-attention baseline is for digits only"
+        return ("channel", False) if task.input == "image" else "the no-attention baseline is for image tasks only"
     mech = registry.get(mechanism)
-    if task.name == "digits":
+    if task.input == "image":
         if mech.kind == "grid":
             return "grid", False
         if mech.kind == "channel":
             return "channel", False
         if mech.kind == "sequence" and "noncausal_self" in mech.patterns:
             return "sequence", False
-        return f"digits needs a grid, channel or non-causal sequence mechanism; {mech.name} is {mech.kind}"
+        return f"{task.name} needs a grid, channel or non-causal sequence mechanism; {mech.name} is {mech.kind}"
     if mech.kind != "sequence":
         return f"{task.name} is a sequence task; {mech.name} is a {mech.kind} mechanism"
     if "causal_self" in mech.patterns:
@@ -46,12 +47,13 @@ def applicability(task: Task, mechanism: str) -> tuple[str, bool] | str:
 def make_model(task: Task, mechanism: str, model: str, causal: bool, *, dim: int, layers: int, heads: int,
                options: dict[str, Any]) -> nn.Module:
     if model == "grid":
-        return GridModel(mechanism, classes=task.classes, dim=dim, layers=layers, heads=heads, options=options)
+        return GridModel(mechanism, classes=task.classes, side=task.side, dim=dim, layers=layers, heads=heads,
+                         options=options)
     if model == "channel":
-        return ChannelModel(None if mechanism == NO_ATTENTION else mechanism, classes=task.classes, dim=dim,
-                            layers=layers, heads=heads, options=options)
+        return ChannelModel(None if mechanism == NO_ATTENTION else mechanism, classes=task.classes, side=task.side,
+                            dim=dim, layers=layers, heads=heads, options=options)
     out = 1 if task.output == "scalar" else task.classes
-    if task.input == "image":  # pixels as 64 tokens of one feature
+    if task.input == "image":  # pixels as side * side tokens of one feature
         return SequenceModel(mechanism, features=1, out=out, seq_len=task.seq_len, dim=dim, layers=layers,
                              heads=heads, causal=causal, readout=task.readout, options=options)
     return SequenceModel(mechanism, vocab=task.vocab if task.input == "tokens" else 0,
@@ -62,7 +64,7 @@ def make_model(task: Task, mechanism: str, model: str, causal: bool, *, dim: int
 
 def _prep(task: Task, model: str, x: torch.Tensor) -> torch.Tensor:
     if task.input == "image" and model == "sequence":
-        return x.reshape(x.shape[0], -1, 1)  # (B, 64, 1)
+        return x.reshape(x.shape[0], -1, 1)  # (B, side * side, 1)
     return x
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...errors import UnsupportedPatternError, check_qkv
+from ...errors import UnsupportedPatternError, check_step
 from ...kernels.sdpa import sdpa
 from ...masks import Bound, Predicate, check_bounds, materialize
 from ...reference import softmax_attention
@@ -90,6 +90,14 @@ def guard_prefill(mechanism: str, region: str, start: Bound, end: Bound, pos0: i
             "the end of that region) in one step, then decode token by token")
 
 
+def prefill_through(start: Bound, end: Bound) -> int:
+    """The record's ``decode_prefill``: a decode from position 0 must take positions [0, end) in its first step so
+    that it holds the bidirectional region [start, end) whole (0 when the region is empty in every batch row)."""
+    s, e = torch.broadcast_tensors(torch.as_tensor(start), torch.as_tensor(end))
+    live = e[s < e]
+    return int(live.max()) if live.numel() else 0
+
+
 def init_kv_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, **options):
     """The decode state of a modality mask: a plain KV cache (the options only shape the mask)."""
     return KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
@@ -102,7 +110,7 @@ def modality_step(mechanism: str, fast, regions: dict[str, tuple[str, str]], q, 
     ``regions`` names the bidirectional regions, {description: (start option, end option)}, that a step must hold
     whole (:func:`guard_prefill`). q (B, Hq, T, D), k (B, Hk, T, D), v (B, Hk, T, Dv) -> (B, Hq, T, Dv).
     """
-    check_qkv(q, k, v)
+    check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=KVCache)
     bounds = spans(q, **options)
     pos0, pos1 = state.seq_len, state.seq_len + q.shape[2]
     for region, (a, b) in regions.items():

@@ -30,6 +30,7 @@ from ._modality import (
     masked_reference,
     modality_step,
     per_row,
+    prefill_through,
     require_causal,
     span_rows,
     spans,
@@ -117,5 +118,6 @@ AKI = register(Mechanism(
     test_options={"visual_start": 1, "visual_end": 4, "prompt_end": 6},
     test_sizes={"n": 13, "nq": 10, "nk": 13},
     case_options=_case_options,
+    decode_prefill=lambda *, visual_start, prompt_end, **_: prefill_through(visual_start, prompt_end),
     notes="image and prompt must be prefilled in one decode step; no image or no prompt is plain causal attention.",
 ))

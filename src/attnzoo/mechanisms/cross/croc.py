@@ -29,6 +29,7 @@ from ._modality import (
     masked_reference,
     modality_step,
     per_row,
+    prefill_through,
     require_causal,
     span_rows,
     spans,
@@ -110,6 +111,7 @@ CROC = register(Mechanism(
     test_options={"visual_start": 1, "visual_end": 4},
     test_sizes={"n": 13, "nq": 10, "nk": 13},
     case_options=_case_options,
+    decode_prefill=lambda *, visual_start, visual_end, **_: prefill_through(visual_start, visual_end),
     notes="the visual span must be prefilled in one decode step; visual_start=0 is prefix-LM (the official "
           "code's prefix = everything before the first supervised token); an empty span is causal attention.",
 ))

@@ -181,6 +181,11 @@ class PairWiseCrossAttention(_Heads):
             sources["pair"] = (k2, v2)
         elif "pair" in masks:
             raise ValueError("key_padding_mask: a mask for 'pair' needs the pair's tokens as context")
+        for name, mk in masks.items():
+            if name not in sources:
+                raise ValueError(f"key_padding_mask: unknown part {name!r}; expected 'self' or 'pair'")
+            check_key_padding_mask(mk, B, sources[name][0].shape[2], device=x.device, name="key_padding_mask" if (
+                not isinstance(key_padding_mask, Mapping)) else f"key_padding_mask[{name!r}]")
         res = cross_attention(q, sources, mode="joint", masks=masks or None, scale=self.scale,
                               return_source_mass=return_source_mass)
         if return_source_mass:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...cross import CrossAttention, cross_attention
-from ...errors import check_bool, check_module_input, check_tensor
+from ...errors import check_bool, check_key_padding_mask, check_module_input, check_tensor
 from ...registry import CrossSpec, Mechanism, Option, register
 from ...state.context import ContextCache
 
@@ -102,7 +102,7 @@ class IPAdapterAttention(nn.Module):
                     proj[n].bias.copy_(proj[t].bias)
 
     # -- the sources of one call -----------------------------------------------------------------------
-    def _expand(self, context, key_padding_mask, region_masks, scales):
+    def _expand(self, context, key_padding_mask, region_masks, scales, batch: int):
         """{source key: (k, v)} with adapters of P images split into P sources sharing their projections, and
         their masks, regions and scales."""
         ctx = dict(context)
@@ -135,7 +135,10 @@ class IPAdapterAttention(nn.Module):
                 lams = [lam] * (images or 1)
             for p in ([None] if images is None else range(images)):
                 key = _image_key(name, p)
-                out["sources"][key] = self.attn.project(name, c if p is None else c[:, p])
+                k, v = self.attn.project(name, c if p is None else c[:, p])  # (B, Hk, M, hd) each
+                if k.shape[0] != batch:
+                    raise ValueError(f"context[{name!r}]: batch {k.shape[0]} does not match x's batch {batch}")
+                out["sources"][key] = (k, v)
                 if name != self.text_source:
                     out["scales"][key] = lams[0 if p is None else p]
                 for arg, src, dst in (("key_padding_mask", key_padding_mask, "masks"),
@@ -149,6 +152,9 @@ class IPAdapterAttention(nn.Module):
                             raise ValueError(f"{arg}[{name!r}]: a prompt of {images} images takes (B, {images}, ...), "
                                              f"got {got}")
                         t = t[:, p]
+                    if dst == "masks":
+                        check_key_padding_mask(t, batch, k.shape[2], name=f"key_padding_mask[{key!r}]",
+                                               device=k.device)
                     out[dst][key] = t
         return out
 
@@ -172,7 +178,7 @@ class IPAdapterAttention(nn.Module):
             if self.text_source not in context:
                 raise ValueError(f"context: IP-Adapter adds image prompts to the text cross-attention; the text source "
                                  f"{self.text_source!r} is missing (got {list(context)})")
-            parts = self._expand(context, kpm, regions, lam)
+            parts = self._expand(context, kpm, regions, lam, B)
             if state is not None:
                 for key, (k, v) in parts["sources"].items():
                     if key in state:

@@ -70,7 +70,7 @@ class VideoCCAMProjector(nn.Module):
 
     def _tokens(self, x, context_pos, key_padding_mask, state):
         """(x (B, M, C), positions (M,) or (B, M) or None, mask (B, M) or None) from either input layout."""
-        if x.dim() == 4:
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
             check_module_input(self, x, layout="(B, T, N, C)", channels=self.context_dim)
             B, T, nf, C = x.shape
             if context_pos is None:
@@ -78,10 +78,12 @@ class VideoCCAMProjector(nn.Module):
                 if state is not None and self.resampler.layers[0].source in state:
                     start = int(state.positions(self.resampler.layers[0].source).max()) + 1
                 context_pos = torch.arange(start, start + T, device=x.device).repeat_interleave(nf)
-            if key_padding_mask is not None:
-                check_key_padding_mask(key_padding_mask.reshape(B, -1) if key_padding_mask.dim() == 3
-                                       else key_padding_mask, B, T * nf, device=x.device)
+            if isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dim() == 3:
+                if tuple(key_padding_mask.shape) != (B, T, nf):
+                    raise ValueError(f"key_padding_mask: frames x (B, T, n_f) = {(B, T, nf)} take a mask of that "
+                                     f"shape or (B, T * n_f), got {tuple(key_padding_mask.shape)}")
                 key_padding_mask = key_padding_mask.reshape(B, T * nf)
+            check_key_padding_mask(key_padding_mask, B, T * nf, device=x.device)
             x = x.reshape(B, T * nf, C)
         else:
             check_module_input(self, x, channels=self.context_dim)

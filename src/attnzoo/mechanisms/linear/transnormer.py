@@ -117,6 +117,20 @@ class TransNormerAttention(nn.Module):
             raise ValueError("context: TransNormerLLM's attention is causal self attention (pattern 'causal_self'); "
                              "got a context")
         check_sequence_call(self, x, key_padding_mask=key_padding_mask, state=state, state_type=RecurrentState)
+        q, k, v, u = self.qkvu(x, 0 if state is None else state.seq_len)
+        opts = dict(decay=self.decay, chunk=self.chunk)
+        if state is not None:
+            o = lightning_step(q, k, v, state, scale=1.0, key_padding_mask=key_padding_mask, **opts)
+        else:
+            fn = lightning_reference if self.backend == "reference" else lightning_fast
+            o = fn(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=1.0, **opts)  # (B, H, N, d)
+        y = self.output(o, u)  # (B, N, dim)
+        return (y, state) if state is not None else y
+
+    def qkvu(self, x: torch.Tensor, offset: int = 0):
+        """The attention core's inputs for x (B, N, dim) at positions ``offset, offset + 1, ...``: q, k (B, H, N, F)
+        (swish, then LRPE: F = 2 head_dim), v (B, H, N, head_dim) and the gate's u (B, N, hidden). The core is
+        Lightning attention with ``decay=self.decay``, ``scale=1.0`` (``attnzoo.distributed`` runs it by LASP-2)."""
         B, N, _ = x.shape
         H, d = self.heads, self.head_dim
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # (B, N, hidden) each
@@ -124,21 +138,18 @@ class TransNormerAttention(nn.Module):
         k = F.silu(k).view(B, N, H, d).transpose(1, 2)  # (B, H, N, d)
         v = v.view(B, N, H, d).transpose(1, 2)  # (B, H, N, d)
         if self.use_lrpe:
-            offset = 0 if state is None else state.seq_len
             q, k = lrpe(q, self.theta, offset), lrpe(k, self.theta, offset)  # (B, H, N, 2d)
-        opts = dict(decay=self.decay, chunk=self.chunk)
-        if state is not None:
-            o = lightning_step(q, k, v, state, scale=1.0, key_padding_mask=key_padding_mask, **opts)
-        else:
-            fn = lightning_reference if self.backend == "reference" else lightning_fast
-            o = fn(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=1.0, **opts)  # (B, H, N, d)
+        return q, k, v, u
+
+    def output(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """SRMSNorm of the core's output o (B, H, N, head_dim), the gate u (B, N, hidden), then W_o: (B, N, dim)."""
+        B, _, N, _ = o.shape
         o = srms_norm(o.transpose(1, 2).reshape(B, N, self.hidden), self.norm_eps)  # (B, N, hidden)
         if self.gate == "silu":
             u = F.silu(u)
         elif self.gate == "sigmoid":
             u = torch.sigmoid(u)
-        y = self.out_proj(o * u)  # (B, N, dim)
-        return (y, state) if state is not None else y
+        return self.out_proj(o * u)  # (B, N, dim)
 
 
 def _transnormer(dim, heads, *, kv_heads=None, causal=False, backend="auto", **options):

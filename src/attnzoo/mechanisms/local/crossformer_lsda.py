@@ -15,8 +15,11 @@ Following the official ``models/crossformer.py``:
   ``pos_dim = dim // 4``); here ``dpb_dim`` defaults to max(dim // 16, 4).
 - LDA: the official block fixes the group size G and derives the interval I = H // G; ``interval`` may be
   given instead (then the group is (H/I) x (W/I)). G = H = W (SDA) or I = 1 (LDA) is full attention.
-- The grid must be divisible into groups (a ValueError otherwise). The detection code pads and masks;
-  that padding is left to the caller here.
+- Any grid size, as the official detection/segmentation backbones do: the grid is zero-padded at the bottom and
+  right to a multiple of the group size (SDA, and LDA with ``group_size``) or of the interval (LDA with
+  ``interval``), the geometry is taken on the padded grid, the padded keys are masked out of every group's softmax
+  (the official code adds a large negative number to them) and the padded queries are cropped. A divisible grid is
+  unchanged.
 - The block around the attention (LayerNorm, MLP, residuals) and the cross-scale embedding layer are not
   part of this module.
 
@@ -58,6 +61,12 @@ def lsda_geometry(height: int, width: int, mode: str, group_size: int, interval:
     return height // I, width // I, I, I
 
 
+def lsda_padded_size(height: int, width: int, mode: str, group_size: int, interval: int | None) -> tuple[int, int]:
+    """(Hp, Wp): the grid padded to a multiple of the interval (LDA with ``interval``) or of the group size."""
+    div = interval if (mode == "lda" and interval is not None) else group_size
+    return -(-height // div) * div, -(-width // div) * div
+
+
 def group_ids_and_coords(height: int, width: int, mode: str, Gh: int, Gw: int, Ih: int, Iw: int, device=None):
     """Per token (row-major): group id (N,), in-group row (N,), in-group column (N,)."""
     r = torch.arange(height, device=device).view(height, 1).expand(height, width).reshape(-1)
@@ -91,11 +100,14 @@ class DynamicPosBias(nn.Module):
         return self(grid).t().reshape(-1, 2 * Gh - 1, 2 * Gw - 1)
 
 
-def lsda_reference(q, k, v, table, *, height, width, mode, Gh, Gw, Ih, Iw, scale):
-    """Dense masked reference: q, k, v (B, h, H*W, d); table (heads, 2Gh-1, 2Gw-1) -> (B, h, H*W, d)."""
+def lsda_reference(q, k, v, table, *, height, width, mode, Gh, Gw, Ih, Iw, scale, key_valid=None):
+    """Dense masked reference: q, k, v (B, h, H*W, d); table (heads, 2Gh-1, 2Gw-1) -> (B, h, H*W, d).
+    ``key_valid`` (H, W) bool: False for padded positions, never attended."""
     n = height * width
     gid, yy, xx = group_ids_and_coords(height, width, mode, Gh, Gw, Ih, Iw, device=q.device)
     mask = materialize(document(gid.view(1, n)), 1, 1, n, n, device=q.device)  # (1, 1, N, N) same group
+    if key_valid is not None:
+        mask = mask & key_valid.reshape(1, 1, 1, n)
     dy = (yy.view(n, 1) - yy.view(1, n) + Gh - 1).clamp(0, 2 * Gh - 2)  # (N, N) query minus key
     dx = (xx.view(n, 1) - xx.view(1, n) + Gw - 1).clamp(0, 2 * Gw - 2)
     bias = table[:, dy, dx].unsqueeze(0)  # (1, heads, N, N)
@@ -122,16 +134,20 @@ def from_groups(x: torch.Tensor, mode: str, H: int, W: int, Gh: int, Gw: int, Ih
     return x.reshape(B, h, H, W, d)
 
 
-def lsda_fast(q, k, v, table, *, mode, Gh, Gw, Ih, Iw, scale):
-    """Grouped attention: q, k, v (B, h, H, W, d) -> (B, h, H, W, d), O(HW G^2 d)."""
+def lsda_fast(q, k, v, table, *, mode, Gh, Gw, Ih, Iw, scale, key_valid=None):
+    """Grouped attention: q, k, v (B, h, H, W, d) -> (B, h, H, W, d), O(HW G^2 d). ``key_valid`` (H, W) bool:
+    False for padded positions, never attended."""
     B, h, H, W, d = q.shape
     yy, xx = torch.meshgrid(torch.arange(Gh, device=q.device), torch.arange(Gw, device=q.device), indexing="ij")
     yy, xx = yy.reshape(-1), xx.reshape(-1)
     dy = yy.view(-1, 1) - yy.view(1, -1) + Gh - 1  # (G2, G2)
     dx = xx.view(-1, 1) - xx.view(1, -1) + Gw - 1
     bias = table[:, dy, dx].unsqueeze(0).unsqueeze(2)  # (1, h, 1, G2, G2)
+    mask = None
+    if key_valid is not None:
+        mask = to_groups(key_valid.view(1, 1, H, W, 1), mode, Gh, Gw, Ih, Iw).transpose(-1, -2)  # (1, 1, nG, 1, G2)
     out = tile_attention(to_groups(q, mode, Gh, Gw, Ih, Iw), to_groups(k, mode, Gh, Gw, Ih, Iw),
-                         to_groups(v, mode, Gh, Gw, Ih, Iw), scale=scale, bias=bias)  # (B, h, nG, G2, d)
+                         to_groups(v, mode, Gh, Gw, Ih, Iw), scale=scale, bias=bias, mask=mask)  # (B, h, nG, G2, d)
     return from_groups(out, mode, H, W, Gh, Gw, Ih, Iw)
 
 
@@ -175,21 +191,30 @@ class CrossFormerLSDA(nn.Module):
         check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
         check_backend(self.backend)
-        Gh, Gw, Ih, Iw = lsda_geometry(H, W, self.mode, self.group_size, self.interval)
+        Hp, Wp = lsda_padded_size(H, W, self.mode, self.group_size, self.interval)
+        Gh, Gw, Ih, Iw = lsda_geometry(Hp, Wp, self.mode, self.group_size, self.interval)
         qkv = self.qkv(x).view(B, H, W, 3, self.heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)  # (3, B, h, H, W, d)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, h, H, W, d)
+        valid = None
+        if (Hp, Wp) != (H, W):
+            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, Wp - W, 0, Hp - H)) for t in (q, k, v))  # (B,h,Hp,Wp,d)
+            valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=x.device)
+            valid[:H, :W] = True
         table = self.pos.table(Gh, Gw, x.dtype, x.device)  # (heads, 2Gh-1, 2Gw-1)
         if self.backend == "reference":
-            flat = lambda t: t.reshape(B, self.heads, H * W, self.head_dim)  # (B, h, N, d)
-            out = lsda_reference(flat(q), flat(k), flat(v), table, height=H, width=W, mode=self.mode, Gh=Gh, Gw=Gw,
-                                 Ih=Ih, Iw=Iw, scale=self.scale).view(B, self.heads, H, W, self.head_dim)
+            flat = lambda t: t.reshape(B, self.heads, Hp * Wp, self.head_dim)  # (B, h, N, d)
+            out = lsda_reference(flat(q), flat(k), flat(v), table, height=Hp, width=Wp, mode=self.mode, Gh=Gh, Gw=Gw,
+                                 Ih=Ih, Iw=Iw, scale=self.scale, key_valid=valid)
+            out = out.view(B, self.heads, Hp, Wp, self.head_dim)
         else:
-            out = lsda_fast(q, k, v, table, mode=self.mode, Gh=Gh, Gw=Gw, Ih=Ih, Iw=Iw, scale=self.scale)
+            out = lsda_fast(q, k, v, table, mode=self.mode, Gh=Gh, Gw=Gw, Ih=Ih, Iw=Iw, scale=self.scale,
+                            key_valid=valid)
+        out = out[:, :, :H, :W]  # (B, h, H, W, d)
         return self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C))  # (B, H, W, dim)
 
 
 def _case_options(*, n, side, heads, causal):
-    """Benchmark/training cases: the largest group side <= 7 that divides the grid side."""
+    """Benchmark/training cases: the largest group side <= 7 that divides the grid side (any other pads)."""
     side = side or int(n ** 0.5)
     return {"group_size": max(d for d in range(1, min(7, side) + 1) if side % d == 0)}
 
@@ -212,7 +237,7 @@ CROSSFORMER_LSDA = register(Mechanism(
     module=CrossFormerLSDA,
     options=(
         Option("mode", "sda", str, choices=("sda", "lda"), doc="short-distance (blocks) or long-distance (strided)"),
-        Option("group_size", 7, int, low=1, doc="group side G (LDA: interval = H // G)"),
+        Option("group_size", 7, int, low=1, doc="group side G (LDA: interval = Hp // G); grids padded to multiples"),
         Option("interval", None, int, low=1, allow_none=True, doc="LDA interval I instead of group_size"),
         Option("qkv_bias", True, bool, doc="bias of the qkv projection"),
         Option("dpb_dim", None, int, low=1, allow_none=True, doc="DPB hidden width, default max(dim // 16, 4)"),

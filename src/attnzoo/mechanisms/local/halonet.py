@@ -15,7 +15,11 @@ Choices where the paper is silent (each an option or stated here):
   take part as zero keys and values (what timm's unfold-based code does: they still get exp(q . r) weight).
 - Projections: q and kv Linear without bias (timm's qkv_bias=False) and an output Linear (the paper's
   bottleneck block follows attention with a 1x1 convolution; here it belongs to the module).
-- The strided (query-pooling) variant is not implemented. H and W must be multiples of the block size.
+- The strided (query-pooling) variant is not implemented.
+- Any grid size: timm's ``HaloAttn`` asserts that H and W are multiples of the block size; here a grid that the
+  block does not divide is zero-padded at the bottom/right to the next multiple (as Swin/HAT pad to a window
+  multiple), the padded keys are always masked (whatever ``mask_padding`` says about the halo border), the padded
+  queries' outputs are cropped. A divisible grid takes the unchanged path.
 
 Forms: ``reference`` = dense softmax of every query over the whole zero-padded grid with the block+halo mask
 (:func:`halo_mask`) and the relative logits scattered into a dense bias; ``fast`` = per-block tiles against
@@ -35,11 +39,14 @@ from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 
 
-def halo_mask(height: int, width: int, block: int, halo: int, *, mask_padding: bool = True) -> Predicate:
+def halo_mask(height: int, width: int, block: int, halo: int, *, mask_padding: bool = True,
+              extent: tuple[int, int] | None = None) -> Predicate:
     """Predicate: query ``q_idx`` of the H x W grid (row-major) sees key ``kv_idx`` of the zero-padded
     (H + 2 halo) x (W + 2 halo) grid iff the key lies in the halo window of the query's block (and, with
-    ``mask_padding``, inside the image)."""
+    ``mask_padding``, inside the image). ``extent`` (He, We) <= (H, W): the grid is a real He x We image padded
+    to block multiples; keys at rows >= He or columns >= We inside the grid are always masked."""
     wp = width + 2 * halo
+    he, we = (height, width) if extent is None else extent
 
     def halo_mask_mod(b, h, q_idx, kv_idx):
         qr, qc = torch.div(q_idx, width, rounding_mode="floor"), torch.remainder(q_idx, width)
@@ -50,18 +57,33 @@ def halo_mask(height: int, width: int, block: int, halo: int, *, mask_padding: b
         ok = (kr >= br - halo) & (kr < br + block + halo) & (kc >= bc - halo) & (kc < bc + block + halo)
         if mask_padding:
             ok = ok & (kr >= 0) & (kr < height) & (kc >= 0) & (kc < width)
+        if (he, we) != (height, width):  # the block-multiple padding (inside the grid, outside the image): never
+            grid = (kr >= 0) & (kr < height) & (kc >= 0) & (kc < width)
+            ok = ok & ~(grid & ((kr >= he) | (kc >= we)))
         return ok
 
     return halo_mask_mod
 
 
+def _block_padded(q, k, v, block):
+    """q, k, v zero-padded at the bottom/right to block multiples, and the real (H, W)."""
+    H, W = q.shape[2], q.shape[3]
+    hb, wb = -(-H // block) * block, -(-W // block) * block
+    if (hb, wb) == (H, W):
+        return q, k, v, (H, W)
+    pad = lambda t: F.pad(t, (0, 0, 0, wb - W, 0, hb - H))  # (B, h, Hb, Wb, d)
+    return pad(q), pad(k), pad(v), (H, W)
+
+
 def halo_reference(q, k, v, rel_h, rel_w, *, block, halo, scale, mask_padding):
     """Dense reference. q, k, v (B, h, H, W, d); rel_h, rel_w (2(b+halo)-1, d) -> (B, h, H, W, d)."""
+    q, k, v, (He, We) = _block_padded(q, k, v, block)
     B, h, H, W, d = q.shape
     Hp, Wp = H + 2 * halo, W + 2 * halo
     pad = lambda t: F.pad(t, (0, 0, halo, halo, halo, halo))  # (B, h, Hp, Wp, d), zeros outside
     n, npad = H * W, Hp * Wp
-    mask = materialize(halo_mask(H, W, block, halo, mask_padding=mask_padding), 1, 1, n, npad, device=q.device)
+    mask = materialize(halo_mask(H, W, block, halo, mask_padding=mask_padding, extent=(He, We)), 1, 1, n, npad,
+                       device=q.device)
     off = block + halo - 1
     dy = (torch.arange(Hp, device=q.device).view(1, Hp) - halo - torch.arange(H, device=q.device).view(H, 1))
     dx = (torch.arange(Wp, device=q.device).view(1, Wp) - halo - torch.arange(W, device=q.device).view(W, 1))
@@ -72,12 +94,14 @@ def halo_reference(q, k, v, rel_h, rel_w, *, block, halo, scale, mask_padding):
     bias = (lh.unsqueeze(-1) + lw.unsqueeze(-2)).reshape(B, h, n, npad) * scale  # (B, h, N, Np)
     out = softmax_attention(q.reshape(B, h, n, d), pad(k).reshape(B, h, npad, d), pad(v).reshape(B, h, npad, -1),
                             attn_mask=mask, bias=bias, scale=scale)  # (B, h, N, d)
-    return out.view(B, h, H, W, -1)
+    return out.view(B, h, H, W, -1)[:, :, :He, :We]
 
 
-def _window_index(H: int, W: int, block: int, halo: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices into the padded grid of every block's halo window (T*win*win,), and the padding mask
-    (T, win*win) True where the key is outside the image."""
+def _window_index(H: int, W: int, block: int, halo: int, device,
+                  extent: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Flat indices into the padded grid of every block's halo window (T*win*win,), the padding mask
+    (T, win*win) True where the key is outside the grid, and (with ``extent`` (He, We) < (H, W)) the block-padding
+    mask (T, win*win) True where the key is at a row >= He or a column >= We of the grid (else None)."""
     win, Wp = block + 2 * halo, W + 2 * halo
     nh, nw = H // block, W // block
     r = (torch.arange(nh, device=device).view(nh, 1) * block + torch.arange(win, device=device).view(1, win))
@@ -86,16 +110,23 @@ def _window_index(H: int, W: int, block: int, halo: int, device) -> tuple[torch.
     out_r = (r < halo) | (r >= H + halo)  # (nh, win)
     out_c = (c < halo) | (c >= W + halo)  # (nw, win)
     padding = (out_r.view(nh, 1, win, 1) | out_c.view(1, nw, 1, win)).reshape(nh * nw, win * win)
-    return idx, padding
+    if extent is None or tuple(extent) == (H, W):
+        return idx, padding, None
+    he, we = extent
+    grid = ~out_r.view(nh, 1, win, 1) & ~out_c.view(1, nw, 1, win)  # keys inside the (padded) grid
+    fr, fc = r >= he + halo, c >= we + halo  # rows / columns beyond the image
+    forced = (grid & (fr.view(nh, 1, win, 1) | fc.view(1, nw, 1, win))).reshape(nh * nw, win * win)
+    return idx, padding, forced
 
 
 def halo_fast(q, k, v, rel_h, rel_w, *, block, halo, scale, mask_padding):
     """Blocked attention: b*b query tiles against their (b+2h)^2 windows, O(HW (b+2h)^2 d)."""
+    q, k, v, (He, We) = _block_padded(q, k, v, block)
     B, h, H, W, d = q.shape
     win = block + 2 * halo
     nh, nw = H // block, W // block
     T, Q, R = nh * nw, block * block, win * win
-    idx, padding = _window_index(H, W, block, halo, q.device)
+    idx, padding, forced = _window_index(H, W, block, halo, q.device, extent=(He, We))
     pad = lambda t: F.pad(t, (0, 0, halo, halo, halo, halo)).reshape(B, h, -1, t.shape[-1])  # (B, h, Hp*Wp, d)
     qt = to_tiles(q, block, block, nh, nw)  # (B, h, T, Q, d)
     kt = pad(k).index_select(2, idx).view(B, h, T, R, d)  # (B, h, T, R, d)
@@ -109,8 +140,10 @@ def halo_fast(q, k, v, rel_h, rel_w, *, block, halo, scale, mask_padding):
     bias = (lh.unsqueeze(-1) + lw.unsqueeze(-2)).reshape(B, h, T, Q, R) * scale  # (B, h, T, Q, R)
     if mask_padding:
         bias = bias.masked_fill(padding.view(1, 1, T, 1, R), float("-inf"))
+    if forced is not None:
+        bias = bias.masked_fill(forced.view(1, 1, T, 1, R), float("-inf"))
     out = tile_attention(qt, kt, vt, scale=scale, bias=bias)  # (B, h, T, Q, dv)
-    return from_tiles(out, block, block, nh, nw, H, W)  # (B, h, H, W, dv)
+    return from_tiles(out, block, block, nh, nw, H, W)[:, :, :He, :We]  # (B, h, He, We, dv)
 
 
 class HaloAttention(nn.Module):
@@ -149,8 +182,6 @@ class HaloAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
-        if H % self.block_size or W % self.block_size:
-            raise ValueError(f"x: grid {H}x{W} must be a multiple of block_size={self.block_size} on both axes")
         check_backend(self.backend)
         split = lambda t: t.view(B, H, W, self.heads, self.head_dim).permute(0, 3, 1, 2, 4)  # (B, h, H, W, d)
         q = split(self.q(x))
@@ -178,7 +209,7 @@ HALONET = register(Mechanism(
     fast=halo_fast,
     module=HaloAttention,
     options=(
-        Option("block_size", 8, int, low=1, doc="query block side b (grid sides must be multiples of it)"),
+        Option("block_size", 8, int, low=1, doc="query block side b (other grids are padded to multiples, masked)"),
         Option("halo_size", 3, int, low=0, doc="halo h around each block"),
         Option("qkv_bias", False, bool, doc="bias of the q and kv projections"),
         Option("mask_padding", True, bool, doc="mask keys in the zero padding outside the image"),

@@ -22,12 +22,17 @@ Choices and differences from the official code:
   ``rpi_oca`` is a relabelling of the same (M + M_o - 1)^2 entries (it wraps negative indices), so the two
   parameterisations hold the same function class.
 - OCAB attends to the zero-padded keys at the border as the official code does (their value is zero).
-- H and W must be multiples of the window size (HAT pads the image at the network level), and
-  M_o - M must be even (the official unfold uses padding (M_o - M) / 2).
+- Any grid size: HAT pads the image to a window multiple at the network level (``check_image_size``); here the
+  attention pads its q/k/v grid at the bottom/right to a window multiple (WSA through
+  :mod:`attnzoo.kernels.window`, the Swin shift and regions taken on the padded grid as Swin does), the padded keys
+  are masked in the WSA and the OCAB (whose border padding stays zero keys, as the official unfold), and the padded
+  queries are cropped; the CAB convolution and the MLP run on the real grid. A divisible grid is unchanged.
+- M_o - M must be even (the official unfold uses padding (M_o - M) / 2).
 
 Forms: ``reference`` = dense softmax over all tokens (the padded grid for OCAB) with the window masks
-built from :func:`attnzoo.masks.document` on window/region ids and the biases scattered densely;
-``fast`` = window tiles with :func:`attnzoo.kernels.grid.tile_attention` (recomputing backward).
+(window/region ids of :func:`attnzoo.kernels.window.window_layout`; HaloNet's :func:`halo_mask` for OCAB) and the
+biases scattered densely; ``fast`` = window tiles with :func:`attnzoo.kernels.grid.tile_attention` (recomputing
+backward).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from torch import nn
 
 from ...errors import check_backend, check_bool, check_float, check_heads, check_int, check_module_input
 from ...kernels.grid import from_tiles, tile_attention, to_tiles
-from ...masks import document, materialize
+from ...kernels.window import padded_length, window_attention, window_attention_reference
+from ...masks import materialize
 from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 from .halonet import halo_mask
@@ -50,82 +56,44 @@ def _mlp(dim: int, ratio: float) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Window self-attention (WSA), shifted or not
+# Window self-attention (WSA), shifted or not: the shared window kernel (any grid size, padding masked)
 # --------------------------------------------------------------------------------------------------------
-def shifted_window_ids(height: int, width: int, window: int, shift: int, device=None) -> torch.Tensor:
-    """(N,) id of the attention group of every token (row-major): its window on the cyclically shifted grid
-    and, when shifted, its Swin region (tokens wrapped around the border do not see each other)."""
-    r = torch.arange(height, device=device).view(height, 1).expand(height, width)
-    c = torch.arange(width, device=device).view(1, width).expand(height, width)
-    rs, cs = torch.remainder(r - shift, height), torch.remainder(c - shift, width)  # shifted coordinates
-    win = torch.div(rs, window, rounding_mode="floor") * (width // window) + torch.div(
-        cs, window, rounding_mode="floor")
-    if shift == 0:
-        return win.reshape(-1)
-
-    def region(x, n):  # Swin's slices (0, -M), (-M, -s), (-s, None) of the shifted axis
-        return (x >= n - window).long() + (x >= n - shift).long()
-
-    return (win * 9 + region(rs, height) * 3 + region(cs, width)).reshape(-1)
-
-
-def relative_index(window: int, device=None) -> torch.Tensor:
-    """(M*M, M*M) Swin index into a (2M-1)^2 table: (dy + M - 1) * (2M - 1) + dx + M - 1, query minus key."""
-    y, x = torch.meshgrid(torch.arange(window, device=device), torch.arange(window, device=device), indexing="ij")
-    y, x = y.reshape(-1), x.reshape(-1)
-    dy = y.view(-1, 1) - y.view(1, -1) + window - 1
-    return dy * (2 * window - 1) + (x.view(-1, 1) - x.view(1, -1) + window - 1)
-
-
 def wsa_reference(q, k, v, table, *, window, shift, scale):
     """Dense: q, k, v (B, h, H, W, d), table ((2M-1)^2, heads) -> (B, h, H, W, d)."""
-    B, h, H, W, d = q.shape
-    n = H * W
-    ids = shifted_window_ids(H, W, window, shift, device=q.device)
-    mask = materialize(document(ids.view(1, n)), 1, 1, n, n, device=q.device)  # (1, 1, N, N)
-    r = torch.arange(H, device=q.device).view(H, 1).expand(H, W).reshape(-1)
-    c = torch.arange(W, device=q.device).view(1, W).expand(H, W).reshape(-1)
-    dy = (r.view(n, 1) - r.view(1, n) + window - 1).clamp(0, 2 * window - 2)  # query minus key
-    dx = (c.view(n, 1) - c.view(1, n) + window - 1).clamp(0, 2 * window - 2)
-    bias = table[dy * (2 * window - 1) + dx].permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
-    flat = lambda t: t.reshape(B, h, n, t.shape[-1])
-    out = softmax_attention(flat(q), flat(k), flat(v), attn_mask=mask, bias=bias.to(q.dtype), scale=scale)
-    return out.view(B, h, H, W, -1)
+    return window_attention_reference(q, k, v, window=window, shift=shift, table=table, scale=scale)
 
 
 def wsa_fast(q, k, v, table, *, window, shift, scale):
-    """Windows as tiles: roll by -shift, M*M tiles, relative bias + Swin region mask, roll back."""
-    B, h, H, W, d = q.shape
-    if shift:
-        q, k, v = (torch.roll(t, shifts=(-shift, -shift), dims=(2, 3)) for t in (q, k, v))
-    nh, nw = H // window, W // window
-    Q = window * window
-    bias = table[relative_index(window, q.device)].permute(2, 0, 1).reshape(1, h, 1, Q, Q)  # (1, h, 1, Q, Q)
-    if shift:
-        ids = shifted_window_ids(H, W, window, shift, device=q.device).view(H, W)
-        ids = torch.roll(ids, shifts=(-shift, -shift), dims=(0, 1))  # ids on the shifted grid
-        tiles = to_tiles(ids.view(1, 1, H, W, 1), window, window, nh, nw).view(nh * nw, Q)  # (T, Q)
-        blocked = tiles.view(-1, Q, 1) != tiles.view(-1, 1, Q)  # (T, Q, Q) different region
-        bias = bias.masked_fill(blocked.view(1, 1, nh * nw, Q, Q), float("-inf"))  # (1, h, T, Q, Q)
-    out = tile_attention(to_tiles(q, window, window, nh, nw), to_tiles(k, window, window, nh, nw),
-                         to_tiles(v, window, window, nh, nw), scale=scale, bias=bias)  # (B, h, T, Q, d)
-    out = from_tiles(out, window, window, nh, nw, H, W)
-    return torch.roll(out, shifts=(shift, shift), dims=(2, 3)) if shift else out
+    """Windows as tiles (:func:`attnzoo.kernels.window.window_attention`): roll by -shift, M*M tiles, relative bias
+    + Swin region mask (+ padded keys masked), roll back."""
+    return window_attention(q, k, v, window=window, shift=shift, table=table, scale=scale, backend="fast")
 
 
 # --------------------------------------------------------------------------------------------------------
 # Overlapping cross-attention (OCAB)
 # --------------------------------------------------------------------------------------------------------
+def _window_padded(q, k, v, window):
+    """q, k, v zero-padded at the bottom/right to window multiples, and the real (H, W)."""
+    H, W = q.shape[2], q.shape[3]
+    hm, wm = padded_length(H, window), padded_length(W, window)
+    if (hm, wm) == (H, W):
+        return q, k, v, (H, W)
+    pad = lambda t: F.pad(t, (0, 0, 0, wm - W, 0, hm - H))  # (B, h, Hm, Wm, d)
+    return pad(q), pad(k), pad(v), (H, W)
+
+
 def ocab_reference(q, k, v, table, *, window, overlap, scale):
     """Dense over the zero-padded grid: q (B, h, H, W, d), k, v likewise, table ((M+Mo-1)^2, heads)."""
+    q, k, v, (He, We) = _window_padded(q, k, v, window)
     B, h, H, W, d = q.shape
     pad = (overlap - window) // 2
     Hp, Wp = H + 2 * pad, W + 2 * pad
     n, npad = H * W, Hp * Wp
     span = window + overlap - 1
     # The overlapping window of a query's M x M window is the halo window of HaloNet with halo (Mo - M) / 2;
-    # the zero-padded border keys are not masked (official OCAB).
-    mask = materialize(halo_mask(H, W, window, pad, mask_padding=False), 1, 1, n, npad, device=q.device)
+    # the zero-padded border keys are not masked (official OCAB); the window-multiple padding is.
+    mask = materialize(halo_mask(H, W, window, pad, mask_padding=False, extent=(He, We)), 1, 1, n, npad,
+                       device=q.device)
     qr = torch.arange(H, device=q.device).view(H, 1).expand(H, W).reshape(n, 1)
     qc = torch.arange(W, device=q.device).view(1, W).expand(H, W).reshape(n, 1)
     kr = torch.arange(Hp, device=q.device).view(Hp, 1).expand(Hp, Wp).reshape(1, npad) - pad  # image coordinates
@@ -136,11 +104,12 @@ def ocab_reference(q, k, v, table, *, window, overlap, scale):
     padk = lambda t: F.pad(t, (0, 0, pad, pad, pad, pad)).reshape(B, h, npad, t.shape[-1])
     out = softmax_attention(q.reshape(B, h, n, d), padk(k), padk(v), attn_mask=mask,
                             bias=bias.to(q.dtype), scale=scale)
-    return out.view(B, h, H, W, -1)
+    return out.view(B, h, H, W, -1)[:, :, :He, :We]
 
 
 def ocab_fast(q, k, v, table, *, window, overlap, scale):
     """M*M query tiles against their gathered Mo*Mo windows of the zero-padded grid."""
+    q, k, v, (He, We) = _window_padded(q, k, v, window)
     B, h, H, W, d = q.shape
     pad = (overlap - window) // 2
     Wp = W + 2 * pad
@@ -158,8 +127,14 @@ def ocab_fast(q, k, v, table, *, window, overlap, scale):
     dy = o.view(1, overlap) - a.view(window, 1) + window - 1  # (M, Mo): key row minus query row + pad + M - 1 - pad
     index = (dy.view(window, 1, overlap, 1) * span + dy.view(1, window, 1, overlap)).reshape(Q, R)
     bias = table[index].permute(2, 0, 1).reshape(1, h, 1, Q, R)
+    if (He, We) != (H, W):  # keys of the window-multiple padding (image rows >= He or columns >= We) never attended
+        ir, ic = rows - pad, cols - pad  # (nh, Mo), (nw, Mo) image coordinates of the keys
+        grid = ((ir >= 0) & (ir < H)).view(nh, 1, overlap, 1) & ((ic >= 0) & (ic < W)).view(1, nw, 1, overlap)
+        beyond = (ir >= He).view(nh, 1, overlap, 1) | (ic >= We).view(1, nw, 1, overlap)
+        forced = (grid & beyond).reshape(1, 1, T, 1, R)
+        bias = bias.masked_fill(forced, float("-inf"))  # (1, h, T, Q, R)
     out = tile_attention(to_tiles(q, window, window, nh, nw), kt, vt, scale=scale, bias=bias)  # (B, h, T, Q, d)
-    return from_tiles(out, window, window, nh, nw, H, W)
+    return from_tiles(out, window, window, nh, nw, H, W)[:, :, :He, :We]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -298,8 +273,6 @@ class HybridAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
-        if H % self.window or W % self.window:
-            raise ValueError(f"x: grid {H}x{W} must be a multiple of window_size={self.window} on both axes")
         x = self.hab(x)
         return self.ocab(x) if self.ocab is not None else x
 
@@ -321,7 +294,7 @@ HAT = register(Mechanism(
     fast=wsa_fast,
     module=HybridAttentionBlock,
     options=(
-        Option("window_size", 16, int, low=1, doc="window side M (grid sides must be multiples)"),
+        Option("window_size", 16, int, low=1, doc="window side M (other grids are padded to multiples, masked)"),
         Option("shift_size", 0, int, low=0, doc="cyclic window shift of the HAB (HAT alternates 0 and M // 2)"),
         Option("overlap_ratio", 0.5, float, low=0.0, doc="OCAB gamma: key windows of M + int(gamma M)"),
         Option("compress_ratio", 3, int, low=1, doc="CAB beta: conv channels C // beta"),

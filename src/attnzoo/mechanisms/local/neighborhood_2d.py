@@ -32,9 +32,11 @@ sees exactly ``k x k`` keys. The relative position bias ``rpb (heads, 2k-1, 2k-1
 ``get_pb_start`` indexing, written as the offset it computes).
 
 Choices where the papers are silent or NATTEN differs by version:
-- A grid smaller than ``kernel_size * dilation`` on an axis raises (old NATTEN modules zero-padded the input
-  before the projections; the 0.17+ functional API rejects it). Even kernel sizes follow the same window
-  rule (start ``i - k // 2``); the relative position bias then still has 2k - 1 entries per axis.
+- A grid smaller than ``kernel_size * dilation`` on an axis is zero-padded at the bottom/right to that size, as
+  NATTEN's original ``NeighborhoodAttention2D`` module does (the 0.17+ functional API rejects it), but the padded
+  keys are masked out (NATTEN let them in as zero tokens) and the padded queries are cropped: every query then
+  sees all real tokens of its (dilation group's) axis. Larger grids are untouched. Even kernel sizes follow the
+  same window rule (start ``i - k // 2``); the relative position bias then still has 2k - 1 entries per axis.
 - FlexAttention is not used: on CPU it compiles only a forward pass, and that compiled forward (block mask
   of the same neighborhood, BLOCK_SIZE 128) was measured about 6x slower than the tiled forward for 7 x 7 on
   a 64 x 64 grid (torch 2.13, 2 cores), slower even than dense SDPA; the tiled path serves inference and
@@ -101,15 +103,19 @@ def _rpb_dense(rpb: torch.Tensor, height: int, width: int, kernel, dilation) -> 
 
 
 def na2d_dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size, dilation=1,
-                              rpb: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                              rpb: torch.Tensor | None = None, scale: float | None = None,
+                              key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """The readable reference on heads-first tensors: exact softmax attention over all H*W tokens with the
     neighborhood mask (:func:`attnzoo.masks.neighborhood_2d`) and the relative position bias scattered into a
-    dense bias. O((HW)^2) memory; for tests and reading."""
+    dense bias. ``key_valid`` (H, W) bool: False for padded positions, never attended. O((HW)^2) memory; for tests
+    and reading."""
     B, heads, H, W, D = q.shape
     kernel, dil = check_pair("kernel_size", kernel_size), check_pair("dilation", dilation)
     check_neighborhood(H, W, kernel, dil)
     n = H * W
     mask = materialize(neighborhood_2d(H, W, kernel, dil), 1, 1, n, n, device=q.device)  # (1, 1, N, N)
+    if key_valid is not None:
+        mask = mask & key_valid.reshape(1, 1, 1, n)
     bias = None
     if rpb is not None:
         bias = _rpb_dense(rpb, H, W, kernel, dil).unsqueeze(0).to(q.dtype)  # (1, heads, N, N)
@@ -159,8 +165,8 @@ def _tile_plan(L1: int, L2: int, k1: int, k2: int, t1: int, t2: int, device: str
     return kidx, inside.reshape(1, 1, T, Q, R), rel1, rel2, n1, n2, T, Q, R
 
 
-def _na2d_undilated(q, k, v, kernel, rpb, scale, tile):
-    """Neighborhood attention with dilation 1 on (B, h, L1, L2, D)."""
+def _na2d_undilated(q, k, v, kernel, rpb, scale, tile, valid=None):
+    """Neighborhood attention with dilation 1 on (B, h, L1, L2, D); ``valid`` (B|1, 1, L1, L2, 1) bool masks keys."""
     B, h, L1, L2, D = q.shape
     k1, k2 = kernel
     t1 = tile[0] if tile else _tile_size(k1, L1)
@@ -177,7 +183,11 @@ def _na2d_undilated(q, k, v, kernel, rpb, scale, tile):
     else:
         table = F.pad(rpb.to(acc), (0, 1, 0, 1), value=float("-inf"))  # (heads, 2k1, 2k2), last row/col -inf
         bias = table[:, rel1, rel2].reshape(1, rpb.shape[0], T, Q, R)  # (1, h, T, Q, R), -inf outside
-    ot = tile_attention(qt, kt, vt, scale=scale, bias=bias, mask=mask, rows_nonempty=True)  # (B, h, T, Q, Dv)
+    if valid is not None:  # padded keys: never attended (padded query rows may then see nothing: zeros)
+        vk = valid.reshape(valid.shape[0], L1 * L2).index_select(1, kidx).view(valid.shape[0], 1, T, 1, R)
+        mask = vk if mask is None else mask & vk
+    ot = tile_attention(qt, kt, vt, scale=scale, bias=bias, mask=mask,
+                        rows_nonempty=valid is None)  # (B, h, T, Q, Dv)
     return from_tiles(ot, t1, t2, n1, n2, L1, L2)  # (B, h, L1, L2, Dv)
 
 
@@ -192,7 +202,8 @@ def _groups(length: int, d: int) -> list[torch.Tensor]:
 
 def na2d_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size, dilation=1,
                               rpb: torch.Tensor | None = None, scale: float | None = None,
-                              tile: tuple[int, int] | None = None) -> torch.Tensor:
+                              tile: tuple[int, int] | None = None,
+                              key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """The fast form: 2-D neighborhood attention without the (HW x HW) matrix, forward and backward, on
     heads-first tensors (inputs validated by :func:`na2d`).
 
@@ -203,6 +214,7 @@ def na2d_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size
         rpb: optional relative position bias (heads, 2kh-1, 2kw-1), learnable (gradients flow to it).
         scale: multiplies q . k, default D ** -0.5.
         tile: query tile (th, tw); default about the kernel size.
+        key_valid: optional (H, W) bool, False for padded positions (never attended).
 
     Returns:
         (B, heads, H, W, Dv) in q's dtype.
@@ -222,8 +234,9 @@ def na2d_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size
         g = heads // k.shape[1]
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, heads, H, W, D)
     dh, dw = dil
+    valid = None if key_valid is None else key_valid.view(1, 1, H, W, 1).expand(B, 1, H, W, 1)
     if dh == 1 and dw == 1:
-        return _na2d_undilated(q, k, v, kernel, rpb, scale, tile)
+        return _na2d_undilated(q, k, v, kernel, rpb, scale, tile, valid)
     if H % dh == 0 and W % dw == 0:
         # All dilation groups have the same shape: fold them into the batch.
         def split(x):  # (B, h, H, W, D) -> (B*dh*dw, h, H/dh, W/dw, D); row = i*dh + r
@@ -231,7 +244,8 @@ def na2d_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size
             x = x.view(Bx, hx, H // dh, dh, W // dw, dw, Dx).permute(0, 3, 5, 1, 2, 4, 6)
             return x.reshape(Bx * dh * dw, hx, H // dh, W // dw, Dx)
 
-        o = _na2d_undilated(split(q), split(k), split(v), kernel, rpb, scale, tile)
+        o = _na2d_undilated(split(q), split(k), split(v), kernel, rpb, scale, tile,
+                            None if valid is None else split(valid))
         o = o.view(B, dh, dw, heads, H // dh, W // dw, -1).permute(0, 3, 4, 1, 5, 2, 6)
         return o.reshape(B, heads, H, W, -1)
     # Uneven groups: at most two group lengths per axis, processed as up to four batches, then the
@@ -249,7 +263,8 @@ def na2d_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size
                 y = y.view(Bx, hx, nr, lr, nc, lc, Dx).permute(0, 2, 4, 1, 3, 5, 6)  # (B, nr, nc, h, lr, lc, D)
                 return y.reshape(Bx * nr * nc, hx, lr, lc, Dx)
 
-            o = _na2d_undilated(sub(q), sub(k), sub(v), kernel, rpb, scale, tile)  # (B*nr*nc, h, lr, lc, Dv)
+            o = _na2d_undilated(sub(q), sub(k), sub(v), kernel, rpb, scale, tile,
+                                None if valid is None else sub(valid))  # (B*nr*nc, h, lr, lc, Dv)
             o = o.view(B, nr, nc, heads, lr, lc, -1).permute(0, 3, 1, 4, 2, 5, 6)  # (B, h, nr, lr, nc, lc, Dv)
             outs.append(o.reshape(B, heads, nr * lr * nc * lc, -1))
             flat = rows_d.view(nr, lr, 1, 1) * W + cols_d.view(1, 1, nc, lc)  # (nr, lr, nc, lc) grid indices
@@ -292,7 +307,7 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size, dila
     Args:
         q: (B, H, W, heads, D) (``layout="heads_last"``, NATTEN's) or (B, heads, H, W, D) (``"heads_first"``);
             k: the same with kv_heads; v: the same with Dv; heads % kv_heads == 0.
-        kernel_size: int or (kh, kw); kh * dh <= H and kw * dw <= W.
+        kernel_size: int or (kh, kw); an axis shorter than kh * dh (kw * dw) is padded to it, the padding masked.
         dilation: int or (dh, dw).
         rpb: optional relative position bias (heads, 2kh-1, 2kw-1).
         scale: multiplies q . k, default D ** -0.5 (finite and positive).
@@ -309,7 +324,6 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size, dila
     if layout == "heads_last":
         q, k, v = (x.permute(0, 3, 1, 2, 4) for x in (q, k, v))  # (B, heads, H, W, D)
     kernel, dil = check_pair("kernel_size", kernel_size), check_pair("dilation", dilation)
-    check_neighborhood(H, W, kernel, dil)
     if rpb is not None:
         want = (heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1)
         if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != want:
@@ -318,8 +332,15 @@ def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size, dila
     if k.shape[1] != heads:
         g = heads // k.shape[1]
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, heads, H, W, D)
+    Hp, Wp = max(H, kernel[0] * dil[0]), max(W, kernel[1] * dil[1])  # NATTEN's module pads a grid this small
+    valid = None
+    if (Hp, Wp) != (H, W):
+        q, k, v = (F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H)) for x in (q, k, v))  # (B, heads, Hp, Wp, D)
+        valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=q.device)
+        valid[:H, :W] = True
     form = na2d_dense_reference if backend == "reference" else na2d_tiled
-    out = form(q, k, v, kernel_size=kernel, dilation=dil, rpb=rpb, scale=scale)  # (B, heads, H, W, Dv)
+    out = form(q, k, v, kernel_size=kernel, dilation=dil, rpb=rpb, scale=scale,
+               key_valid=valid)[:, :, :H, :W]  # (B, heads, H, W, Dv)
     return out.permute(0, 2, 3, 1, 4) if layout == "heads_last" else out
 
 
@@ -373,7 +394,6 @@ class NeighborhoodAttention2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
-        check_neighborhood(H, W, self.kernel_size, self.dilation)
         check_backend(self.backend)
         qkv = self.qkv(x).view(B, H, W, 3, self.heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)  # (3, B, h, H, W, hd)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, h, H, W, hd)

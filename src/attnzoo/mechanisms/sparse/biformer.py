@@ -21,7 +21,11 @@ Choices, all following the official code (``BiLevelRoutingAttention`` as used by
 - key/values are not downsampled (``kv_downsample_mode='identity'``, as released);
 - LCE is a depthwise conv with bias and zero padding ``side_dwconv // 2`` on V laid out as an image;
   ``side_dwconv=0`` disables it;
-- H and W must be multiples of ``n_win`` (the official ``auto_pad=False`` path); other sizes raise.
+- any H and W: the official ``auto_pad=True`` path. A grid that ``n_win`` does not divide is zero-padded at the
+  bottom/right to multiples of ``n_win`` (regions of ceil(H / n_win) rows), and the outputs are cropped. Unlike the
+  official code, which lets the padded tokens in (their q/k/v are the projection biases), the padding is masked
+  out: region means average real tokens only, regions made only of padding are never routed to, padded keys are
+  never attended and the LCE convolution sees zeros there. A divisible grid takes the unchanged path.
 Ties in the routing top-k follow ``torch.topk``; both forms share the same routing.
 
 Forms: ``reference`` is dense attention over all H*W tokens with the routed region-block mask
@@ -42,9 +46,13 @@ from ...reference import softmax_attention
 from ...registry import Mechanism, Option, register
 
 
-def route_regions(q_region: torch.Tensor, k_region: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
-    """Region routing: (B, S2, C) region queries/keys -> (B, S2, topk) routed region indices (no grad)."""
+def route_regions(q_region: torch.Tensor, k_region: torch.Tensor, topk: int, scale: float,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Region routing: (B, S2, C) region queries/keys -> (B, S2, topk) routed region indices (no grad).
+    ``valid`` (B|1, S2) bool: regions that hold real tokens (padding-only regions are routed to last)."""
     logits = torch.matmul(q_region.detach() * scale, k_region.detach().transpose(-1, -2))  # (B, S2, S2)
+    if valid is not None:
+        logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
     return torch.topk(logits, k=topk, dim=-1).indices  # (B, S2, topk)
 
 
@@ -66,10 +74,12 @@ def routed_mask(r_idx: torch.Tensor, height: int, width: int, n_win: int) -> tor
     return allowed[:, reg][:, :, reg].unsqueeze(1)  # (B, 1, N, N)
 
 
-def bra_reference(q, k, v, r_idx, *, height, width, n_win, scale):
+def bra_reference(q, k, v, r_idx, *, height, width, n_win, scale, key_valid=None):
     """Token attention with the routed mask materialized. q, k (B, heads, N, dq), v (B, heads, N, dv) in
-    raster order; r_idx (B, S2, topk) -> (B, heads, N, dv)."""
+    raster order; r_idx (B, S2, topk); ``key_valid`` (N,) bool (False: padding, never attended) -> (B, heads, N, dv)."""
     mask = routed_mask(r_idx, height, width, n_win)  # (B, 1, N, N)
+    if key_valid is not None:
+        mask = mask & key_valid.view(1, 1, 1, -1)
     return softmax_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -89,7 +99,7 @@ def _from_regions(x: torch.Tensor, height: int, width: int, n_win: int) -> torch
     return x.reshape(B, Hh, height * width, c)
 
 
-def bra_fast(q, k, v, r_idx, *, height, width, n_win, scale):
+def bra_fast(q, k, v, r_idx, *, height, width, n_win, scale, key_valid=None):
     """Gathered routed attention, same signature as :func:`bra_reference`; never builds N x N scores."""
     B, heads, N, _ = q.shape
     S2 = n_win * n_win
@@ -98,7 +108,11 @@ def bra_fast(q, k, v, r_idx, *, height, width, n_win, scale):
     kr = _to_regions(k, height, width, n_win).reshape(B, heads, N, -1)  # (B, heads, N, dq) region-major
     vr = _to_regions(v, height, width, n_win).reshape(B, heads, N, -1)  # (B, heads, N, dv) region-major
     index = r_idx.view(B, 1, S2, -1)  # routed regions = runs of w2 consecutive region-major keys
-    out, _ = gather_attention(qr, kr, vr, index, scale=scale, run=w2)  # (B, heads, S2, w2, dv)
+    kpm = None
+    if key_valid is not None:  # raster (N,) -> region-major (B, N)
+        kpm = _to_regions(key_valid.view(1, 1, N, 1), height, width, n_win).reshape(1, N).expand(B, N)
+    out, _ = gather_attention(qr, kr, vr, index, scale=scale, run=w2,
+                              key_padding_mask=kpm)  # (B, heads, S2, w2, dv)
     return _from_regions(out, height, width, n_win)  # (B, heads, N, dv)
 
 
@@ -135,30 +149,43 @@ class BiLevelRoutingAttention(nn.Module):
         check_module_input(self, x, layout="(B, H, W, C)", channels=self.dim)
         B, H, W, C = x.shape
         S = self.n_win
-        if H % S or W % S:
-            raise ValueError(f"x: height and width must be multiples of n_win={S}, got H={H}, W={W}")
         if self.topk > S * S:
             raise ValueError(f"topk: {self.topk} routed regions requested but the grid has only {S * S}")
         check_backend(self.backend)
-        N, hd, vd = H * W, self.qk_dim // self.heads, self.dim // self.heads
         q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)  # (B, H, W, .)
-        rh, rw = H // S, W // S
-        q_region = q.view(B, S, rh, S, rw, self.qk_dim).mean(dim=(2, 4)).reshape(B, S * S, self.qk_dim)
-        k_region = k.view(B, S, rh, S, rw, self.qk_dim).mean(dim=(2, 4)).reshape(B, S * S, self.qk_dim)
-        r_idx = route_regions(q_region, k_region, self.topk, self.scale)  # (B, S2, topk)
+        Hp, Wp = -(-H // S) * S, -(-W // S) * S  # auto_pad: multiples of n_win
+        valid = region_valid = None
+        if (Hp, Wp) != (H, W):
+            pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, Wp - W, 0, Hp - H))  # (B, Hp, Wp, c)
+            q, k, vp = pad(q), pad(k), pad(v)
+            valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=x.device)
+            valid[:H, :W] = True
+        else:
+            vp = v
+        N, hd, vd = Hp * Wp, self.qk_dim // self.heads, self.dim // self.heads
+        rh, rw = Hp // S, Wp // S
+        region_sum = lambda t: t.view(B, S, rh, S, rw, -1).sum(dim=(2, 4)).reshape(B, S * S, t.shape[-1])
+        count = torch.full((1, S * S, 1), float(rh * rw), dtype=x.dtype, device=x.device)
+        if valid is not None:  # means over the real tokens of each region
+            count = region_sum(valid.to(x.dtype).view(1, Hp, Wp, 1))  # (1, S2, 1)
+            region_valid = count.view(1, S * S) > 0
+        q_region = region_sum(q) / count.clamp_min(1)  # (B, S2, qk_dim)
+        k_region = region_sum(k) / count.clamp_min(1)
+        r_idx = route_regions(q_region, k_region, self.topk, self.scale, region_valid)  # (B, S2, topk)
         qh = q.reshape(B, N, self.heads, hd).transpose(1, 2)  # (B, heads, N, hd)
         kh = k.reshape(B, N, self.heads, hd).transpose(1, 2)  # (B, heads, N, hd)
-        vh = v.reshape(B, N, self.heads, vd).transpose(1, 2)  # (B, heads, N, vd)
+        vh = vp.reshape(B, N, self.heads, vd).transpose(1, 2)  # (B, heads, N, vd)
         fn = bra_reference if self.backend == "reference" else bra_fast
-        out = fn(qh, kh, vh, r_idx, height=H, width=W, n_win=S, scale=self.scale)  # (B, heads, N, vd)
-        out = out.transpose(1, 2).reshape(B, H, W, self.dim)  # (B, H, W, dim)
+        out = fn(qh, kh, vh, r_idx, height=Hp, width=Wp, n_win=S, scale=self.scale,
+                 key_valid=None if valid is None else valid.reshape(-1))  # (B, heads, N, vd)
+        out = out.transpose(1, 2).reshape(B, Hp, Wp, self.dim)[:, :H, :W]  # (B, H, W, dim)
         if self.lepe is not None:
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LCE on V, (B, H, W, dim)
         return self.wo(out)
 
 
 def _case_options(*, n, side, heads, causal):
-    """Benchmark/training cases: the largest region count <= 7 that divides the grid side."""
+    """Benchmark/training cases: the largest region count <= 7 that divides the grid side (others pad)."""
     side = side or int(n ** 0.5)
     n_win = max(d for d in range(1, min(7, side) + 1) if side % d == 0)
     return {"n_win": n_win, "topk": min(4, n_win * n_win)}
@@ -181,7 +208,8 @@ BIFORMER = register(Mechanism(
     module=BiLevelRoutingAttention,
     fast=bra_fast,
     options=(
-        Option("n_win", 7, int, low=1, doc="regions per side (S); the grid is split into S x S regions"),
+        Option("n_win", 7, int, low=1, doc="regions per side (S); the grid (padded to multiples of S) is split "
+                                           "into S x S regions"),
         Option("topk", 4, int, low=1, doc="routed regions per region (k); k = S^2 is dense attention"),
         Option("qk_dim", None, int, low=1, allow_none=True, doc="query/key width (default: dim)"),
         Option("qk_scale", None, float, low=1e-12, allow_none=True,
