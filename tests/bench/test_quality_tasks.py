@@ -185,3 +185,33 @@ def test_every_task_is_in_the_results_schema():
 
     walk(load_schema())
     assert enums and all(set(TASKS) <= e for e in enums), (sorted(TASKS), enums)
+
+
+def test_landmark_model_carries_landmark_tokens_through_every_layer():
+    """The quality model trains Landmark Attention as the paper does: a landmark token after every block in
+    the stream (its module built with interleaved=True), so in the second layer the landmarks' inputs differ
+    per block (they attended to their own block in the first layer) -- with one per-layer landmark embedding
+    every landmark key is equal and the grouped softmax cannot prefer the block that holds the answer. The
+    landmark rows are dropped before the head; the decode state counts the stream's positions."""
+    from attnzoo.bench.quality.models import SequenceModel
+    from attnzoo.bench.quality.train import decode_state_bytes
+
+    torch.manual_seed(0)
+    net = SequenceModel("landmark", vocab=20, out=20, seq_len=16, dim=16, layers=2, heads=2,
+                        options={"block_size": 4})
+    assert all(b.attn.interleaved for b in net.blocks) and net.stream_token is not None
+    assert net.stream_length(16) == 20 and net.pos.shape == (20, 16)
+    seen = []
+    net.blocks[1].attn.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    x = torch.randint(0, 20, (2, 16))
+    out = net(x)
+    assert out.shape == (2, 16, 20)
+    lm_rows = seen[0][:, 4::5]  # (B, 4, dim): the landmarks' inputs to the second layer, one per block
+    assert lm_rows.shape[1] == 4 and (lm_rows - lm_rows[:, :1]).abs().amax() > 1e-3
+    out.sum().backward()
+    assert net.stream_token.grad.abs().sum() > 0  # the landmark token is learned
+    st = net.blocks[0].attn.init_state(1)
+    net.blocks[0].attn(torch.randn(1, 20, 16), state=st)
+    assert decode_state_bytes(net, 16, 16) == 2 * st.nbytes()
+    plain = SequenceModel("softmax", vocab=20, out=20, seq_len=16, dim=16, layers=2, heads=2)
+    assert plain.stream_token is None and plain.stream_length(16) == 16

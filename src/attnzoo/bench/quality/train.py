@@ -96,6 +96,7 @@ def decode_state_bytes(net: nn.Module, length: int, dim: int) -> int | None:
     blocks = getattr(net, "blocks", None)
     if not blocks:
         return None
+    length = net.stream_length(length) if hasattr(net, "stream_length") else length  # with landmark tokens
     total = 0
     for blk in blocks:
         attn = blk.attn
