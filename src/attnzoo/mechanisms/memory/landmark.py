@@ -60,6 +60,7 @@ from ...errors import (
     check_step,
     check_tensor,
 )
+from ...kernels.gather import run_rows
 from ...kernels.select import selection_scores, top_k_indices
 from ...reference import acc_dtype, repeat_kv
 from ...registry import Mechanism, Option, register
@@ -313,6 +314,12 @@ class LandmarkCache(KVCache):
         value_dim = None if value_dim is None else check_int("value_dim", value_dim)
         super().__init__(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
 
+    def _capacity(self, need: int) -> int:
+        """Whole blocks (block_size + 1 positions), so that a decoding query reads retrieved blocks as rows of
+        the storage."""
+        period = self.block_size + 1
+        return -(-super()._capacity(need) // period) * period
+
     @property
     def landmark_keys(self) -> torch.Tensor:
         """Keys of the landmarks of completed blocks, (B, Hk, n_blocks, D) (a strided view)."""
@@ -351,19 +358,24 @@ def _decode_one(q, state: LandmarkCache, scale, block_size, top_k):
         else:
             idx = torch.arange(bq, device=q.device).expand(B, Hk, G, bq)
         kk = idx.shape[-1]
-        gi = idx.view(B, Hk, G, kk, 1, 1)
-        ksel = kb.unsqueeze(2).expand(B, Hk, G, bq, period, D).gather(3, gi.expand(B, Hk, G, kk, period, D))
-        vsel = vb.unsqueeze(2).expand(B, Hk, G, bq, period, vb.shape[-1]).gather(
-            3, gi.expand(B, Hk, G, kk, period, vb.shape[-1]))  # (B, Hk, G, k, P, Dv)
-        s_in = torch.einsum("bhgd,bhgkpd->bhgkp", qs, ksel[..., :block_size, :])  # (B, Hk, G, k, l)
-        tok_ok = torch.ones_like(s_in, dtype=torch.bool)
+        # the retrieved blocks, one row of (block_size + 1) keys each, read from the cache's storage (no copy of it)
+        kf, k_stride = run_rows(keys[:, :, :nfull].to(acc), period)  # (rows, P*D)
+        vf, v_stride = run_rows(values[:, :, :nfull].to(acc), period)  # (rows, P*Dv)
+        bh = (torch.arange(B, device=q.device).view(B, 1) * Hk
+              + torch.arange(Hk, device=q.device).view(1, Hk)).view(B, Hk, 1, 1)
+        Dv = vb.shape[-1]
+        ksel = kf.index_select(0, (bh * k_stride + idx).view(-1)).view(B, Hk, G, kk * period, D)
+        vsel = vf.index_select(0, (bh * v_stride + idx).view(-1)).view(B, Hk, G, kk, period, Dv)
+        s_in = torch.matmul(qs.unsqueeze(-2), ksel.transpose(-1, -2)).view(B, Hk, G, kk, period)[..., :block_size]
+        tok_ok = torch.ones_like(s_in, dtype=torch.bool)  # (B, Hk, G, k, l)
         if vmask is not None:
-            tok_ok = vmask[..., :block_size].expand(B, Hk, G, bq, block_size).gather(
-                3, idx.view(B, Hk, G, kk, 1).expand(B, Hk, G, kk, block_size))
+            rows = (torch.arange(B, device=q.device).view(B, 1, 1, 1) * bq + idx).view(-1)
+            tok_ok = mask[:, :nfull].reshape(B * bq, period).index_select(0, rows).view(
+                B, Hk, G, kk, period)[..., :block_size]
         sel_ok = lm_ok.gather(-1, idx)  # (B, Hk, G, k)
         lse_in, _ = masked_lse(s_in, tok_ok)  # (B, Hk, G, k)
         p_in = torch.exp(s_in.masked_fill(~tok_ok, float("-inf")) - lse_in.unsqueeze(-1))  # (B, Hk, G, k, l)
-        o_blk = torch.einsum("bhgkp,bhgkpe->bhgke", p_in, vsel[..., :block_size, :])  # (B, Hk, G, k, Dv)
+        o_blk = torch.matmul(p_in.unsqueeze(-2), vsel[..., :block_size, :]).squeeze(-2)  # (B, Hk, G, k, Dv)
         parts_s.append(s_lm.gather(-1, idx).masked_fill(~sel_ok, float("-inf")))
         parts_v.append(o_blk)
     start = bq * period
