@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/decode_perf.py                      # prefixes 4096 and 32768
     PYTHONPATH=src python benchmarks/decode_perf.py --prefixes 1024 -m sliding_window,linear   # a smoke run
+    PYTHONPATH=src python benchmarks/decode_perf.py --prefixes 32768 -m hip --append   # add/replace rows of a table
 
 One attention layer of model dim 512, 8 heads of dim 64, fp32, batch 1, one thread (the machine is shared;
 only ratios against the dense layer measured in the same run mean anything): ``attnzoo.build(mechanism, 512,
@@ -12,7 +13,10 @@ mechanisms, the mechanism's own module otherwise -- prefilled with P random toke
 consecutive decode calls divided by ``K`` (periodic work -- a full step every ``stride`` tokens, a core token
 every ``group_size``, a landmark every block -- is amortised as in real decoding). Each mechanism is timed
 between two timings of the dense layer; its ratio uses their mean, and the spread of the dense timings is
-reported as the run's noise. Options: the papers' inference settings (``OPTIONS``).
+reported as the run's noise. Options: the papers' inference settings (``OPTIONS``). The table (``--out``: .json
+and .md) is rewritten after every row, so a long run leaves its finished rows; ``--append`` keeps the rows of an
+earlier run (other mechanisms or prefixes) and replaces the ones measured again. The machine's load average
+(``os.getloadavg``) is recorded per row.
 """
 
 from __future__ import annotations
@@ -94,22 +98,36 @@ def main() -> None:
     ap.add_argument("-m", "--mechanisms", default=",".join(k for k in OPTIONS if k != "softmax"))
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/decode_perf")
+    ap.add_argument("--out", default="benchmarks/results/decode_perf/decode_perf")
+    ap.add_argument("--append", action="store_true", help="keep the rows of an existing table at --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     prefixes = [int(p) for p in args.prefixes.split(",")]
     names = [n for n in args.mechanisms.split(",") if n]
-    results = {"command": "python " + " ".join(sys.argv), "threads": args.threads, "dim": DIM, "heads": H,
-               "dtype": "float32", "options": {n: OPTIONS[n] for n in ["softmax", *names]},
-               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
-    t_start = time.monotonic()
+    command = "python " + " ".join(sys.argv)
+    results = {"commands": [], "threads": args.threads, "dim": DIM, "heads": H, "dtype": "float32",
+               "options": {}, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "rows": []}
+    if args.append and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            results = json.load(f)
+    results["commands"].append(command)
+    results["options"].update({n: OPTIONS[n] for n in ["softmax", *names]})
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+    def save():
+        with open(args.out + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(results))
+
     for P in prefixes:
         dense_layer, dense_state = prefilled("softmax", P)
         dense = decode_timer(dense_layer, dense_state, 64, args.min_run_time)
         dense_bytes = dense_state.nbytes()
         for name in names:
-            row = {"mechanism": name, "prefix": P}
+            row = {"mechanism": name, "prefix": P, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "command": command, "load_before": os.getloadavg()}
             try:
                 t0 = time.monotonic()
                 layer, st = prefilled(name, P)
@@ -124,34 +142,35 @@ def main() -> None:
                 del layer, st
             except Exception as e:  # noqa: BLE001 - a failing mechanism is a result
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
-            results["rows"].append(row)
+            row["load_after"] = os.getloadavg()
+            results["rows"] = [r for r in results["rows"] if (r["mechanism"], r["prefix"]) != (name, P)] + [row]
+            save()
             if "time_s" in row:
                 msg = (f"{row['time_s'] * 1e3:8.3f} ms/token  dense {row['dense_time_s'] * 1e3:8.3f}  "
-                       f"x{row['speedup']:.2f} (dense spread {row['dense_spread']:.0%})")
+                       f"x{row['speedup']:.2f} (dense spread {row['dense_spread']:.0%}, load "
+                       f"{row['load_after'][0]:.1f})")
             else:
                 msg = row["error"]
             print(f"{name:16s} P={P:6d}  {msg}", flush=True)
         del dense_layer, dense_state
-    results["duration_s"] = time.monotonic() - t_start
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(results))
     print(f"wrote {args.out}.json and {args.out}.md")
 
 
 def markdown(results: dict) -> str:
     prefixes = sorted({r["prefix"] for r in results["rows"]})
-    lines = [f"# Per-token decode vs dense KV-cache decode (`{results['command']}`)", "",
-             f"{results['date']}, {results['machine']}, torch {results['torch']}, {results['threads']} thread(s), "
-             f"layer dim {results['dim']}, {results['heads']} heads, fp32, batch 1; {results['duration_s'] / 60:.0f} "
-             "min. Speedup = dense time / mechanism time per token (> 1: faster than dense), dense timed just "
-             "before and after each mechanism; its spread between the two timings is the noise of the shared "
-             "machine.", "",
-             "| mechanism | options | " + " | ".join(f"ms/token @{p} (×dense) | state @{p}" for p in prefixes) + " |",
+    order = [n for n in OPTIONS if n != "softmax"]
+    names = sorted({r["mechanism"] for r in results["rows"]}, key=lambda n: order.index(n) if n in order else 99)
+    lines = ["# Per-token decode vs dense KV-cache decode", "",
+             "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]), "",
+             f"{results['machine']}, torch {results['torch']}, {results['threads']} thread(s), layer dim "
+             f"{results['dim']}, {results['heads']} heads, fp32, batch 1. Speedup = dense time / mechanism time per "
+             "token (> 1: faster than dense), dense timed just before and after each mechanism; the spread "
+             "between those two dense timings is the noise of the shared machine (2 cores shared with other "
+             "jobs); load = 1-min load average after the row.", "",
+             "| mechanism | options | " + " | ".join(f"ms/token @{p} (×dense; dense spread; load) | state @{p}"
+                                                   for p in prefixes) + " |",
              "|---|---|" + "---|---|" * len(prefixes)]
-    for name in dict.fromkeys(r["mechanism"] for r in results["rows"]):
+    for name in names:
         cells = [f"`{name}`", json.dumps(results["options"].get(name, {}))]
         for p in prefixes:
             r = next((r for r in results["rows"] if r["mechanism"] == name and r["prefix"] == p), None)
@@ -160,9 +179,11 @@ def markdown(results: dict) -> str:
             elif "error" in r:
                 cells += [f"error: {r['error'][:80]}", "—"]
             else:
-                cells += [f"{r['time_s'] * 1e3:.3g} ({r['speedup']:.2f}×, dense spread {r['dense_spread']:.0%})",
+                cells += [f"{r['time_s'] * 1e3:.3g} (**{r['speedup']:.2f}×**; {r['dense_spread']:.0%}; "
+                          f"{r['load_after'][0]:.1f})",
                           f"{r['state_bytes'] / 2 ** 20:.3g} MiB (dense {r['dense_state_bytes'] / 2 ** 20:.3g})"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Rows measured at: " + ", ".join(sorted({r["date"] for r in results["rows"]}))]
     return "\n".join(lines) + "\n"
 
 
