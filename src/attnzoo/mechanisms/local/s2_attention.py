@@ -533,6 +533,16 @@ class _HeadStore:
         self.pos[x, lo + m: n] = _FAR
         self.n[x] = lo + m
 
+    def shrink(self) -> None:
+        """Release capacity beyond 1.25x the fullest head once it exceeds twice that (after a long prefill chunk
+        was evicted down to the strided blocks and the local window)."""
+        need = max(self.n)
+        if self.k.shape[2] > 2 * need + 16:
+            cap = need + need // 4 + 16
+            self.k, self.v, self.pos = self.k[:, :, :cap].clone(), self.v[:, :, :cap].clone(), self.pos[:, :cap].clone()
+            if self.mask is not None:
+                self.mask = self.mask[:, :, :cap].clone()
+
     def truncate(self, length: int) -> None:
         """Forget every token at position >= length."""
         for x, n in enumerate(self.n):
@@ -621,6 +631,8 @@ class S2Cache(DecodeState):
             if not bool(keep.all()):
                 st.keep_only(x, lo, keep)
             self._lo[x] = lo + kept_old
+        if self.sparse is not None:
+            self.sparse.shrink()
         self.kept_from_block = boundary
 
     def reorder(self, index: torch.Tensor) -> None:
