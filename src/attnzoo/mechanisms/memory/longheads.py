@@ -294,18 +294,18 @@ def _gather_per_head(q, k, v, idx, w, scale, key_padding_mask):
     s, m = s_own, ok_own.expand(B, Hq, T, -1)
     if lo > 0:
         sel = (idx >= 0) & (idx * w < lo)  # selected complete chunks before the own chunk's start (B, Hq, T, A)
-        kpos = (idx.clamp(min=0, max=Cf - 1).unsqueeze(-1) * w
-                + torch.arange(w, device=q.device)).view(B, Hq, T * A * w)  # key positions of the chunks
-        kf, k_stride = run_rows(k.to(acc), 1)  # one row per stored key (a view of the cache's storage)
-        vf, v_stride = run_rows(v.to(acc), 1)
+        ic = idx.clamp(min=0, max=Cf - 1).view(B, Hq, T * A)
+        kf, k_stride = run_rows(k[:, :, : Cf * w].to(acc), w)  # one row per chunk (a view of a ChunkKVCache)
+        vf, v_stride = run_rows(v[:, :, : Cf * w].to(acc), w)
         bh = (torch.arange(B, device=q.device).view(B, 1) * Hk
               + torch.arange(Hq, device=q.device).view(1, Hq) // G).view(B, Hq, 1)  # (b, key head) row block
-        kg = kf.index_select(0, (bh * k_stride + kpos).view(-1)).view(B, Hq, T, A * w, D)
-        vg = vf.index_select(0, (bh * v_stride + kpos).view(-1)).view(B, Hq, T, A * w, Dv)
+        kg = kf.index_select(0, (bh * k_stride + ic).view(-1)).view(B, Hq, T, A * w, D)
+        vg = vf.index_select(0, (bh * v_stride + ic).view(-1)).view(B, Hq, T, A * w, Dv)
         s_sel = torch.matmul(qa, kg.transpose(-1, -2)).squeeze(3)  # (B, Hq, T, A w)
         ok = sel.unsqueeze(-1).expand(B, Hq, T, A, w).reshape(B, Hq, T, A * w)
         if key_padding_mask is not None:
-            ok = ok & key_padding_mask.gather(1, kpos.view(B, -1)).view(B, Hq, T, A * w)
+            kpos = (ic.unsqueeze(-1) * w + torch.arange(w, device=q.device)).view(B, -1)  # key positions
+            ok = ok & key_padding_mask.gather(1, kpos).view(B, Hq, T, A * w)
         s, m = torch.cat([s_sel, s_own], -1), torch.cat([ok, m], -1)
     s = s * scale
     lse, _ = masked_lse(s, m)
@@ -316,6 +316,19 @@ def _gather_per_head(q, k, v, idx, w, scale, key_padding_mask):
     if lo > 0:
         out = out + torch.matmul(p[..., : A * w].unsqueeze(3), vg).squeeze(3)
     return out.to(q.dtype)
+
+
+class ChunkKVCache(KVCache):
+    """A :class:`KVCache` whose storage holds whole chunks of ``chunk_size`` tokens, so that a decoding query
+    reads each selected chunk as one row of the storage (one ``index_select``, no copy of the cache)."""
+
+    def __init__(self, *args, chunk_size: int, **kwargs) -> None:
+        self.chunk_size = check_int("chunk_size", chunk_size)
+        super().__init__(*args, **kwargs)
+
+    def _capacity(self, need: int) -> int:
+        w = self.chunk_size
+        return -(-super()._capacity(need) // w) * w
 
 
 class LongHeadsState(DecodeState):
@@ -332,7 +345,8 @@ class LongHeadsState(DecodeState):
                  device: torch.device | str | None = None) -> None:
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.extra = check_int("extra", extra, low=0)
-        self.kv = KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+        self.kv = ChunkKVCache(batch, kv_heads, head_dim, value_dim, chunk_size=self.chunk_size, dtype=dtype,
+                               device=device)
         self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=self.kv.value_dim, dtype=dtype,
                        device=self.kv.device)
         self.summaries: KVCache | None = None
