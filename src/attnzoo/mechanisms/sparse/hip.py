@@ -164,25 +164,36 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
         size = size.expand(B, Hq, -1, kb).clone()
         iters = math.ceil(math.log2(int((-(-n_blk[searching] // kb)).max())))
         ns = searching.numel()
-        step = max(1, _SCORE_BUDGET // max(1, B * Hq * 2 * kb * V * (r_cnt + D)))
-        for _ in range(iters):
-            half = size // 2
-            c_start = torch.stack([start, start + half], dim=-1).flatten(-2)  # (B, Hq, ns, 2kb)
-            c_size = torch.stack([half, size - half], dim=-1).flatten(-2)
-            score = torch.empty(B, Hq, ns, 2 * kb, dtype=acc, device=dev)
+        step = max(1, _SCORE_BUDGET // max(1, B * Hq * kb * V * (r_cnt + D)))
+
+        def score_of(first):
+            """Score (B, Hq, ns, kb) of the groups starting at key blocks ``first`` (B, Hq, ns, kb): their first
+            block's representatives, max over the scoring queries and the representatives (padding: -inf)."""
+            out = torch.empty(B, Hq, ns, kb, dtype=acc, device=dev)
             for s in range(0, ns, step):
                 e = min(ns, s + step)
-                flat = (c_start[:, :, s:e].clamp(max=n_rep - 1) + k_base).reshape(-1)  # representative blocks
-                reps = rep.index_select(0, flat).view(B, Hq, e - s, 2 * kb * V, D)
-                ok = rep_ok.index_select(0, flat).view(B, Hq, e - s, 1, 2 * kb, V)
-                sc = torch.matmul(qs[:, :, s:e], reps.transpose(-1, -2))  # (B, Hq, g, R', 2kb*V)
-                sc = sc.amax(dim=3).view(B, Hq, e - s, 2 * kb, V)  # max over the scoring queries first
-                score[:, :, s:e] = sc.masked_fill(~ok.squeeze(3), float("-inf")).amax(dim=-1)
+                flat = (first[:, :, s:e].clamp(max=n_rep - 1) + k_base).reshape(-1)  # representative blocks
+                reps = rep.index_select(0, flat).view(B, Hq, e - s, kb * V, D)
+                ok = rep_ok.index_select(0, flat).view(B, Hq, e - s, kb, V)
+                sc = torch.matmul(qs[:, :, s:e], reps.transpose(-1, -2))  # (B, Hq, g, R', kb*V)
+                sc = sc.amax(dim=3).view(B, Hq, e - s, kb, V)  # max over the scoring queries first
+                out[:, :, s:e] = sc.masked_fill(~ok, float("-inf")).amax(dim=-1)
+            return out
+
+        # A half's representative is its first block, so the first half of a group scores what the group
+        # scored: each level scores only the second halves.
+        score = score_of(start)
+        for _ in range(iters):
+            half = size // 2
+            second = start + half
+            c_start = torch.stack([start, second], dim=-1).flatten(-2)  # (B, Hq, ns, 2kb)
+            c_size = torch.stack([half, size - half], dim=-1).flatten(-2)
+            c_score = torch.stack([score, score_of(second)], dim=-1).flatten(-2)
             # empty halves are never kept; a half whose representative keys are all padding ranks last
-            score = torch.where(c_size < 1, torch.full_like(score, float("-inf")),
-                                torch.nan_to_num(score, neginf=torch.finfo(acc).min))
-            order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :kb]
-            start, size = c_start.gather(-1, order), c_size.gather(-1, order)
+            ranked = torch.where(c_size < 1, torch.full_like(c_score, float("-inf")),
+                                 torch.nan_to_num(c_score, neginf=torch.finfo(acc).min))
+            order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :kb]
+            start, size, score = c_start.gather(-1, order), c_size.gather(-1, order), c_score.gather(-1, order)
         blocks[:, :, searching] = torch.sort(start, dim=-1).values
         valid[:, :, searching] = True
     return HipPlan(blocks, valid, search_end, lo, hi, rows, bq, bk, sinks)
