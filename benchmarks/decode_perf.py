@@ -10,8 +10,10 @@ only ratios against the dense layer measured in the same run mean anything): ``a
 mechanisms, the mechanism's own module otherwise -- prefilled with P random tokens through its decode state
 (chunks of 4096 tokens), then decoding one token per call. The baseline is the ``softmax`` layer with its
 ``KVCache`` (SDPA per token), prefilled the same way. Per-token time = the median over runs of ``K``
-consecutive decode calls divided by ``K`` (periodic work -- a full step every ``stride`` tokens, a core token
-every ``group_size``, a landmark every block -- is amortised as in real decoding). Each mechanism is timed
+consecutive decode calls divided by ``K`` (the dense cache is cropped back to P before each run, so that
+the baseline stays at P..P+K tokens of context through the whole run; periodic work -- a full step every
+``stride`` tokens, a core token every ``group_size``, a landmark every block -- is amortised as in real
+decoding; a mechanism's own context grows by the few hundred tokens its timing decodes). Each mechanism is timed
 between two timings of the dense layer; its ratio uses their mean, and the spread of the dense timings is
 reported as the run's noise. Options: the papers' inference settings (``OPTIONS``). The table (``--out``: .json
 and .md) is rewritten after every row, so a long run leaves its finished rows; ``--append`` keeps the rows of an
@@ -77,12 +79,16 @@ def prefilled(name: str, P: int):
     return layer, st
 
 
-def decode_timer(layer, st, per_run: int, min_run_time: float):
+def decode_timer(layer, st, per_run: int, min_run_time: float, reset: int | None = None):
+    """Seconds per decoded token. ``reset``: crop the state back to that many tokens before each run (the dense
+    baseline, timed around every mechanism, would otherwise decode its context ever longer through the run)."""
     x = _rand(1, 4096, DIM, seed=11)
     pos = [0]
     holder = [st]
 
     def run():
+        if reset is not None:
+            holder[0].crop(reset)
         with torch.no_grad():
             for _ in range(per_run):
                 i = pos[0] % 4096
@@ -123,7 +129,7 @@ def main() -> None:
 
     for P in prefixes:
         dense_layer, dense_state = prefilled("softmax", P)
-        dense = decode_timer(dense_layer, dense_state, 64, args.min_run_time)
+        dense = decode_timer(dense_layer, dense_state, 64, args.min_run_time, reset=P)
         dense_bytes = dense_state.nbytes()
         for name in names:
             row = {"mechanism": name, "prefix": P, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
