@@ -19,7 +19,7 @@ def test_writes_every_output(tiny_run):
     assert any("memory_vs_length" in p for p in pngs)
     assert any("speedup_heatmap_forward" in p for p in pngs)
     assert any("quality_mqar" in p for p in pngs) and any("quality_digits" in p for p in pngs)
-    assert any("quality_vs_state" in p for p in pngs)
+    assert any("recall_vs_state" in p for p in pngs)
     for p in pngs:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -38,13 +38,25 @@ def test_selective_copy_outputs_the_data_tokens_in_order():
         assert int(x[b, 18]) == 1 and (x[b, -4:] == 2).all() and (y[b, :-4] == IGNORE).all()
 
 
-def test_passkey_targets_are_the_digits_after_the_key_marker():
+def test_passkey_targets_are_the_slot_tagged_digits_after_the_key_marker():
     t = make_task("passkey", {"seq_len": 63, "digits": 5})
     x, y = t.sample(6, _g(2))
     for b in range(6):
         start = int((x[b] == 16).nonzero()[0])
-        assert x[b, start + 1: start + 6].tolist() == y[b, -5:].tolist()
-        assert (x[b, -5:] == 18).all()
+        tagged = x[b, start + 1: start + 6]
+        assert (tagged - 23 - 10 * torch.arange(5)).tolist() == y[b, -5:].tolist()  # 18 + D + 10 i + d
+        assert x[b, -5:].tolist() == [18, 19, 20, 21, 22] and int(x[b, -6]) == 17
+        assert (y[b, :-5] == IGNORE).all() and ((y[b, -5:] >= 0) & (y[b, -5:] < 10)).all()
+
+
+def test_passkey_key_lies_at_least_min_distance_before_the_question():
+    t = make_task("passkey", {"seq_len": 100, "digits": 5, "min_distance": 60})
+    x, _ = t.sample(400, _g(3))
+    start = (x == 16).float().argmax(1)
+    assert (95 - start >= 60).all()  # the first question is at L - D = 95
+    assert int(start.min()) == 0 and int(start.max()) == 35  # every allowed position is drawn
+    with pytest.raises(ValueError, match="min_distance"):
+        make_task("passkey", {"seq_len": 100, "digits": 5, "min_distance": 95})
 
 
 def test_icl_regression_least_squares_is_near_exact_without_noise():
@@ -173,3 +185,33 @@ def test_every_task_is_in_the_results_schema():
 
     walk(load_schema())
     assert enums and all(set(TASKS) <= e for e in enums), (sorted(TASKS), enums)
+
+
+def test_landmark_model_carries_landmark_tokens_through_every_layer():
+    """The quality model trains Landmark Attention as the paper does: a landmark token after every block in
+    the stream (its module built with interleaved=True), so in the second layer the landmarks' inputs differ
+    per block (they attended to their own block in the first layer) -- with one per-layer landmark embedding
+    every landmark key is equal and the grouped softmax cannot prefer the block that holds the answer. The
+    landmark rows are dropped before the head; the decode state counts the stream's positions."""
+    from attnzoo.bench.quality.models import SequenceModel
+    from attnzoo.bench.quality.train import decode_state_bytes
+
+    torch.manual_seed(0)
+    net = SequenceModel("landmark", vocab=20, out=20, seq_len=16, dim=16, layers=2, heads=2,
+                        options={"block_size": 4})
+    assert all(b.attn.interleaved for b in net.blocks) and net.stream_token is not None
+    assert net.stream_length(16) == 20 and net.pos.shape == (20, 16)
+    seen = []
+    net.blocks[1].attn.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    x = torch.randint(0, 20, (2, 16))
+    out = net(x)
+    assert out.shape == (2, 16, 20)
+    lm_rows = seen[0][:, 4::5]  # (B, 4, dim): the landmarks' inputs to the second layer, one per block
+    assert lm_rows.shape[1] == 4 and (lm_rows - lm_rows[:, :1]).abs().amax() > 1e-3
+    out.sum().backward()
+    assert net.stream_token.grad.abs().sum() > 0  # the landmark token is learned
+    st = net.blocks[0].attn.init_state(1)
+    net.blocks[0].attn(torch.randn(1, 20, 16), state=st)
+    assert decode_state_bytes(net, 16, 16) == 2 * st.nbytes()
+    plain = SequenceModel("softmax", vocab=20, out=20, seq_len=16, dim=16, layers=2, heads=2)
+    assert plain.stream_token is None and plain.stream_length(16) == 16

@@ -95,3 +95,39 @@ def test_beam_reorder_matches_reordered_batch():
     state.reorder(idx)
     out, _ = layer(x[idx, 8:9], state=state)
     assert_close(out, layer(x[idx])[:, 8:9], torch.float64, "reorder")
+
+
+@pytest.mark.parametrize("sinks", [None, 0, 3])
+def test_window_caches_slide_without_copying_the_window_and_keep_position_order(sinks):
+    """Appends of 1-3 tokens with padding, evictions, a crop and a reorder: the stored keys, values and mask are
+    always [sinks | last window - 1 + extra tokens] in position order (a list model), the buffer stays within
+    the bound plus its slack, and between two moves to the front the window's storage is not reallocated."""
+    w, extra, B = 30, 2, 2
+    kw = dict(window=w, extra=extra, dtype=torch.float64)
+    c = SlidingWindowCache(B, 2, 4, **kw) if sinks is None else SinkWindowCache(B, 2, 4, sinks=sinks, **kw)
+    S = sinks or 0
+    ks, vs, ms = [], [], []
+    g = torch.Generator().manual_seed(0)
+    storages = set()
+    for t in range(60):
+        T = 1 + t % 3
+        k, v = torch.randn(B, 2, T, 4, generator=g, dtype=torch.float64), torch.randn(B, 2, T, 4, generator=g,
+                                                                                      dtype=torch.float64)
+        m = torch.rand(B, T, generator=g) > 0.2 if t > 10 else None
+        c.append(k, v, key_padding_mask=m)
+        c.evict()
+        ks += list(k.unbind(2))
+        vs += list(v.unbind(2))
+        ms += list((m if m is not None else torch.ones(B, T, dtype=torch.bool)).unbind(1))
+        keep = list(range(min(S, len(ks)))) + list(range(max(min(S, len(ks)), len(ks) - (w - 1 + extra)), len(ks)))
+        assert torch.equal(c.keys, torch.stack([ks[i] for i in keep], 2))
+        assert torch.equal(c.values, torch.stack([vs[i] for i in keep], 2))
+        if c.mask is not None:
+            assert torch.equal(c.mask, torch.stack([ms[i] for i in keep], 1))
+        assert c._k.shape[2] <= S + w - 1 + extra + max(4, (S + w - 1 + extra) // 4) + 3
+        storages.add(c._k.untyped_storage().data_ptr())
+    assert len(storages) < 25  # a new buffer only when the run moves to the front (every ~8 slots), not per append
+    c.crop(c.seq_len - 2)
+    c.reorder(torch.tensor([1, 0]))
+    keep = list(range(S)) + list(range(len(ks) - (w - 1 + extra), len(ks) - 2))
+    assert torch.equal(c.keys, torch.stack([ks[i] for i in keep], 2)[[1, 0]])

@@ -78,3 +78,21 @@ def test_errors():
         gather_attention(q, k, k, torch.zeros(1, 1, 1, 2, dtype=torch.int32), scale=1.0)
     with pytest.raises(ValueError, match="run"):
         gather_attention(q, k, k, torch.zeros(1, 1, 1, 2, dtype=torch.int64), scale=1.0, run=2)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_keys_sliced_from_a_larger_buffer_are_read_in_place(B):
+    """A decode cache hands over k/v as a slice (along the keys) of a buffer with spare capacity: the gather
+    reads its rows through a strided view instead of copying the cache; same result as contiguous inputs."""
+    g = torch.Generator().manual_seed(5)
+    Hk, M, R, D, Dv, run, n, cap = 2, 3, 2, 4, 3, 2, 10, 16
+    qb = torch.randn(B, Hk, M, R, D, generator=g, dtype=torch.float64)
+    kbuf = torch.randn(B, Hk, cap, D, generator=g, dtype=torch.float64)
+    vbuf = torch.randn(B, Hk, cap, Dv, generator=g, dtype=torch.float64)
+    index = torch.randint(0, n // run, (B, Hk, M, 3), generator=g)
+    k, v = kbuf[:, :, :n], vbuf[:, :, :n]
+    assert not k.is_contiguous()
+    got, lse = gather_attention(qb, k, v, index, scale=0.5, run=run)
+    want, lse_w = gather_attention(qb, k.contiguous(), v.contiguous(), index, scale=0.5, run=run)
+    assert_close(got, want, torch.float64, "strided keys")
+    assert_close(lse, lse_w, torch.float64, "strided keys lse")

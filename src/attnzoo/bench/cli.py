@@ -5,6 +5,7 @@
     attnzoo bench reduce [--quick] [options]           # token reduction at equal budgets (attnzoo.bench.reduce)
     attnzoo bench report RESULTS [--out DIR]           # re-render summary.md, plots, report.html
     attnzoo bench compare A B [--threshold 1.2]        # what changed between two runs
+    attnzoo bench merge A B ... --out DIR              # one results.json from several runs (shards)
     attnzoo bench readme RESULTS... --update README.md # the README's generated headline block
 """
 
@@ -64,6 +65,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     prof = p.add_mutually_exclusive_group()
     prof.add_argument("--quick", action="store_true", help="the quick profile (default): under 5 minutes on 2 cores")
     prof.add_argument("--full", action="store_true", help="the thorough profile (hours for a large registry)")
+    prof.add_argument("--quality", action="store_true", help="the full profile's quality studies alone (Zoology "
+                      "MQAR with a learning-rate sweep and 3 seeds, passkey beyond the window, selective copying, "
+                      "character LM; hours on 2 cores: pick some with --studies)")
     p.add_argument("--mechanisms", "-m", action="append", default=[], help="comma-separated names (default: all)")
     p.add_argument("--lengths", help="comma-separated sequence lengths, e.g. 256,1024,4096")
     p.add_argument("--patterns", help="comma-separated CAB patterns (default: all a mechanism supports)")
@@ -80,7 +84,11 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", help="comma-separated peers (reference,sdpa_masked,flex,local_attention), or none/all")
     p.add_argument("--tasks", help="comma-separated quality tasks (mqar,selective_copy,passkey,icl_regression,"
                                    "listops,char_lm,digits,skimage_patches)")
+    p.add_argument("--studies", help="comma-separated quality studies (attnzoo.bench.quality.protocol), e.g. "
+                                     "mqar-L64-P8,passkey-beyond-window")
+    p.add_argument("--lrs", help="comma-separated learning rates swept (default: each study's)")
     p.add_argument("--seeds", help="comma-separated training seeds")
+    p.add_argument("--quality-workers", type=int, help="quality cases trained at once (default 1)")
     p.add_argument("--quality-steps", type=int, help="training steps per quality case")
     p.add_argument("--quality-budget", type=float, help="seconds of training per quality case (upper bound)")
     p.add_argument("--mechanism-budget", type=float, help="seconds of efficiency measurement per mechanism")
@@ -104,7 +112,7 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 
 def bench_config(args: argparse.Namespace, argv: Sequence[str]):
-    from .config import PEERS, full, quick
+    from .config import PEERS, full, quality, quick
 
     o: dict[str, Any] = {"command": " ".join(["attnzoo", "bench", *argv]), "out": args.out}
     mechs = [n for item in args.mechanisms for n in _csv(item)]
@@ -120,7 +128,7 @@ def bench_config(args: argparse.Namespace, argv: Sequence[str]):
     if args.modes:
         o["modes"] = tuple(_csv(args.modes))
     for name in ("dtype", "batch", "heads", "kv_heads", "head_dim", "threads", "quality_steps", "quality_budget",
-                 "mechanism_budget", "min_run_time", "retries", "decode_tokens"):
+                 "quality_workers", "mechanism_budget", "min_run_time", "retries", "decode_tokens"):
         if getattr(args, name) is not None:
             o[name] = getattr(args, name)
     if args.deadline is not None:
@@ -133,14 +141,20 @@ def bench_config(args: argparse.Namespace, argv: Sequence[str]):
         o["tasks"] = tuple(_csv(args.tasks))
     if args.seeds:
         o["seeds"] = tuple(_ints("--seeds", args.seeds))
+    if args.studies:
+        o["studies"] = tuple(_csv(args.studies))
+    if args.lrs:
+        o["quality_lrs"] = tuple(_floats("--lrs", args.lrs))
     o["memory"] = not args.no_memory
     o["quality"] = not args.no_quality
-    o["efficiency"] = not args.no_efficiency
+    o["efficiency"] = not args.no_efficiency and not args.quality
     if args.real or args.no_real:
         o["real"] = bool(args.real)
     o["progress"] = not args.no_progress
     o["imports"] = list(args.imports)
-    return (full if args.full else quick)(**o)
+    if args.quality and (args.no_quality or args.real):
+        raise AttnzooError("--quality: the quality stage alone; drop --no-quality / --real")
+    return (full if args.full else quality if args.quality else quick)(**o)
 
 
 def _floats(name: str, value: str) -> list[float]:
@@ -257,7 +271,7 @@ def _bench_real(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """Run ``attnzoo bench`` with ``argv`` (the words after ``bench``); returns the exit status."""
-    if argv and argv[0] in ("report", "compare", "readme"):
+    if argv and argv[0] in ("report", "compare", "readme", "merge"):
         return _bench_sub(argv[0], argv[1:])
     if argv and argv[0] == "real":
         return _bench_real(argv[1:])
@@ -304,6 +318,23 @@ def _bench_sub(cmd: str, argv: list[str]) -> int:
             save(res, os.path.join(out, "results.json"))
         print(report.terminal_table(res))
         print(f"\nwrote {paths['summary']} and {paths['report']}")
+        return 0
+    if cmd == "merge":
+        from .results import merge, save
+
+        p = argparse.ArgumentParser(prog="attnzoo bench merge", description="One results.json from several runs "
+                                    "(e.g. shards of `attnzoo bench --quality` by mechanism), summaries recomputed, "
+                                    "and its report.")
+        p.add_argument("results", nargs="+", help="results.json files (or their directories)")
+        p.add_argument("--out", "-o", required=True, help="output directory")
+        p.add_argument("--no-plots", action="store_true")
+        a = p.parse_args(argv)
+        res = merge([load(r) for r in a.results], " ".join(["attnzoo", "bench", "merge", *argv]))
+        os.makedirs(a.out, exist_ok=True)
+        save(res, os.path.join(a.out, "results.json"))
+        paths = report.render(res, a.out, plots=not a.no_plots)
+        print(report.terminal_table(res))
+        print(f"\nwrote {os.path.join(a.out, 'results.json')}, {paths['summary']} and {paths['report']}")
         return 0
     if cmd == "compare":
         p = argparse.ArgumentParser(prog="attnzoo bench compare", description="What changed between two runs.")

@@ -104,6 +104,16 @@ def peer_applies(peer: str, mech: Mechanism, pattern: str, mode: str, cfg: Bench
     return False
 
 
+def lengths_of(mech: Mechanism, cfg: BenchConfig, mode: str) -> list[int]:
+    """The lengths ``mech`` is measured at in ``mode``: the run's lengths, and its long lengths for sequence
+    mechanisms of the sub-quadratic families (forward+backward up to ``long_fwd_bwd_max``)."""
+    out = list(cfg.lengths)
+    if mech.kind == "sequence" and mech.family in cfg.long_families:
+        cap = cfg.long_fwd_bwd_max if mode == "forward_backward" and cfg.long_fwd_bwd_max else None
+        out += [n for n in cfg.long_lengths if cap is None or n <= cap]
+    return out
+
+
 def plan(mech: Mechanism, cfg: BenchConfig, available: dict[str, dict[str, Any]] | None = None,
          mask_ok: bool = True) -> list[dict[str, Any]]:
     """The cases of ``mech``, in priority order: primary pattern first; within a pattern forward at every
@@ -117,14 +127,14 @@ def plan(mech: Mechanism, cfg: BenchConfig, available: dict[str, dict[str, Any]]
     order = [m for m in ("forward", "decode", "forward_backward") if m in cfg.modes]
     for pattern in patterns_of(mech, cfg):
         for mode in order:
-            for n in cfg.lengths:
+            for n in lengths_of(mech, cfg, mode):
                 if mode == "decode" and (pattern != "causal_self" or not mech.decodable):
                     continue
                 if mode == "forward_backward" and mech.kind == "sequence" and mech.module is None \
                         and mech.reference is None:  # pragma: no cover - registry forbids it
                     continue
                 specs.append(_base(cfg, mech, pattern, mode, n))
-                for peer in cfg.peers:
+                for peer in cfg.peers if n in cfg.lengths else ():  # long lengths: no dense peers (N x N masks)
                     if peer_applies(peer, mech, pattern, mode, cfg, available, mask_ok):
                         specs.append({**_base(cfg, mech, pattern, mode, n), "impl": peer})
     return specs
@@ -365,5 +375,24 @@ def efficiency_lengths(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         t = efficiency_length(ns, [1 / r["speedup"] if r["speedup"] else float("nan") for r in rs])
         m = efficiency_length(ns, [r["memory_ratio"] if r["memory_ratio"] else float("nan") for r in rs])
         out.append({"series": series, "mechanism": mech, "impl": impl, "pattern": pattern, "mode": mode,
-                    "lengths": ns, "time": t, "memory": m})
+                    "lengths": ns, "time": t, "memory": m, "reason": length_reason(mech, t, ns)})
     return out
+
+
+def length_reason(name: str, crossing: dict[str, Any], ns: list[int]) -> str:
+    """Why a time efficiency length is not a number within the measured range (empty when it is)."""
+    if crossing["where"] in ("crossing", "below_range"):
+        return ""
+    try:
+        mech = registry.get(name)
+    except Exception:  # noqa: BLE001 - a user's mechanism no longer registered
+        mech = None
+    top = max(ns) if ns else 0
+    comp = f" (its cost: {mech.complexity})" if mech is not None and mech.complexity else ""
+    if crossing["where"] == "above_range":
+        return (f"never cheaper than the baseline up to {top} tokens, the longest measured{comp}; "
+                + ("dense SDPA on CPU is a fused kernel, so a mechanism that still does O(N^2) work or pays "
+                   "per-block overheads does not catch up within this range" if mech is None or mech.family
+                   not in ("local", "linear", "sparse", "memory") else
+                   "its extra per-token work exceeds what it saves at these lengths"))
+    return "not measured"

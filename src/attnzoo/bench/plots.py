@@ -193,19 +193,33 @@ def speedup_heatmaps(results: dict[str, Any], out_dir: str) -> list[dict[str, st
     return made
 
 
+def _studies(summ: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(q.get("study") or f"{q['task']}|{q['config_id']}" for q in summ))
+
+
+def _study_of(q: dict[str, Any]) -> str:
+    return q.get("study") or f"{q['task']}|{q['config_id']}"
+
+
+def _name(q: dict[str, Any]) -> str:
+    v = q.get("variant", "default")
+    return q["mechanism"] if v == "default" else f"{q['mechanism']} ({v})"
+
+
 def quality_bars(results: dict[str, Any], out_dir: str) -> list[dict[str, str]]:
     plt = _plt()
     summ = results["summary"]["quality"]
     made = []
-    for task, cid in sorted({(q["task"], q["config_id"]) for q in summ}):
-        qs = [q for q in summ if q["task"] == task and q["config_id"] == cid]
+    for study in _studies(summ):
+        qs = [q for q in summ if _study_of(q) == study]
         qs.sort(key=lambda q: q["mean"], reverse=qs[0]["higher_is_better"])
-        fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(qs) + 1.9))
+        fig, ax = plt.subplots(figsize=(8.5, 0.3 * len(qs) + 1.9))
         colors = ["black" if q["mechanism"] in ("softmax", "none") else "tab:blue" for q in qs]
-        ax.barh(range(len(qs)), [q["mean"] for q in qs], xerr=[q["std"] or 0 for q in qs], color=colors,
-                alpha=0.85, capsize=3)
-        ax.set_yticks(range(len(qs)), [q["mechanism"] + (f" (n={q['seeds']})" if q["seeds"] > 1 else "")
-                                       for q in qs], fontsize=8)
+        lo = [q["mean"] - q.get("min", q["mean"]) for q in qs]
+        hi = [q.get("max", q["mean"]) - q["mean"] for q in qs]
+        ax.barh(range(len(qs)), [q["mean"] for q in qs], xerr=[lo, hi], color=colors, alpha=0.85, capsize=3)
+        ax.set_yticks(range(len(qs)), [_name(q) + (f" (n={q['seeds']})" if q["seeds"] > 1 else "") for q in qs],
+                      fontsize=7)
         ax.invert_yaxis()
         metric = qs[0]["metric"]
         unit = {"accuracy": "accuracy (fraction correct, higher is better)",
@@ -222,51 +236,87 @@ def quality_bars(results: dict[str, Any], out_dir: str) -> list[dict[str, str]]:
                                       label=f"{bname.replace('_', ' ')} = {bval:.3g}"))
         ax.legend(handles=handles, fontsize=7, loc="lower right")
         steps = max(q["steps"] for q in qs)
-        ax.set_title(f"{task} ({cid}); ≤{steps:.0f} training steps", fontsize=10)
+        ax.set_title(f"{study}: {qs[0]['task']} ({qs[0]['config_id']}); ≤{steps:.0f} training steps", fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
         fig.tight_layout()
-        several = len({q["config_id"] for q in summ if q["task"] == task}) > 1
-        name = f"quality_{task}_{_slug(cid)}.png" if several else f"quality_{task}.png"
+        name = f"quality_{_slug(study)}.png"
         fig.savefig(os.path.join(out_dir, name), dpi=110)
         plt.close(fig)
-        made.append({"file": name, "title": f"Quality — {task} ({cid})",
-                     "caption": "Mean over seeds (error bar: sample standard deviation where more than one seed "
-                                "ran) of tiny models that differ only in their attention; red lines are "
-                                "reference points (chance, closed-form predictors)."})
+        made.append({"file": name, "title": f"Quality — {study}",
+                     "caption": "Mean over seeds at each variant's chosen learning rate (error bar: the range over "
+                                "seeds) of tiny models that differ only in their attention; red lines are reference "
+                                "points (chance, closed-form predictors)."})
     return made
 
 
-def quality_vs_state(results: dict[str, Any], out_dir: str) -> list[dict[str, str]]:
-    """Recall vs decode-state size (the BASED paper's trade-off), from MQAR (or another token task)."""
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both coordinates (smaller x = state bytes, larger y = quality),
+    sorted by x: the recall-vs-state frontier."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def recall_vs_state(results: dict[str, Any], out_dir: str) -> list[dict[str, str]]:
+    """recall_vs_state[_<study>].png: BASED's Figure 1 on CPU -- per MQAR study (or another accuracy task),
+    x = decode-state bytes of one sequence at the task's length (all attention layers), y = accuracy; one
+    point per mechanism and option variant, the Pareto frontier drawn."""
     plt = _plt()
-    summ = [q for q in results["summary"]["quality"] if q.get("state_bytes")]
+    summ = [q for q in results["summary"]["quality"] if q.get("state_bytes") and q["higher_is_better"]]
     if not summ:
         return []
-    task = "mqar" if any(q["task"] == "mqar" for q in summ) else summ[0]["task"]
-    configs = sorted({q["config_id"] for q in summ if q["task"] == task})
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = "osD^v"
-    for k, cid in enumerate(configs):
-        qs = [q for q in summ if q["task"] == task and q["config_id"] == cid]
-        xs, ys = [q["state_bytes"] for q in qs], [q["mean"] for q in qs]
-        ax.errorbar(xs, ys, yerr=[q["std"] or 0 for q in qs], fmt=markers[k % 5], capsize=3, label=cid)
+    studies = [s for s in _studies(summ) if any(q["task"] == "mqar" and _study_of(q) == s for q in summ)] \
+        or _studies(summ)[:1]
+    made = []
+    for k, study in enumerate(studies):
+        qs = [q for q in summ if _study_of(q) == study]
+        families = sorted({q.get("family") or "?" for q in qs})
+        cmap = plt.get_cmap("tab10")
+        fig, ax = plt.subplots(figsize=(10.5, 6.2))
         for q in qs:
-            ax.annotate(q["mechanism"], (q["state_bytes"], q["mean"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
-    ax.set_xscale("log")
-    _fmt_x_bytes(ax)
-    ax.set_xlabel("decode state of one attention layer after the task's sequence (bytes, batch 1)")
-    ax.set_ylabel(f"{task} {summ[0]['metric']}")
-    ax.set_title(f"Quality vs decode-state size ({task}): the recall / memory trade-off")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title="task configuration", fontsize=7)
-    fig.tight_layout()
-    name = "quality_vs_state.png"
-    fig.savefig(os.path.join(out_dir, name), dpi=110)
-    plt.close(fig)
-    return [{"file": name, "title": "Quality vs decode-state size",
-             "caption": "Each point is a mechanism: the size of its decode state (KV cache, window, recurrent "
-                        "state) at the task's length against its quality; up and to the left is better."}]
+            fam = q.get("family") or "?"
+            color = "black" if q["mechanism"] == "softmax" else cmap(families.index(fam) % 10)
+            lo, hi = q["mean"] - q.get("min", q["mean"]), q.get("max", q["mean"]) - q["mean"]
+            ax.errorbar([q["state_bytes"]], [q["mean"]], yerr=[[lo], [hi]], fmt="o" if q.get("variant", "default")
+                        == "default" else "s", color=color, capsize=2, markersize=5, alpha=0.9)
+            ax.annotate(_name(q), (q["state_bytes"], q["mean"]), textcoords="offset points", xytext=(4, 3),
+                        fontsize=6.5, color=color)
+        front = pareto_front([(q["state_bytes"], q["mean"]) for q in qs])
+        xs, ys = zip(*front)
+        ax.step(xs, ys, where="post", color="tab:red", linewidth=1.6, alpha=0.7, label="Pareto frontier")
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color="tab:red", linewidth=1.6, label="Pareto frontier (no point has a smaller "
+                          "state and a higher accuracy)"),
+                   Line2D([], [], marker="o", linestyle="", color="0.3", label="mechanism, study options"),
+                   Line2D([], [], marker="s", linestyle="", color="0.3", label="option sweep (window, feature "
+                          "dim, chunks)")]
+        handles += [Line2D([], [], marker="o", linestyle="", color="black" if f == "core" else cmap(i % 10),
+                           label=f"family: {f}") for i, f in enumerate(families)]
+        for bname, bval in sorted(qs[0]["baselines"].items()):
+            ax.axhline(bval, color="0.5", linestyle=":", linewidth=1)
+            handles.append(Line2D([], [], color="0.5", linestyle=":", label=f"{bname} = {bval:.3g}"))
+        ax.set_xscale("log")
+        _fmt_x_bytes(ax)
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_xlabel("decode state of one sequence after the task's length (bytes, all attention layers, "
+                      "state.nbytes())")
+        ax.set_ylabel(f"{qs[0]['task']} {qs[0]['metric']} (mean over seeds; bar: range)")
+        ax.set_title(f"Recall vs decode-state size — {study} ({qs[0]['config_id']})", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+        fig.tight_layout()
+        name = "recall_vs_state.png" if k == 0 else f"recall_vs_state_{_slug(study)}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+        made.append({"file": name, "title": f"Recall vs decode-state size — {study}",
+                     "caption": "BASED's Figure 1 on CPU: each point a mechanism (or one of its option settings), "
+                                "x its decode state for one sequence at the task's length, y its accuracy; the red "
+                                "line is the Pareto frontier. Up and to the left is better: a mechanism on the "
+                                "frontier buys the most recall for its memory."})
+    return made
 
 
 def _slug(text: str) -> str:
@@ -291,7 +341,7 @@ def all_plots(results: dict[str, Any], out_dir: str) -> list[dict[str, str]]:
     made += curves(results, out_dir, "memory")
     made += speedup_heatmaps(results, out_dir)
     made += quality_bars(results, out_dir)
-    made += quality_vs_state(results, out_dir)
+    made += recall_vs_state(results, out_dir)
     made += real_model_plots(results, out_dir)
     return made
 

@@ -84,24 +84,73 @@ def load(path: str) -> dict[str, Any]:
 
 
 def quality_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and spread (sample std over seeds) per (mechanism, task, config)."""
+    """One entry per (study, mechanism, option variant): the learning rate the sweep chose (best value on
+    the first seed, :func:`~attnzoo.bench.quality.protocol.best_lr`), and the mean, sample std, min and max
+    over the seeds trained at it; ``rank`` and ``ties`` within the study (a difference inside the seed
+    spread is a tie, :func:`~attnzoo.bench.quality.protocol.rank`). Records of runs before the protocol
+    (no study/variant/lr) are one study per task and config."""
+    from .quality.protocol import best_lr, rank, summarize
+
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         if r["type"] == "quality" and r["status"] == "ok" and r["value"] is not None:
-            groups.setdefault((r["mechanism"], r["task"], r["config_id"]), []).append(r)
+            study = r.get("study") or f"{r['task']}|{r['config_id']}"
+            groups.setdefault((study, r["mechanism"], r.get("variant", "default")), []).append(r)
     out = []
-    for (mech, task, cid), rs in sorted(groups.items()):
-        vals = [r["value"] for r in rs]
-        states = [r["state_bytes"] for r in rs if r.get("state_bytes") is not None]
+    for (study, mech, variant), rs in sorted(groups.items()):
+        higher = rs[0]["higher_is_better"]
+        first = min(r["seed"] for r in rs)
+        sweep = {r.get("lr"): r["value"] for r in rs if r["seed"] == first}
+        lr = best_lr(sweep, higher) if None not in sweep else None
+        chosen = [r for r in rs if r.get("lr") == lr]
+        vals = [r["value"] for r in chosen]
+        states = [r["state_bytes"] for r in chosen if r.get("state_bytes") is not None]
         out.append({
-            "mechanism": mech, "task": task, "config_id": cid, "metric": rs[0]["metric"],
-            "higher_is_better": rs[0]["higher_is_better"], "mean": statistics.fmean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else None, "seeds": len(vals),
-            "steps": statistics.fmean(r["steps"] for r in rs), "budget_hit": any(r["budget_hit"] for r in rs),
+            "study": study, "mechanism": mech, "variant": variant, "options": chosen[0].get("options") or {},
+            "task": rs[0]["task"], "config_id": rs[0]["config_id"], "metric": rs[0]["metric"],
+            "higher_is_better": higher, **summarize(vals), "lr": lr,
+            "lr_sweep": {f"{k:g}": v for k, v in sorted(sweep.items())} if lr is not None else {},
+            "steps": statistics.fmean(r["steps"] for r in chosen), "budget_hit": any(r["budget_hit"] for r in chosen),
+            "train_time_s": statistics.fmean(r.get("train_time_s") or 0.0 for r in chosen),
             "state_bytes": states[0] if states else None, "baselines": rs[0]["baselines"],
-            "family": rs[0].get("family"),
+            "family": rs[0].get("family"), "hyper": rs[0].get("hyper"),
         })
-    return out
+    ranked = []
+    for study in dict.fromkeys(e["study"] for e in out):
+        entries = [{**e, "key": f"{e['mechanism']} ({e['variant']})" if e["variant"] != "default" else e["mechanism"]}
+                   for e in out if e["study"] == study]
+        ranked += rank(entries, entries[0]["higher_is_better"])
+    return ranked
+
+
+def merge(parts: list[dict[str, Any]], command: str) -> dict[str, Any]:
+    """One results document from several runs (e.g. shards of a quality run, each on its own machine or
+    process): records concatenated (a record id measured twice keeps the later run's), mechanisms united,
+    summaries recomputed from the records. ``config.merged`` keeps each part's command and configuration."""
+    from .efficiency import efficiency_lengths
+
+    if len(parts) < 2:
+        raise ValueError(f"merge: expected two or more results, got {len(parts)}")
+    records: dict[str, dict[str, Any]] = {}
+    mechanisms: dict[str, dict[str, Any]] = {}
+    for p in parts:
+        for r in p["records"]:
+            records[r["id"]] = r
+        for m in p["mechanisms"]:
+            mechanisms[m["name"]] = m
+    recs = list(records.values())
+    first = parts[0]
+    notes = [n for p in parts for n in p["summary"].get("notes", [])]
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": max(p["created"] for p in parts),
+        "command": command, "profile": first["profile"],
+        "config": {"merged": [{"command": p["command"], "config": p["config"]} for p in parts]},
+        "environment": first["environment"], "duration_s": sum(p["duration_s"] for p in parts),
+        "interrupted": any(p["interrupted"] for p in parts), "mechanisms": list(mechanisms.values()),
+        "peers": first["peers"], "records": recs,
+        "summary": {"efficiency_length": efficiency_lengths(recs), "quality": quality_summary(recs),
+                    "counts": counts(recs), "notes": notes},
+    }
 
 
 def counts(records: list[dict[str, Any]]) -> dict[str, int]:

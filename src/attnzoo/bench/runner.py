@@ -137,101 +137,204 @@ def mechanism_entry(mech: registry.Mechanism, gate: dict[str, Any], cfg: BenchCo
     return d
 
 
-def quality_plan(cfg: BenchConfig, mechs: list[registry.Mechanism]) -> list[tuple[str, dict[str, Any], str, int]]:
-    """(task, config, mechanism, seed) of every quality case, baselines first within each task."""
-    from .quality import CONFIGS, NO_ATTENTION, applicability, make_task
+def quality_plan(cfg: BenchConfig, mechs: list[registry.Mechanism]) -> list[dict[str, Any]]:
+    """Every quality case of the run, in order: per study (baselines first), per mechanism and option
+    variant, the learning-rate sweep on the first seed, then the other seeds (``lr`` None: trained at the
+    learning rate the sweep chose, see :func:`attnzoo.bench.quality.protocol.best_lr`)."""
+    from .quality import NO_ATTENTION, applicability, make_task
+    from .quality.protocol import mechanisms_of, studies
 
-    cases = []
-    configs = CONFIGS["full" if cfg.profile == "full" else "quick"]
+    cases: list[dict[str, Any]] = []
     names = [m.name for m in mechs]
-    for task_name in cfg.tasks:
-        for conf in configs[task_name]:
-            try:
-                task = make_task(task_name, conf)
-            except Exception:  # noqa: BLE001 - e.g. scikit-learn missing; reported by run_quality
-                cases.append((task_name, conf, "*", 0))
+    for study in studies(cfg.study_profile(), cfg.tasks, cfg.studies):
+        base = {"study": study.name, "task": study.task, "config": study.config, "hyper": study.hyper(),
+                "steps": cfg.quality_steps or study.steps, "budget": cfg.quality_budget or study.budget,
+                "reserve": study.reserve}
+        try:
+            task = make_task(study.task, study.config)
+        except Exception:  # noqa: BLE001 - e.g. scikit-learn missing; reported by run_quality
+            cases.append({**base, "mechanism": "*", "variant": "default", "options": {}, "lr": None, "seed": 0})
+            continue
+        pool = names + ([NO_ATTENTION] if task.input == "image" else [])
+        order = mechanisms_of(study, pool)
+        if task.input == "image" and NO_ATTENTION in order:  # the CNN without attention, right after softmax
+            order.remove(NO_ATTENTION)
+            order.insert(1 if order and order[0] == "softmax" else 0, NO_ATTENTION)
+        lrs = list(cfg.quality_lrs or study.lrs)
+        for name in order:
+            if isinstance(applicability(task, name), str):
                 continue
-            base = ["softmax"] + ([NO_ATTENTION] if task.input == "image" else [])
-            order = base + [n for n in names if n not in base]
-            for name in order:
-                if name != NO_ATTENTION and name not in names and name != "softmax":
-                    continue
-                if isinstance(applicability(task, name), str):
-                    continue
-                for seed in cfg.seeds:
-                    cases.append((task_name, conf, name, seed))
+            for label, opts in study.variants(name, cfg.options.get(name)):
+                one = {**base, "mechanism": name, "variant": label, "options": opts}
+                seeds = list(cfg.seeds)
+                if len(lrs) == 1:
+                    cases += [{**one, "lr": lrs[0], "seed": s} for s in seeds]
+                else:
+                    cases += [{**one, "lr": lr, "seed": seeds[0]} for lr in lrs]
+                    cases += [{**one, "lr": None, "seed": s, "sweep": lrs} for s in seeds[1:]]
     return cases
 
 
-def run_quality(cfg: BenchConfig, cases, *, deadline: float | None, gates: dict[str, dict[str, Any]],
-                progress: Progress, executor) -> list[dict[str, Any]]:
+def _chosen_lr(records: list[dict[str, Any]], case: dict[str, Any]) -> float | None:
+    """The learning rate of the sweep (on the first seed) of ``case``'s variant with the best value."""
+    from .quality.protocol import best_lr
+
+    values: dict[float, float | None] = {}
+    better = True
+    for r in records:
+        if (r.get("study"), r["mechanism"], r.get("variant")) == (case["study"], case["mechanism"], case["variant"]) \
+                and r.get("lr") in case["sweep"] and r["status"] == "ok":
+            values.setdefault(r["lr"], r["value"])
+            better = r["higher_is_better"]
+    return best_lr(values, better)
+
+
+def _variant(case: dict[str, Any]) -> tuple[str, str, str]:
+    return case["study"], case["mechanism"], case["variant"]
+
+
+def run_quality(cfg: BenchConfig, cases: list[dict[str, Any]], *, deadline: float | None,
+                gates: dict[str, dict[str, Any]], progress: Progress, executor) -> list[dict[str, Any]]:
+    """Train every case (``cfg.quality_workers`` at a time, each in its own fork server); a case trained at
+    the sweep's chosen learning rate waits for its variant's sweep. Records come back in plan order."""
     from .quality import make_task
 
-    records: list[dict[str, Any]] = []
     tasks: dict[str, Any] = {}
-    for i, (task_name, conf, mech, seed) in enumerate(cases):
-        key = f"{task_name}|{sorted(conf.items())}"
+    results: dict[int, dict[str, Any]] = {}
+
+    def task_of(case):
+        key = f"{case['task']}|{sorted(case['config'].items())}"
         if key not in tasks:
             try:
-                tasks[key] = make_task(task_name, conf)
+                tasks[key] = make_task(case["task"], case["config"])
             except Exception as e:  # noqa: BLE001
                 tasks[key] = e
-        task = tasks[key]
+        return tasks[key]
+
+    def budget_of(i: int, pending: list[int]) -> float:
+        case, budget = cases[i], cases[i]["budget"]
+        if deadline is not None:  # reserved studies keep their budget; the others share what remains after them
+            rest = [cases[j] for j in pending if j != i]
+            reserved = sum(c["budget"] for c in rest if c.get("reserve"))
+            left = deadline - time.monotonic() - (0.0 if case.get("reserve") else reserved)
+            share = left if case.get("reserve") else left / (1 + sum(not c.get("reserve") for c in rest))
+            budget = min(budget, share * max(1, cfg.quality_workers))
+        return budget
+
+    def prepare(i: int, pending: list[int]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(record decided without training, or None; the probe's arguments, or None)."""
+        case = cases[i]
+        mech, task = case["mechanism"], task_of(case)
         if isinstance(task, Exception):
-            if mech == "*":
-                records.append(_quality_stub(task_name, conf, "softmax", seed, "error",
-                                             f"task unavailable: {type(task).__name__}: {task}"))
-            progress.tick()
-            continue
-        left = len(cases) - i
-        budget = cfg.quality_budget
-        if deadline is not None:
-            budget = min(budget, (deadline - time.monotonic()) / left)
+            msg = f"task unavailable: {type(task).__name__}: {task}"
+            return (_quality_stub(case, "softmax", "error", msg) if mech == "*" else {"drop": True}), None
+        done = [results[j] for j in results]
+        lr = case["lr"] if case["lr"] is not None else _chosen_lr(done, case)
+        budget = budget_of(i, pending)
         blocked = gates.get(mech, {}).get("blocks", {}).get("fast")
         if blocked:
-            records.append(_quality_stub(task_name, conf, mech, seed, "skipped",
-                                         f"correctness gate failed: {blocked[:300]}", task))
-        elif budget < 0.3:
-            records.append(_quality_stub(task_name, conf, mech, seed, "skipped",
-                                         "time budget of the run exhausted", task))
-        else:
-            progress.message(f"quality {task_name} {mech} seed {seed}")
-            opts = cfg.options.get(mech, {})
-            hyper = {"dim": 128, "batch": 64, "lr": 1e-3} if cfg.profile == "full" else {}
-            args = {"task": task_name, "config": conf, "mechanism": mech, "seed": seed, "steps": cfg.quality_steps,
-                    "budget": budget, "options": opts, "threads": cfg.threads, **hyper}
-            timeout = 1.5 * budget + 6.0
-            res = executor.run("quality", args, timeout=timeout)
-            if "error" in res and "type" not in res:
-                status = "timeout" if res.get("timeout") else "error"
-                msg = (f"exceeded the case budget of {budget:.1f} s (one training step or the evaluation took too "
-                       f"long; killed after {timeout:.0f} s)" if status == "timeout" else str(res["error"])[:500])
-                res = _quality_stub(task_name, conf, mech, seed, status, msg, task)
-                res["budget_s"] = budget
-            records.append(res)
-        progress.tick()
-    return records
+            return _quality_stub(case, mech, "skipped", f"correctness gate failed: {blocked[:300]}", task, lr), None
+        if lr is None:
+            return _quality_stub(case, mech, "skipped", "no learning rate of the sweep trained successfully on the "
+                                 "first seed", task), None
+        if budget < 0.3:
+            return _quality_stub(case, mech, "skipped", "time budget of the run exhausted", task, lr), None
+        args = {"task": case["task"], "config": case["config"], "mechanism": mech, "seed": case["seed"],
+                "steps": case["steps"], "budget": budget, "options": case["options"], "threads": cfg.threads,
+                "lr": lr, "study": case["study"], "variant": case["variant"], **case["hyper"]}
+        return None, args
 
+    def train(exe, i: int, args: dict[str, Any]) -> dict[str, Any]:
+        case, budget = cases[i], args["budget"]
+        progress.message(f"quality {case['study']} {case['mechanism']} {case['variant']} lr={args['lr']:g} "
+                         f"seed {case['seed']}")
+        timeout = 1.5 * budget + 6.0
+        res = exe.run("quality", args, timeout=timeout)
+        if "error" in res and "type" not in res:
+            status = "timeout" if res.get("timeout") else "error"
+            msg = (f"exceeded the case budget of {budget:.1f} s (one training step or the evaluation took too "
+                   f"long; killed after {timeout:.0f} s)" if status == "timeout" else str(res["error"])[:500])
+            res = _quality_stub(case, case["mechanism"], status, msg, task_of(case), args["lr"])
+            res["budget_s"] = budget
+        return res
 
-def _quality_stub(task_name, conf, mech, seed, status, message, task=None) -> dict[str, Any]:
-    from .quality import NO_ATTENTION, make_task
+    def ready(i: int) -> bool:
+        """A chosen-lr case waits until every sweep case of its variant has a record."""
+        if cases[i]["lr"] is not None:
+            return True
+        return not any(_variant(cases[j]) == _variant(cases[i]) and cases[j]["lr"] is not None
+                       and j not in results for j in range(len(cases)))
 
-    if task is None:
+    workers = max(1, cfg.quality_workers)
+    pending = list(range(len(cases)))
+    if workers == 1:
+        for i in list(pending):
+            rec, args = prepare(i, pending)
+            results[i] = rec if rec is not None else train(executor, i, args)
+            pending.remove(i)
+            progress.tick()
+    else:
+        import concurrent.futures as cf
+
+        from .forkserver import executor as make_executor
+
+        exes = [executor] + [make_executor(threads=cfg.threads, imports=cfg.imports, isolate=cfg.isolate)
+                             for _ in range(workers - 1)]
+        for e in exes[1:]:
+            e.start()
+        free = list(exes)
+        running: dict[cf.Future, tuple[int, Any]] = {}
         try:
-            task = make_task(task_name, conf)
-        except Exception:  # noqa: BLE001
-            task = None
+            with cf.ThreadPoolExecutor(workers) as pool:
+                while pending or running:
+                    launched = False
+                    for i in list(pending):
+                        if not free:
+                            break
+                        if not ready(i):
+                            continue
+                        pending.remove(i)
+                        rec, args = prepare(i, pending)
+                        if rec is not None:
+                            results[i] = rec
+                            progress.tick()
+                            continue
+                        exe = free.pop()
+                        exe.ready()
+                        running[pool.submit(train, exe, i, args)] = (i, exe)
+                        launched = True
+                    if running and not launched:
+                        done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+                        for fut in done:
+                            i, exe = running.pop(fut)
+                            results[i] = fut.result()
+                            free.append(exe)
+                            progress.tick()
+        finally:
+            for e in exes[1:]:
+                e.close()
+    return [results[i] for i in sorted(results) if not results[i].get("drop")]
+
+
+def _quality_stub(case: dict[str, Any], mech: str, status: str, message: str, task=None,
+                  lr: float | None = None) -> dict[str, Any]:
+    from .quality import NO_ATTENTION
+
+    task_name, conf, seed = case["task"], case["config"], case["seed"]
     metric = task.metric if task is not None else {"icl_regression": "nmse", "char_lm": "bits_per_char"}.get(
         task_name, "accuracy")
     cid = task.config_id() if task is not None else ",".join(f"{k}={v}" for k, v in sorted(conf.items()))
+    lr_txt = "chosen" if lr is None else f"{lr:g}"
     return {
-        "type": "quality", "id": f"{mech}|{task_name}|{cid}|seed={seed}", "mechanism": mech,
+        "type": "quality", "id": f"{mech}|{case['study']}|{case['variant']}|{cid}|lr={lr_txt}|seed={seed}",
+        "mechanism": mech, "study": case["study"], "variant": case["variant"], "lr": lr,
         "family": registry.get(mech).family if mech not in (NO_ATTENTION, "*") else "baseline",
         "kind": registry.get(mech).kind if mech not in (NO_ATTENTION, "*") else "channel",
         "task": task_name, "config": dict(task.config if task is not None else conf), "config_id": cid, "seed": seed,
         "metric": metric, "higher_is_better": metric == "accuracy", "value": None, "baselines": {},
-        "status": status, "message": message, "steps": 0, "steps_planned": 0, "budget_s": 0.0,
+        "status": status, "message": message, "steps": 0, "steps_planned": case["steps"], "budget_s": 0.0,
         "budget_hit": False, "train_time_s": 0.0, "parameters": None, "state_bytes": None,
+        "options": case["options"], "hyper": case["hyper"],
     }
 
 

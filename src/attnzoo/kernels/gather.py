@@ -48,6 +48,19 @@ def _flat_index(index: torch.Tensor, s: int, e: int, B: int, Hk: int, nr: int) -
     return idx + base
 
 
+def run_rows(x: torch.Tensor, run: int) -> tuple[torch.Tensor, int]:
+    """x (B, Hk, N, E) as rows of ``run`` consecutive keys, ``(rows (R, run*E), stride)``: (b, h)'s run j is row
+    ``(b*Hk + h) * stride + j``. A view when x is a slice along N of a contiguous buffer (a decode cache with
+    spare capacity), else a contiguous copy (stride N / run)."""
+    B, Hk, N, E = x.shape
+    s0, s1, s2, s3 = x.stride()
+    w = run * E
+    if N and s3 == 1 and s2 == E and s1 % w == 0 and (B == 1 or s0 == Hk * s1):
+        stride = s1 // w
+        return x.as_strided(((B * Hk - 1) * stride + N // run, w), (w, 1)), stride
+    return x.reshape(B * Hk * (N // run), w), N // run
+
+
 def _runs(x: torch.Tensor, run: int) -> torch.Tensor:
     """Run starts (..., Lr) in units of ``run`` keys -> every key (..., Lr*run)."""
     if run == 1:
@@ -96,8 +109,8 @@ class _GatherAttention(torch.autograd.Function):
         Nr = Nk // run
         L = index.shape[-1] * run
         acc = torch.promote_types(qb.dtype, torch.float32)
-        kf = k.to(acc).reshape(B * Hk * Nr, run * D)  # (B*Hk*Nk/run, run*D): one row per run of keys
-        vf = v.to(acc).reshape(B * Hk * Nr, run * Dv)
+        kf, k_stride = run_rows(k.to(acc), run)  # (~B*Hk*Nk/run, run*D): one row per run of keys
+        vf, v_stride = run_rows(v.to(acc), run)
         bf = None if key_bias is None else key_bias.to(acc).reshape(B * Hk * Nk)  # (B*Hk*Nk,)
         kpm_flat = None
         if key_padding_mask is not None:
@@ -108,8 +121,10 @@ class _GatherAttention(torch.autograd.Function):
         for s, e in _groups(M, B * Hk * L * max(R, D, Dv)):
             flat = _flat_index(index, s, e, B, Hk, Nr)  # (B, Hk, g, L/run)
             g = e - s
-            kg = kf.index_select(0, flat.reshape(-1)).view(B, Hk, g, L, D)  # (B, Hk, g, L, D)
-            vg = vf.index_select(0, flat.reshape(-1)).view(B, Hk, g, L, Dv)  # (B, Hk, g, L, Dv)
+            fk = flat if k_stride == Nr else _flat_index(index, s, e, B, Hk, k_stride)
+            fv = flat if v_stride == Nr else _flat_index(index, s, e, B, Hk, v_stride)
+            kg = kf.index_select(0, fk.reshape(-1)).view(B, Hk, g, L, D)  # (B, Hk, g, L, D)
+            vg = vf.index_select(0, fv.reshape(-1)).view(B, Hk, g, L, Dv)  # (B, Hk, g, L, Dv)
             sc = torch.matmul(qs_all[:, :, s:e], kg.transpose(-1, -2))  # (B, Hk, g, R, L)
             if bf is not None:
                 sc.add_(bf[_runs(flat, run)].unsqueeze(3))  # key bias broadcast over rows

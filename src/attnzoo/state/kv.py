@@ -36,19 +36,20 @@ class KVCache(DecodeState):
         self._v = torch.empty(batch, kv_heads, 0, self.value_dim, dtype=dtype, device=device)  # (B, Hk, cap, Dv)
         self._mask: torch.Tensor | None = None  # (B, cap) bool, only once a padded token arrived
         self.length = 0  # tokens stored (== seq_len for a full cache)
+        self._off = 0  # storage slot of the first stored token (bounded caches slide it instead of copying)
 
     # -- reading ---------------------------------------------------------------------------------------
     @property
     def keys(self) -> torch.Tensor:
-        return self._k[:, :, : self.length]  # (B, Hk, L, D)
+        return self._k[:, :, self._off: self._off + self.length]  # (B, Hk, L, D)
 
     @property
     def values(self) -> torch.Tensor:
-        return self._v[:, :, : self.length]  # (B, Hk, L, Dv)
+        return self._v[:, :, self._off: self._off + self.length]  # (B, Hk, L, Dv)
 
     @property
     def mask(self) -> torch.Tensor | None:
-        return None if self._mask is None else self._mask[:, : self.length]  # (B, L)
+        return None if self._mask is None else self._mask[:, self._off: self._off + self.length]  # (B, L)
 
     # -- writing ---------------------------------------------------------------------------------------
     def _check_new(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> int:
@@ -69,28 +70,36 @@ class KVCache(DecodeState):
             if self._mask is not None:
                 new = key_padding_mask if key_padding_mask is not None else k.new_ones(self.batch, T, dtype=torch.bool)
                 self._mask = torch.cat([self.mask, new], dim=1)
+            self._off = 0
         else:
-            if L + T > self._k.shape[2]:  # grow by 25%: amortised O(1) copies per token, at most 1.25x slack
-                self._grow(max(L + T, self._k.shape[2] + self._k.shape[2] // 4, 16))
-            self._k[:, :, L : L + T] = k
-            self._v[:, :, L : L + T] = v
+            if self._off + L + T > self._k.shape[2]:  # amortised O(1) copies per token
+                self._grow(self._capacity(L + T))
+            e = self._off + L
+            self._k[:, :, e: e + T] = k
+            self._v[:, :, e: e + T] = v
             if self._mask is not None:
-                self._mask[:, L : L + T] = True if key_padding_mask is None else key_padding_mask
+                self._mask[:, e: e + T] = True if key_padding_mask is None else key_padding_mask
         self.length = L + T
         self.seq_len += T
         return self.keys, self.values, self.mask
 
+    def _capacity(self, need: int) -> int:
+        """Slots to allocate when ``need`` tokens do not fit: grow by 25% (at most 1.25x slack)."""
+        return max(need, self._k.shape[2] + self._k.shape[2] // 4, 16)
+
     def _grow(self, capacity: int) -> None:
-        L = self.length
+        """Move the stored tokens to the front of a new buffer of ``capacity`` slots."""
+        L, o = self.length, self._off
         k = self._k.new_empty(self.batch, self.kv_heads, capacity, self.head_dim)  # (B, Hk, cap, D)
         v = self._v.new_empty(self.batch, self.kv_heads, capacity, self.value_dim)  # (B, Hk, cap, Dv)
-        k[:, :, :L] = self._k[:, :, :L]
-        v[:, :, :L] = self._v[:, :, :L]
+        k[:, :, :L] = self._k[:, :, o: o + L]
+        v[:, :, :L] = self._v[:, :, o: o + L]
         self._k, self._v = k, v
         if self._mask is not None:
             m = torch.ones(self.batch, capacity, dtype=torch.bool, device=self._mask.device)
-            m[:, :L] = self._mask[:, :L]
+            m[:, :L] = self._mask[:, o: o + L]
             self._mask = m
+        self._off = 0
 
     # -- editing ---------------------------------------------------------------------------------------
     def reorder(self, index: torch.Tensor) -> None:
@@ -113,6 +122,11 @@ class SlidingWindowCache(KVCache):
 
     Memory is bounded by the window, not the sequence. ``crop(length)`` can roll back at most ``extra``
     tokens (keys older than that are gone): ask for ``extra`` when decoding speculatively.
+
+    Decoding costs no copy of the window per token: the buffer holds the window plus a slack of a quarter
+    of it, eviction slides the start of the stored run forward (copying only the sinks of a
+    :class:`SinkWindowCache`), and the run moves back to the front of the buffer once per slack of tokens.
+    ``keys``/``values`` stay contiguous views in position order.
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
@@ -128,17 +142,46 @@ class SlidingWindowCache(KVCache):
         """Absolute position of the oldest stored token."""
         return self.seq_len - self.length
 
+    def _bound(self) -> int:
+        """Most tokens stored after an eviction."""
+        return self.window - 1 + self.extra
+
+    def _capacity(self, need: int) -> int:
+        """The bound plus a slack of a quarter of it (at least 4 slots): a move to the front every slack."""
+        bound = self._bound()
+        return max(need, bound + max(4, bound // 4))
+
+    def _drop_oldest(self, drop: int, sinks: int) -> None:
+        """Forget the ``drop`` oldest tokens after the first ``sinks`` stored ones: the run's start slides
+        forward and the sinks (a few tokens) move with it; the window itself is not copied."""
+        o = self._off
+        if sinks:
+            for name in ("_k", "_v", "_mask"):
+                t = getattr(self, name)
+                if t is None:
+                    continue
+                lead = (slice(None), slice(None)) if t.dim() == 4 else (slice(None),)
+                head = t[(*lead, slice(o, o + sinks))].clone()
+                t[(*lead, slice(o + drop, o + drop + sinks))] = head
+        self._off = o + drop
+        self.length -= drop
+        if self._k.shape[2] > 2 * self._capacity(self.length) and not self._k.requires_grad:
+            self._grow(self._capacity(self.length))  # a long prefill's buffer shrinks back to the bound
+
     def evict(self) -> None:
         """Drop keys no future query can see (called by ``step`` after attending)."""
-        keep = self.window - 1 + self.extra
+        keep = self._bound()
         if self.length <= keep:
             return
-        drop = self.length - keep
-        self._k = self._k[:, :, drop : self.length].clone() if keep else self._k[:, :, :0].clone()
-        self._v = self._v[:, :, drop : self.length].clone() if keep else self._v[:, :, :0].clone()
-        if self._mask is not None:
-            self._mask = self._mask[:, drop : self.length].clone()
-        self.length = keep
+        if self._k.requires_grad or self._v.requires_grad:  # autograd: new tensors, no in-place writes
+            drop = self.length - keep
+            ks, vs = self.keys, self.values
+            self._k, self._v = ks[:, :, drop:].clone(), vs[:, :, drop:].clone()
+            if self._mask is not None:
+                self._mask = self.mask[:, drop:].clone()
+            self._off, self.length = 0, keep
+            return
+        self._drop_oldest(self.length - keep, 0)
 
     def crop(self, length: int) -> None:
         length = self._check_crop(length)
@@ -174,17 +217,22 @@ class SinkWindowCache(SlidingWindowCache):
         """Absolute position of the oldest stored non-sink token."""
         return self.seq_len - (self.length - min(self.sinks, self.seq_len))
 
+    def _bound(self) -> int:
+        return self.sinks + self.window - 1 + self.extra
+
     def evict(self) -> None:
         keep = self.window - 1 + self.extra
         S = min(self.sinks, self.length)
         if self.length <= S + keep:
             return
-        idx = torch.cat([torch.arange(S), torch.arange(self.length - keep, self.length)]).to(self._k.device)
-        self._k = self._k.index_select(2, idx)
-        self._v = self._v.index_select(2, idx)
-        if self._mask is not None:
-            self._mask = self._mask.index_select(1, idx)
-        self.length = S + keep
+        if self._k.requires_grad or self._v.requires_grad:  # autograd: new tensors, no in-place writes
+            idx = torch.cat([torch.arange(S), torch.arange(self.length - keep, self.length)]).to(self._k.device)
+            self._k, self._v = self.keys.index_select(2, idx), self.values.index_select(2, idx)
+            if self._mask is not None:
+                self._mask = self.mask.index_select(1, idx)
+            self._off, self.length = 0, S + keep
+            return
+        self._drop_oldest(self.length - S - keep, S)
 
     def crop(self, length: int) -> None:
         length = self._check_crop(length)

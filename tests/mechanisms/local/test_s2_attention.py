@@ -213,3 +213,34 @@ def test_errors_name_the_argument():
         attnzoo.attention(q, k, v, mechanism=MECH, causal=True, num_dense_heads=1, homo_head=True)
     with pytest.raises(ValueError, match="block_size"):
         attnzoo.attention(q, k, v, mechanism=MECH, causal=True, block_size=0)
+
+
+def test_cache_slots_hold_exactly_the_visible_blocks_of_each_head():
+    """The in-place per-head store (one buffer for the sparse heads, eviction once per block) holds, for every
+    sparse head, exactly the tokens of its strided blocks and of the local window, in position order, with
+    their own keys, values and padding mask; empty slots are never attended."""
+    n, b, L, V = 75, 4, 2, 3
+    opts = dict(block_size=b, local_blocks=L, vert_stride=V, num_dense_heads=1)
+    q, k, v = qkv(2, 6, 3, n, n, Dv=5, seed=31)
+    m = torch.rand(2, n, generator=torch.Generator().manual_seed(2)) > 0.2
+    state = S2Cache(2, 3, 8, 5, dtype=q.dtype, **opts)
+    mech = attnzoo.get(MECH)
+    t, outs = 0, []
+    for T in (9, 1, 1, 1, 17, 1, 3, 1, 1, 1, 1, 20, 1, 1, 1, 15):
+        outs.append(mech.step(q[:, :, t: t + T], k[:, :, t: t + T], v[:, :, t: t + T], state, scale=0.3,
+                              key_padding_mask=m[:, t: t + T], **mech.resolve_options(opts)))
+        t += T
+        boundary = max(0, t // b - L + 1)
+        keys, values, pos, mask = state.sparse.view()
+        for x in range(state.n_sparse):
+            want = [p for p in range(t) if p // b >= boundary or (p // b + state.shifts[x]) % V == 0]
+            nx = state.sparse.n[x]
+            assert pos[x, :nx].tolist() == want
+            assert (pos[x, nx:] > t).all()
+            idx = torch.tensor(want)
+            assert torch.equal(keys[:, x, :nx], k[:, x, idx]) and torch.equal(values[:, x, :nx], v[:, x, idx])
+            assert torch.equal(mask[:, x, :nx], m[:, idx])
+        assert state.dense.n == [t]
+    full = attnzoo.attention(q, k, v, mechanism=MECH, causal=True, key_padding_mask=m, scale=0.3, **opts)
+    rows = m.view(2, 1, n, 1)
+    assert_close(torch.cat(outs, 2) * rows, full * rows, torch.float64, "padded decode vs causal forward")

@@ -352,6 +352,47 @@ def test_module_state_counts_tokens_and_crops_by_tokens(top_k):
         layer(x[:1, :1], state=layer.init_state(2))
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_interleaved_layer_takes_the_models_landmark_tokens(top_k):
+    """``interleaved=True`` (the paper's model: landmark tokens in the stream): on the sequence built by
+    ``interleave`` it is the written-out layer (loop oracle on the projections of the interleaved sequence,
+    every position returned); its token rows equal the default layer's output with the same weights and that
+    landmark; decoding it position by position and in chunks equals its forward, and its state counts
+    positions of the interleaved sequence. Landmark keys here differ per block (the landmark rows differ),
+    as they do in a model's later layers."""
+    torch.manual_seed(2)
+    bs, N, dim = 3, 14, 8
+    plain = LandmarkAttention(dim, 4, kv_heads=2, block_size=bs, top_k=top_k, bias=True).double()
+    layer = LandmarkAttention(dim, 4, kv_heads=2, block_size=bs, top_k=top_k, bias=True, interleaved=True).double()
+    layer.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "landmark"})
+    assert layer.landmark is None
+    x = torch.randn(2, N, dim, dtype=F64)
+    xe, keep = layer.interleave(x, plain.landmark.detach())
+    assert xe.shape == (2, N + N // bs, dim) and keep.tolist() == layer.layout(0, N)[0].tolist()
+    assert torch.equal(xe[:, keep], x) and torch.equal(xe[:, bs], plain.landmark.detach().expand(2, dim))
+    assert_close(layer(xe)[:, keep], plain(x), F64, "interleaved layer vs the default layer")
+    xe = xe + 0.3 * torch.randn_like(xe)  # landmarks that differ per block (a later layer's landmark rows)
+    B, M, _ = xe.shape
+    W = {n: getattr(layer, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    q = W["q_proj"](xe).view(B, M, 4, 2).transpose(1, 2)
+    k = W["k_proj"](xe).view(B, M, 2, 2).transpose(1, 2)
+    v = W["v_proj"](xe).view(B, M, 2, 2).transpose(1, 2)
+    want = W["o_proj"](_loop_oracle(q, k, v, layer.scale, bs, top_k).transpose(1, 2).reshape(B, M, dim))
+    for backend in ("reference", "fast"):
+        layer.backend = backend
+        assert_close(layer(xe), want, F64, f"interleaved {backend}")
+    st = layer.init_state(2)
+    assert_close(torch.cat([layer(xe[:, t:t + 1], state=st)[0] for t in range(M)], 1), want, F64, "decode")
+    assert st.seq_len == M and st.cache.seq_len == M
+    st.crop(7)
+    assert st.seq_len == 7 and st.cache.seq_len == 7
+    assert_close(layer(xe[:, 7:], state=st)[0], want[:, 7:], F64, "chunk after crop")
+    with pytest.raises(ValueError, match="landmark_row"):
+        layer.interleave(x, torch.zeros(dim + 1, dtype=F64))
+    with pytest.raises(TypeError, match="interleaved"):
+        LandmarkAttention(dim, 4, block_size=bs, interleaved=1)
+
+
 def test_registry_and_errors():
     mech = attnzoo.get("landmark")
     assert mech.catalog == "P009" and "step" in mech.forms() and "module" in mech.forms()

@@ -174,3 +174,21 @@ def test_decode_before_the_first_chunk_is_complete():
     outs += [m.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st, scale=0.5, **o) for t in range(5, 40)]
     want = attnzoo.attention(q, k, v, mechanism="longheads", causal=True, scale=0.5, **o)
     assert (torch.cat(outs, 2) - want).abs().max().item() < 1e-12
+
+
+def test_decode_with_key_padding_equals_parallel():
+    """The decode gather (one index_select of key rows from the cache) keeps the key-padding mask of the
+    gathered chunks and of the own chunk."""
+    q, k, v = _qkv(n=30, seed=4)
+    m = torch.rand(2, 30, generator=torch.Generator().manual_seed(3)) > 0.3
+    m[:, 0] = True
+    kw = dict(scale=0.5, chunk_size=3, max_chunks=4)
+    full = longheads_reference(q, k, v, causal=True, key_padding_mask=m, **kw)
+    st = init_longheads_state(batch=2, kv_heads=2, head_dim=4, value_dim=4, dtype=F64, device="cpu", chunk_size=3,
+                              max_chunks=4)
+    outs = [longheads_step(q[:, :, :8], k[:, :, :8], v[:, :, :8], st, key_padding_mask=m[:, :8], **kw)]
+    outs += [longheads_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], st, key_padding_mask=m[:, t:t + 1],
+                            **kw) for t in range(8, 30)]
+    got = torch.cat(outs, 2)
+    rows = m.view(2, 1, 30, 1)
+    assert_close(got * rows, full * rows, F64, "decode with key padding")

@@ -183,12 +183,14 @@ def test_layer_decoding_chaining_and_backends(variant):
 def test_state_is_bounded_in_sequence_length(variant):
     layer = _layer(variant)
     sizes = []
-    for n in (12, 28):  # same position inside a segment
+    for n in (12, 28, 60, 124, 252):  # same position inside a segment
         st = layer.init_state(1)
         with torch.no_grad():
             layer(torch.randn(1, n, 12, dtype=F64), state=st)
         sizes.append(st.nbytes())
-    assert sizes[0] == sizes[1] > 0, sizes
+    # constant once the window slides; a short prefill may hold a larger window buffer (the sliding cache's slack),
+    # which shrinks back: never above the first size
+    assert len(set(sizes[1:])) == 1 and 0 < sizes[1] <= sizes[0] == max(sizes), sizes
 
 
 def test_crop_with_history_and_reorder():

@@ -200,3 +200,65 @@ def test_default_topk_beyond_the_sequence_is_exact(causal):
     got = attnzoo.attention(q, k, v, mechanism="hip", causal=causal)
     want = softmax_attention(q, k, v, causal=causal)
     assert (got - want).abs().max().item() < 1e-12
+
+
+def test_hip_cache_block_summaries_equal_recomputed_ones_after_crop_and_reorder():
+    """HipCache keeps the min/max representatives of every complete key block as blocks complete; they equal
+    the min/max over the cached keys (padded keys left out), also after crop and reorder."""
+    from attnzoo.mechanisms.sparse.hip import HipCache
+
+    bk = 3
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 2, 40, 5, generator=g, dtype=torch.float64)
+    m = torch.rand(2, 40, generator=g) > 0.3
+    st = HipCache(2, 2, 5, 5, block_size_k=bk, dtype=torch.float64)
+
+    def check():
+        keys, mask = st.keys, st.mask
+        n = keys.shape[2] // bk
+        assert st.n_rep == n
+        kk = keys[:, :, : n * bk].reshape(2, 2, n, bk, 5)
+        ok = mask[:, : n * bk].reshape(2, 1, n, bk, 1)
+        kmin = torch.where(ok, kk, torch.inf).amin(3)
+        kmax = torch.where(ok, kk, -torch.inf).amax(3)
+        any_ok = ok.any(3).expand(2, 2, n, 1)
+        rep, rep_ok, _ = st.summaries()
+        assert torch.equal(rep_ok[:, :, :n], any_ok.expand(2, 2, n, 2))
+        for j, want in enumerate((kmin, kmax)):
+            assert torch.equal(torch.where(any_ok, rep[:, :, :n, j], 0), torch.where(any_ok, want, 0))
+
+    t = 0
+    for size in (7, 1, 1, 1, 5, 2, 1):
+        st.append(k[:, :, t: t + size], k[:, :, t: t + size], m[:, t: t + size])
+        t += size
+        check()
+    st.crop(10)
+    check()
+    st.append(k[:, :, 30:35], k[:, :, 30:35], m[:, 30:35])
+    check()
+    st.reorder(torch.tensor([1, 1]))
+    check()
+    keys, values = st.whole_blocks()
+    assert keys.shape[2] % bk == 0 and torch.isfinite(keys).all() and torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_with_default_query_blocks_searches_for_the_one_new_query(masked):
+    """A one-token step with block_size_q > 1 (the defaults' 32) is the forward of that one query over the
+    cache: the step's cached summaries and whole-block views give the same output as hip_fast."""
+    from attnzoo.mechanisms.sparse.hip import hip_fast
+
+    opts = {**OPTS, "block_size_q": 8, "topk": 4, "sliding_window": 2}
+    mech = attnzoo.get("hip")
+    o = mech.resolve_options(opts)
+    q, k, v = _qkv(2, 4, 2, 60, 60, seed=11)
+    mask = _mask(2, 60) if masked else None
+    state = mech.init_state(batch=2, kv_heads=2, head_dim=6, value_dim=4, dtype=q.dtype, device=q.device, **o)
+    mech.step(q[:, :, :41], k[:, :, :41], v[:, :, :41], state, scale=0.3,
+              key_padding_mask=None if mask is None else mask[:, :41], **o)
+    for t in range(41, 60):
+        got = mech.step(q[:, :, t: t + 1], k[:, :, t: t + 1], v[:, :, t: t + 1], state, scale=0.3,
+                        key_padding_mask=None if mask is None else mask[:, t: t + 1], **o)
+        want = hip_fast(q[:, :, t: t + 1], k[:, :, : t + 1], v[:, :, : t + 1], causal=True, scale=0.3,
+                        key_padding_mask=None if mask is None else mask[:, : t + 1], **o)
+        assert_close(got, want, torch.float64, f"step {t}")

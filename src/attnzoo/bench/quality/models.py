@@ -2,7 +2,10 @@
 
 - :class:`SequenceModel`: token embedding (or a linear map of feature vectors) + learned positions, pre-norm
   blocks (attention, then a 4x MLP), a final norm and a head per position or, for classification, at the
-  last token or the mean over tokens.
+  last token or the mean over tokens. A mechanism whose paper puts its own tokens into the stream (Landmark
+  Attention: a landmark token after every block) gets them as the paper does: its module is built with
+  ``interleaved=True``, the model inserts a learned token embedding with ``module.interleave`` and carries
+  it through every layer, and drops those positions before the head.
 - :class:`GridModel`: side x side pixels (8x8 digits, 16x16 patches) as a (B, side, side, C) token grid, blocks of
   a grid mechanism, mean pool.
 - :class:`ChannelModel`: a small CNN on (B, C, side, side) maps, each block conv -> norm -> ReLU -> the channel
@@ -46,6 +49,13 @@ class SequenceBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def streams_tokens(mechanism: str) -> bool:
+    """True when the mechanism's module takes a stream with the model's own tokens interleaved (its module
+    has ``interleave``, e.g. Landmark Attention's landmark tokens)."""
+    module = registry.get(mechanism).module
+    return module is not None and callable(getattr(module, "interleave", None))
+
+
 def _build(mechanism: str, dim: int, heads: int, *, n: int, side: int | None, causal: bool | None,
            options: dict[str, Any] | None) -> nn.Module:
     """``attnzoo.build`` with the options (and head count) the mechanism needs at these sizes (its
@@ -54,6 +64,8 @@ def _build(mechanism: str, dim: int, heads: int, *, n: int, side: int | None, ca
     opts, heads = mech.fit_case(options or {}, n=n, side=side, heads=heads, causal=bool(causal))
     if causal is None:
         return build(mechanism, dim, heads, **opts)
+    if streams_tokens(mechanism):
+        opts = {**opts, "interleaved": True}
     return build(mechanism, dim, heads, causal=causal, **opts)
 
 
@@ -67,19 +79,31 @@ class SequenceModel(nn.Module):
         if (vocab > 0) == (features > 0):
             raise ValueError(f"vocab, features: give exactly one, got vocab={vocab}, features={features}")
         self.embed = nn.Embedding(vocab, dim) if vocab else nn.Linear(features, dim)
-        self.pos = nn.Parameter(0.02 * torch.randn(seq_len, dim))
         self.blocks = nn.ModuleList(
             SequenceBlock(_build(mechanism, dim, heads, n=seq_len, side=None, causal=causal, options=options), dim)
             for _ in range(layers))
+        # the mechanism's own tokens in the stream (landmarks): one learned embedding, positions of the stream
+        self.stream_token = nn.Parameter(0.02 * torch.randn(dim)) if streams_tokens(mechanism) else None
+        self.pos = nn.Parameter(0.02 * torch.randn(self.stream_length(seq_len), dim))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out)
         self.readout = readout
         self.causal = causal
 
+    def stream_length(self, n: int) -> int:
+        """Positions of the stream that ``n`` input tokens occupy (with the mechanism's own tokens)."""
+        return n if self.stream_token is None else self.blocks[0].attn.layout(0, n)[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x) + self.pos[: x.shape[1]]  # (B, L, dim)
+        h = self.embed(x)  # (B, L, dim)
+        keep = None
+        if self.stream_token is not None:
+            h, keep = self.blocks[0].attn.interleave(h, self.stream_token)  # (B, M, dim), (L,)
+        h = h + self.pos[: h.shape[1]]
         for blk in self.blocks:
             h = blk(h)
+        if keep is not None:
+            h = h[:, keep]  # (B, L, dim): the stream's own tokens dropped
         h = self.norm(h)
         if self.readout == "last":
             h = h[:, -1]  # (B, dim)

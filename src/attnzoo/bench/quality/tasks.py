@@ -9,8 +9,8 @@ the input: the same data trains causal (decoder) and non-causal (encoder) models
   again at random later positions; predict each queried key's value. Varies pairs and length.
 - ``selective_copy``: data tokens scattered among blanks; after a separator, output them in order
   (Mamba, arXiv 2312.00752, Sec. 3.1).
-- ``passkey``: a 5-digit passkey hidden at a random position in repeating filler text; recall it at the end
-  (Landmark Attention, arXiv 2305.16300).
+- ``passkey``: a 5-digit passkey hidden at a random position in repeating filler text, at least
+  ``min_distance`` tokens before the question; recall it at the end (Landmark Attention, arXiv 2305.16300).
 - ``icl_regression``: in-context linear regression (CATALOG P037): tokens [x_i, y_i] then query tokens
   [x_q, 0]; predict y_q. Reported as MSE / mean y_q^2, beside least squares on the same context.
 - ``listops``: ListOps-style nested MAX/MIN/MED/SM expressions over digits (Nangia & Bowman 2018, LRA);
@@ -156,16 +156,27 @@ class SelectiveCopy(Task):
 
 
 class Passkey(Task):
-    """Tokens: digits 0-9, filler 10..15 (a repeating sentence), 16 KEY marker, 17 QUERY marker, 18 '?'."""
+    """Tokens: answers 0-9, filler 10..15 (a repeating sentence), 16 KEY marker, 17 QUERY marker, 18 + i the
+    question for digit i, 18 + D + 10 i + d digit d written in slot i of the key.
+
+    The key's digits carry their slot, and the question asks for each slot with its own token, so one
+    attention layer that reaches the key can answer by content; what decides the task is whether the key is
+    still visible. ``min_distance``: the KEY marker lies at least this many tokens before the first
+    question (beyond a window or state shorter than that, the key is gone).
+    """
 
     FILLER = (10, 11, 12, 13, 14, 15, 13, 11)
 
-    def __init__(self, seq_len: int = 128, digits: int = 5, eval_size: int = 256):
+    def __init__(self, seq_len: int = 128, digits: int = 5, min_distance: int = 0, eval_size: int = 256):
         if seq_len < 2 * digits + 4:
             raise ValueError(f"seq_len: expected >= 2 * digits + 4 = {2 * digits + 4}, got {seq_len}")
-        super().__init__(config={"seq_len": seq_len, "digits": digits}, name="passkey", vocab=19, classes=19,
-                         seq_len=seq_len, eval_size=eval_size)
-        self.digits = digits
+        if not 0 <= min_distance <= seq_len - digits - 1:
+            raise ValueError(f"min_distance: expected 0 <= min_distance <= seq_len - digits - 1 = "
+                             f"{seq_len - digits - 1}, got {min_distance}")
+        vocab = 18 + digits + 10 * digits
+        super().__init__(config={"seq_len": seq_len, "digits": digits, "min_distance": min_distance},
+                         name="passkey", vocab=vocab, classes=vocab, seq_len=seq_len, eval_size=eval_size)
+        self.digits, self.min_distance = digits, min_distance
 
     def sample(self, batch, g):
         L, D = self.seq_len, self.digits
@@ -174,12 +185,16 @@ class Passkey(Task):
         idx = (torch.arange(L).unsqueeze(0) + phase) % len(self.FILLER)
         x = filler[idx]  # (B, L) repeating filler
         key = torch.randint(0, 10, (batch, D), generator=g)  # (B, D)
-        start = torch.randint(0, L - 2 * D - 2, (batch,), generator=g)  # KEY marker position
+        # KEY marker at start: its digits end before the QUERY marker (L - D - 1) and the first question
+        # (L - D) is at least min_distance tokens after it
+        hi = min(L - 2 * D - 1, L - D - self.min_distance + 1)
+        start = torch.randint(0, hi, (batch,), generator=g)  # (B,)
         rows = torch.arange(batch).unsqueeze(1)
+        slots = torch.arange(D)
         x[torch.arange(batch), start] = 16
-        x[rows, start.unsqueeze(1) + 1 + torch.arange(D)] = key
+        x[rows, start.unsqueeze(1) + 1 + slots] = 18 + D + 10 * slots + key  # slot-tagged digits
         x[:, L - D - 1] = 17
-        x[:, L - D:] = 18
+        x[:, L - D:] = 18 + slots  # the question for each slot
         y = torch.full((batch, L), IGNORE, dtype=torch.long)
         y[:, L - D:] = key
         return x, y
@@ -461,33 +476,6 @@ TASKS: dict[str, type[Task]] = {
     "mqar": MQAR, "selective_copy": SelectiveCopy, "passkey": Passkey, "icl_regression": ICLRegression,
     "listops": ListOps, "char_lm": CharLM, "digits": Digits, "skimage_patches": SkimagePatches,
 }
-
-CONFIGS: dict[str, dict[str, list[dict[str, Any]]]] = {
-    # profile -> task -> the configurations trained (MQAR varies key-value pairs and length)
-    "quick": {
-        "mqar": [{"pairs": 4, "seq_len": 32, "vocab": 64, "eval_size": 256}],
-        "selective_copy": [{"seq_len": 32, "tokens": 4, "vocab": 16}],
-        "passkey": [{"seq_len": 64, "digits": 5}],
-        "icl_regression": [{"dim": 4, "pairs": 16, "queries": 4}],
-        "listops": [{"max_len": 48, "max_depth": 2, "max_args": 3}],
-        "char_lm": [{"seq_len": 64, "eval_windows": 32}],
-        "digits": [{}],
-        "skimage_patches": [{"patch": 16, "eval_size": 500}],
-    },
-    "full": {
-        "mqar": [{"pairs": 8, "seq_len": 64, "vocab": 128, "eval_size": 1000},
-                 {"pairs": 16, "seq_len": 128, "vocab": 128, "eval_size": 1000},
-                 {"pairs": 32, "seq_len": 256, "vocab": 256, "eval_size": 1000}],
-        "selective_copy": [{"seq_len": 128, "tokens": 16, "vocab": 16, "eval_size": 1000}],
-        "passkey": [{"seq_len": 256, "digits": 5, "eval_size": 1000}],
-        "icl_regression": [{"dim": 8, "pairs": 32, "queries": 8, "eval_size": 1000}],
-        "listops": [{"max_len": 128, "max_depth": 4, "max_args": 4, "eval_size": 1000}],
-        "char_lm": [{"seq_len": 128, "eval_windows": 256}],
-        "digits": [{}],
-        "skimage_patches": [{"patch": 16, "eval_size": 1000}],
-    },
-}
-
 
 def make_task(name: str, config: dict[str, Any]) -> Task:
     if name not in TASKS:

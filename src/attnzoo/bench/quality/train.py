@@ -90,28 +90,39 @@ def evaluate(task: Task, net: nn.Module, model: str, batch: int = 128) -> float:
 
 
 def decode_state_bytes(net: nn.Module, length: int, dim: int) -> int | None:
-    """Bytes of one attention layer's decode state after ``length`` tokens (batch 1), if it decodes."""
+    """Bytes of the decode states of all the model's attention layers after a prefill of ``length`` tokens
+    (batch 1): what one sequence holds to decode its next token (``state.nbytes()``), None if the
+    mechanism does not decode."""
     blocks = getattr(net, "blocks", None)
     if not blocks:
         return None
-    attn = blocks[0].attn
-    if not hasattr(attn, "init_state") or not getattr(attn, "causal", True):
-        return None
-    try:
-        state = attn.init_state(1)
-        with torch.no_grad():
-            _, state = attn(torch.randn(1, length, dim), state=state)
-        return state_nbytes(state)
-    except Exception:  # noqa: BLE001 - no decode form: no state size
-        return None
+    length = net.stream_length(length) if hasattr(net, "stream_length") else length  # with landmark tokens
+    total = 0
+    for blk in blocks:
+        attn = blk.attn
+        if not hasattr(attn, "init_state") or not getattr(attn, "causal", True):
+            return None
+        try:
+            state = attn.init_state(1)
+            with torch.no_grad():
+                _, state = attn(torch.randn(1, length, dim), state=state)
+        except Exception:  # noqa: BLE001 - no decode form: no state size
+            return None
+        total += state_nbytes(state)
+    return total
 
 
 def train_case(task: Task, mechanism: str, *, seed: int, steps: int, budget: float, options: dict[str, Any],
                dim: int = 64, layers: int = 2, heads: int = 4, batch: int = 32, lr: float = 3e-3,
-               threads: int = 1) -> dict[str, Any]:
-    """Train and evaluate; returns a ``quality`` record (``status`` "ok", "error" or "not_applicable")."""
+               threads: int = 1, study: str | None = None, variant: str = "default") -> dict[str, Any]:
+    """Train and evaluate; returns a ``quality`` record (``status`` "ok", "error" or "not_applicable").
+
+    ``study`` and ``variant`` name the protocol's study and the mechanism's option setting (the record's
+    id includes them and the learning rate, so every case of a sweep has its own id)."""
+    study = study or task.name
     rec: dict[str, Any] = {
-        "type": "quality", "id": f"{mechanism}|{task.name}|{task.config_id()}|seed={seed}", "mechanism": mechanism,
+        "type": "quality", "id": f"{mechanism}|{study}|{variant}|{task.config_id()}|lr={lr:g}|seed={seed}",
+        "mechanism": mechanism, "study": study, "variant": variant, "lr": lr,
         "family": registry.get(mechanism).family if mechanism != NO_ATTENTION else "baseline",
         "kind": registry.get(mechanism).kind if mechanism != NO_ATTENTION else "channel",
         "task": task.name, "config": task.config, "config_id": task.config_id(), "seed": seed,

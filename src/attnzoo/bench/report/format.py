@@ -8,6 +8,8 @@ import os
 from typing import Any
 
 MODES = ("forward", "forward_backward", "decode")
+HEADLINE_STUDIES = ("mqar-L64-P8", "mqar-separation", "mqar")
+"""The quality study shown beside a mechanism's speed, first found (quality/protocol.py)."""
 PREFERRED = ("causal_self", "noncausal_self", "causal_cross", "noncausal_cross")
 
 
@@ -56,6 +58,25 @@ def fmt_metric(q: dict[str, Any] | None) -> str:
     return val
 
 
+def fmt_range(q: dict[str, Any]) -> str:
+    """``mean ± std [min–max]`` over seeds (the range decides ties)."""
+    if q.get("min") is None or q.get("seeds", 1) < 2:
+        return fmt_metric(q)
+    return f"{fmt_metric(q)} [{q['min']:.3g}–{q['max']:.3g}]"
+
+
+def fmt_rank(q: dict[str, Any]) -> str:
+    """Rank within the study; ``=`` marks a rank shared with a variant inside the seed spread."""
+    if q.get("rank") is None:
+        return "—"
+    return f"{'=' if q.get('ties') else ''}{q['rank']}"
+
+
+def quality_name(q: dict[str, Any]) -> str:
+    v = q.get("variant", "default")
+    return q["mechanism"] if v == "default" else f"{q['mechanism']} ({v})"
+
+
 # --------------------------------------------------------------------------------------------------------
 # Headline numbers per mechanism
 # --------------------------------------------------------------------------------------------------------
@@ -98,8 +119,9 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         e = el.get((name, pattern, "forward"))
         row["efficiency_length_time"] = e["time"] if e else None
         row["efficiency_length_memory"] = e["memory"] if e else None
-        qs = [q for q in quality if q["mechanism"] == name]
-        pick = next((q for t in ("mqar", "digits", "char_lm") for q in qs if q["task"] == t), qs[0] if qs else None)
+        qs = [q for q in quality if q["mechanism"] == name and q.get("variant", "default") == "default"]
+        pick = next((q for s in HEADLINE_STUDIES for q in qs if q.get("study") == s), None) or next(
+            (q for t in ("mqar", "digits", "char_lm") for q in qs if q["task"] == t), qs[0] if qs else None)
         row["quality"] = pick
         statuses = [r["status"] for r in results["records"] if r["type"] == "efficiency" and r["series"] == name]
         row["cases"] = {s: statuses.count(s) for s in sorted(set(statuses))}
@@ -110,7 +132,8 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 def quality_label(q: dict[str, Any] | None) -> str:
     if q is None:
         return "—"
-    return f"{q['task']} {fmt_metric(q)}"
+    rank = f" (rank {fmt_rank(q)})" if q.get("rank") is not None else ""
+    return f"{q.get('study') or q['task']} {fmt_metric(q)}{rank}"
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -122,6 +145,15 @@ def md_table(head: list[str], rows: list[list[str]]) -> str:
 
 def escape(x: Any) -> str:
     return html.escape(str(x))
+
+
+def inline_html(text: str) -> str:
+    """Escaped HTML of a line with Markdown `code` and **bold** spans."""
+    import re
+
+    out = escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
 
 
 def html_table(head: list[str], rows: list[list[str]], numeric: set[int] | None = None) -> str:

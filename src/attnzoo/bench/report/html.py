@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .format import escape, has_bench, html_table, img_tag
-from .markdown import eff_length_rows, env_line, gate_rows, headline_table, hygiene, problem_rows, quality_rows
+from .format import escape, has_bench, html_table, img_tag, inline_html
+from .markdown import (
+    EFF_LENGTH_HEAD,
+    QUALITY_HEAD,
+    eff_length_rows,
+    env_line,
+    gate_rows,
+    headline_table,
+    hygiene,
+    problem_rows,
+    quality_intro,
+    quality_rows,
+)
 from .real import real_html
 
 # --------------------------------------------------------------------------------------------------------
@@ -45,7 +56,8 @@ def html_report(results: dict[str, Any], images: list[dict[str, str]], out_dir: 
     head, rows = headline_table(results)
     cnt = results["summary"]["counts"]
     groups = {"efficiency": [i for i in images if i["file"].startswith(("time_", "memory_", "speedup_"))],
-              "quality": [i for i in images if i["file"].startswith("quality_")]}
+              "quality": [i for i in images if i["file"].startswith("quality_")],
+              "recall": [i for i in images if i["file"].startswith("recall_vs_state")]}
     body = [
         "<h1>attnzoo bench</h1>",
         f'<p class="meta"><code>{escape(results["command"])}</code> · '
@@ -71,14 +83,13 @@ def html_report(results: dict[str, Any], images: list[dict[str, str]], out_dir: 
         "<h3>Efficiency length</h3>",
         "<p>The length from which a mechanism stays cheaper than the baseline, interpolated on log-log axes "
         "(CAB, arXiv 2210.07661); &lt;N: cheaper at every measured length; &gt;N: not within the measured range.</p>",
-        html_table(["series", "pattern", "mode", "lengths", "time", "memory"], eff_length_rows(results),
+        html_table(EFF_LENGTH_HEAD, eff_length_rows(results),
                     numeric={4, 5}),
         "<h2>Quality</h2>",
-        "<p>Tiny models (same architecture, only the attention differs) trained on CPU for a fixed number of steps "
-        "or until the per-case time budget; evaluation on a fixed held-out set.</p>",
+        f"<p>{inline_html(quality_intro())}</p>",
+        *[img_tag(out_dir, im) for im in groups["recall"]],
         *[img_tag(out_dir, im) for im in groups["quality"]],
-        html_table(["task", "config", "mechanism", "metric", "value", "seeds", "steps", "decode state",
-                     "reference"], quality_rows(results), numeric={4, 5, 6, 7}),
+        html_table(QUALITY_HEAD, quality_rows(results), numeric={2, 5, 6, 7, 8, 9}),
         "<h2>Measurement hygiene</h2>",
         f"<p>{escape(hygiene(results))}</p>",
         html_table(["count", "cases"], [[k, str(v)] for k, v in cnt.items()], numeric={1}),

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .format import fmt_bytes, fmt_len, fmt_metric, fmt_x, has_bench, headline_rows, md_table, quality_label
+from .format import (
+    fmt_bytes,
+    fmt_len,
+    fmt_range,
+    fmt_rank,
+    fmt_x,
+    has_bench,
+    headline_rows,
+    md_table,
+    quality_label,
+    quality_name,
+)
 from .real import real_markdown
 
 # --------------------------------------------------------------------------------------------------------
@@ -47,19 +58,40 @@ def gate_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+EFF_LENGTH_HEAD = ["series", "pattern", "mode", "lengths", "time", "memory", "why no number"]
+
+
 def eff_length_rows(results: dict[str, Any]) -> list[list[str]]:
     return [[e["series"], e["pattern"], e["mode"], ", ".join(str(n) for n in e["lengths"]), fmt_len(e["time"]),
-             fmt_len(e["memory"])] for e in results["summary"]["efficiency_length"]]
+             fmt_len(e["memory"]), e.get("reason") or ""] for e in results["summary"]["efficiency_length"]]
+
+
+QUALITY_HEAD = ["study", "config", "rank", "mechanism (options)", "metric", "mean ± std [min–max]", "seeds", "lr",
+                "steps", "decode state", "reference"]
 
 
 def quality_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per (study, mechanism, option variant), ranked within the study; ``=`` marks a rank shared
+    with another variant inside the seed spread."""
     rows = []
     for q in results["summary"]["quality"]:
         base = ", ".join(f"{k} {v:.3g}" for k, v in sorted(q["baselines"].items()))
-        rows.append([q["task"], q["config_id"], q["mechanism"], q["metric"], fmt_metric(q), str(q["seeds"]),
+        lr = "—" if q.get("lr") is None else f"{q['lr']:g}" + (
+            f" (of {', '.join(q['lr_sweep'])})" if len(q.get("lr_sweep") or {}) > 1 else "")
+        rows.append([q.get("study") or q["task"], q["config_id"], fmt_rank(q), quality_name(q), q["metric"],
+                     fmt_range(q), str(q["seeds"]), lr,
                      f"{q['steps']:.0f}" + (" (budget)" if q["budget_hit"] else ""), fmt_bytes(q.get("state_bytes")),
                      base])
     return rows
+
+
+def quality_intro() -> str:
+    return ("Tiny models that differ only in their attention, trained on CPU (quality/protocol.py): per study a "
+            "learning-rate sweep on the first seed, the other seeds at the best learning rate; mean, sample std "
+            "and range over seeds. Rank = 1 + the number of variants better beyond the seed spread (their seed "
+            "ranges do not overlap): `=` marks a rank shared with a variant whose difference is inside the spread "
+            "(a tie). Decode state: bytes of all attention layers' decode states of one sequence after the "
+            "task's length.")
 
 
 def problem_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -137,12 +169,13 @@ def markdown_summary(results: dict[str, Any], images: list[dict[str, str]]) -> s
         "Length from which the mechanism stays cheaper than the baseline (interpolated on log-log axes; "
         "`<N` cheaper at every length, `>N` never within the measured range).",
         "",
-        md_table(["series", "pattern", "mode", "lengths", "time", "memory"], eff_length_rows(results)),
+        md_table(EFF_LENGTH_HEAD, eff_length_rows(results)),
         "",
         "## Quality",
         "",
-        md_table(["task", "config", "mechanism", "metric", "value", "seeds", "steps", "decode state", "reference"],
-                  quality_rows(results)),
+        quality_intro(),
+        "",
+        md_table(QUALITY_HEAD, quality_rows(results)),
         "",
         "## Measurement hygiene",
         "",

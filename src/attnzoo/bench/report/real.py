@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .format import escape, html_table, img_tag, md_table
+from .format import escape, html_table, img_tag, inline_html, md_table
 
 # --------------------------------------------------------------------------------------------------------
 # Real pretrained models (the real_model section, schema version 2)
@@ -171,15 +171,6 @@ def real_markdown(results: dict[str, Any], images: list[dict[str, str]]) -> list
     return parts
 
 
-def _inline(text: str) -> str:
-    """Escaped HTML of a line with Markdown `code` and **bold** spans."""
-    import re
-
-    out = escape(text)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
-
-
 def real_html(results: dict[str, Any], images: list[dict[str, str]], out_dir: str) -> list[str]:
     sec = real_section(results)
     if sec is None:
@@ -189,7 +180,7 @@ def real_html(results: dict[str, Any], images: list[dict[str, str]], out_dir: st
         return body + [f'<p class="note">Not run: {escape(sec.get("skipped") or sec.get("error"))}</p>']
     head, rows = real_decoder_table(sec)
     n = len(sec["lengths"])
-    body += [f"<p>{_inline(real_intro(sec))}</p>", f'<p class="note">{_inline(real_fidelity_line(sec))}</p>',
+    body += [f"<p>{inline_html(real_intro(sec))}</p>", f'<p class="note">{inline_html(real_fidelity_line(sec))}</p>',
              f"<h3>{escape(sec['model'])}</h3>", html_table(head, rows, numeric=set(range(1, 2 * n + 4)))]
     notes = _real_notes(sec)
     if notes:

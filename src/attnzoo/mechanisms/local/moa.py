@@ -236,12 +236,37 @@ def moa_step(q, k, v, state: MoAState, *, scale, alphas, betas, sinks, length, m
         heads = [h for h in range(Hq) if h // G in local]
         for w, hs in _head_classes([state.query_windows[h] for h in heads]):
             qh = [heads[i] for i in hs]
-            idx = torch.tensor([local[h // G] for h in qh], device=k.device)
-            o = local_attention(q[:, qh], keys.index_select(1, idx), values.index_select(1, idx), window=w,
-                                causal=True, scale=scale, key_padding_mask=mask, sinks=min(sinks, state.seq_len))
-            out[:, qh] = o
+            whole = qh == heads  # the class is every query head of the group, in order: no head gather
+            qc = q if qh == list(range(Hq)) else q[:, qh]  # (B, |qh|, T, D)
+            if whole:
+                kc, vc = keys, values  # (B, |kv_heads|, L, D): grouped-query heads read them in place
+            else:
+                idx = torch.tensor([local[h // G] for h in qh], device=k.device)
+                kc, vc = keys.index_select(1, idx), values.index_select(1, idx)  # (B, |qh|, L, D)
+            if q.shape[2] == 1:
+                o = _decode_token(qc, kc, vc, mask, window=w, sinks=min(sinks, state.seq_len), scale=scale)
+            else:
+                o = local_attention(qc, kc, vc, window=w, causal=True, scale=scale, key_padding_mask=mask,
+                                    sinks=min(sinks, state.seq_len))
+            if qc is q:
+                out = o
+            else:
+                out[:, qh] = o
     state.cache.evict()
     return out
+
+
+def _decode_token(q, k, v, mask, *, window: int, sinks: int, scale: float) -> torch.Tensor:
+    """One new token (the last stored) against a [sinks | recent] cache: its sinks and its last ``window`` keys.
+    When the cache holds no more than that (the usual case: the cache keeps ``window - 1`` recent tokens plus the
+    new one), every stored key is visible and fused SDPA reads the cache in place; otherwise the visible keys
+    (sinks, then the last ``window``) are sliced out. q (B, Hq, 1, D), k/v (B, Hk, L, D|Dv), mask (B, L) or None."""
+    L = k.shape[2]
+    if L - sinks > window:
+        keep = torch.cat([torch.arange(sinks), torch.arange(L - window, L)]).to(k.device)
+        k, v = k.index_select(2, keep), v.index_select(2, keep)  # (B, Hk, sinks + window, D|Dv)
+        mask = None if mask is None else mask.index_select(1, keep)
+    return sdpa(q, k, v, key_padding_mask=mask, scale=scale)  # (B, Hq, 1, Dv)
 
 
 class PerHeadWindowCache(DecodeState):

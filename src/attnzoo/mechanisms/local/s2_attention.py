@@ -413,7 +413,8 @@ def init_s2_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, **opts
 
 
 def s2_step(q, k, v, state: S2Cache, *, scale, key_padding_mask=None, **opts):
-    """Append T tokens; each key/value head attends (exactly, over its few stored keys) with its S2 mask."""
+    """Append T tokens; the sparse key/value heads attend (exactly, over their few stored keys, with the S2
+    mask) in one fused call per tile of queries, the dense heads with causal SDPA over everything."""
     check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=S2Cache)
     Hq, Hk, T = q.shape[1], k.shape[1], q.shape[2]
     if state.shifts is None:  # the default head step depends on the number of query heads
@@ -421,15 +422,139 @@ def s2_step(q, k, v, state: S2Cache, *, scale, key_padding_mask=None, **opts):
                                                    if k not in ("block_size", "local_blocks")}))
     state.append(k, v, key_padding_mask)
     G = Hq // Hk
+    ns = state.n_sparse
     qpos = torch.arange(state.seq_len - T, state.seq_len, device=q.device)
     outs = []
-    for x in range(Hk):
-        mask = state.head_mask(x, qpos)  # (T, L_x)
-        outs.append(softmax_attention(q[:, x * G : (x + 1) * G], state.keys[x].unsqueeze(1),
-                                      state.values[x].unsqueeze(1), key_padding_mask=state.masks[x],
-                                      attn_mask=mask, scale=scale))  # (B, G, T, Dv)
+    if ns:
+        keys, values, pos, kmask = state.sparse.view()  # (B, ns, L, D), (B, ns, L, Dv), (ns, L), (B, ns, L)
+        p = state.pattern
+        b, Lb, V = p["block_size"], p["local_blocks"], p["vert_stride"]
+        shift = torch.tensor(state.shifts[:ns], device=q.device).view(ns, 1, 1)
+        kb = torch.div(pos, b, rounding_mode="floor").view(ns, 1, -1)  # (ns, 1, L); empty slots: far away
+        L = pos.shape[1]
+        qs = q[:, : ns * G]
+        out = q.new_empty(q.shape[0], ns * G, T, v.shape[3])
+        step = max(1, _TILE_ELEMENTS // max(1, q.shape[0] * ns * G * L))
+        for r0 in range(0, T, step):  # tiles of queries bound the (T, L) mask
+            r1 = min(T, r0 + step)
+            qp = qpos[r0:r1].view(1, -1, 1)  # (1, t, 1)
+            qb = torch.div(qp, b, rounding_mode="floor")
+            vis = (pos.view(ns, 1, L) <= qp) & ((qb - kb < Lb) | (torch.remainder(kb + shift, V) == 0))  # (ns, t, L)
+            vis = vis.unsqueeze(0)  # (1, ns, t, L)
+            if kmask is not None:
+                vis = vis & kmask.unsqueeze(2)  # (B, ns, t, L)
+            out[:, :, r0:r1] = sdpa(qs[:, :, r0:r1], keys, values, attn_mask=vis.repeat_interleave(G, dim=1),
+                                    scale=scale)
+        outs.append(out)
+    if ns < Hk:  # dense heads: every token, plain causal attention
+        keys, values, _, kmask = state.dense.view()
+        outs.append(sdpa(q[:, ns * G:], keys, values, causal=True, scale=scale,
+                         key_padding_mask=None if kmask is None else kmask[:, 0]))
     state.evict()
-    return torch.cat(outs, dim=1)  # (B, Hq, T, Dv)
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, Hq, T, Dv)
+
+
+_FAR = 1 << 62  # the position of an empty slot: after every query, so never attended
+
+
+class _HeadStore:
+    """The stored tokens of a group of key/value heads, each head its own run in position order: buffers
+    k (B, h, cap, D), v (B, h, cap, Dv), positions (h, cap) (``_FAR`` in empty slots), an optional padding
+    mask (B, h, cap); head x fills slots [0, n[x]). Appends write in place (capacity grows by 25%), so a
+    decode step copies O(1) tokens, not the store."""
+
+    def __init__(self, batch, heads, head_dim, value_dim, dtype, device):
+        self.k = torch.zeros(batch, heads, 0, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, heads, 0, value_dim, dtype=dtype, device=device)
+        self.pos = torch.full((heads, 0), _FAR, dtype=torch.long, device=device)
+        self.mask: torch.Tensor | None = None
+        self.n = [0] * heads
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v, self.pos] + ([] if self.mask is None else [self.mask])
+
+    def _reserve(self, need: int) -> None:
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        new = max(need, cap + cap // 4, 16)
+        B, h = self.k.shape[:2]
+        k = self.k.new_zeros(B, h, new, self.k.shape[3])
+        v = self.v.new_zeros(B, h, new, self.v.shape[3])
+        pos = self.pos.new_full((h, new), _FAR)
+        k[:, :, :cap], v[:, :, :cap], pos[:, :cap] = self.k, self.v, self.pos
+        self.k, self.v, self.pos = k, v, pos
+        if self.mask is not None:
+            m = self.mask.new_ones(B, h, new)
+            m[:, :, :cap] = self.mask
+            self.mask = m
+
+    def append(self, k, v, key_padding_mask, pos) -> None:
+        """k (B, h, T, D), v (B, h, T, Dv), mask (B, T) or None, positions (T,)."""
+        B, h, T = k.shape[:3]
+        lo, hi = min(self.n), max(self.n)
+        self._reserve(hi + T)
+        if key_padding_mask is not None and self.mask is None:
+            self.mask = torch.ones(B, h, self.k.shape[2], dtype=torch.bool, device=k.device)
+        new_mask = None
+        if self.mask is not None:
+            new_mask = (torch.ones(B, T, dtype=torch.bool, device=k.device) if key_padding_mask is None
+                        else key_padding_mask).view(B, 1, T).expand(B, h, T)
+        if lo == hi:  # every head equally long: one slice
+            self.k[:, :, lo: lo + T] = k
+            self.v[:, :, lo: lo + T] = v
+            self.pos[:, lo: lo + T] = pos
+            if new_mask is not None:
+                self.mask[:, :, lo: lo + T] = new_mask
+        else:
+            idx = torch.tensor(self.n, device=k.device).view(h, 1) + torch.arange(T, device=k.device)  # (h, T)
+            self.k.scatter_(2, idx.view(1, h, T, 1).expand(B, h, T, k.shape[3]), k)
+            self.v.scatter_(2, idx.view(1, h, T, 1).expand(B, h, T, v.shape[3]), v)
+            self.pos.scatter_(1, idx, pos.view(1, T).expand(h, T))
+            if new_mask is not None:
+                self.mask.scatter_(2, idx.view(1, h, T).expand(B, h, T), new_mask)
+        self.n = [n + T for n in self.n]
+
+    def view(self):
+        """(k, v, positions, mask) over the slots any head fills: (B, h, L, D), (B, h, L, Dv), (h, L), (B, h, L)."""
+        L = max(self.n)
+        return (self.k[:, :, :L], self.v[:, :, :L], self.pos[:, :L],
+                None if self.mask is None else self.mask[:, :, :L])
+
+    def keep_only(self, x: int, lo: int, keep: torch.Tensor) -> None:
+        """Of head x's tokens in slots [lo, n[x]) keep those where ``keep`` is True, moved down to slot lo."""
+        idx = torch.nonzero(keep).flatten() + lo
+        m, n = idx.numel(), self.n[x]
+        self.k[:, x, lo: lo + m] = self.k[:, x].index_select(1, idx)  # index_select copies before the write
+        self.v[:, x, lo: lo + m] = self.v[:, x].index_select(1, idx)
+        self.pos[x, lo: lo + m] = self.pos[x].index_select(0, idx)
+        if self.mask is not None:
+            self.mask[:, x, lo: lo + m] = self.mask[:, x].index_select(1, idx)
+        self.pos[x, lo + m: n] = _FAR
+        self.n[x] = lo + m
+
+    def shrink(self) -> None:
+        """Release capacity beyond 1.25x the fullest head once it exceeds twice that (after a long prefill chunk
+        was evicted down to the strided blocks and the local window)."""
+        need = max(self.n)
+        if self.k.shape[2] > 2 * need + 16:
+            cap = need + need // 4 + 16
+            self.k, self.v, self.pos = self.k[:, :, :cap].clone(), self.v[:, :, :cap].clone(), self.pos[:, :cap].clone()
+            if self.mask is not None:
+                self.mask = self.mask[:, :, :cap].clone()
+
+    def truncate(self, length: int) -> None:
+        """Forget every token at position >= length."""
+        for x, n in enumerate(self.n):
+            keep = int((self.pos[x, :n] < length).sum())  # positions ascend within a head
+            self.pos[x, keep:n] = _FAR
+            self.n[x] = keep
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k = self.k.index_select(0, index.to(self.k.device))
+        self.v = self.v.index_select(0, index.to(self.v.device))
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index.to(self.mask.device))
 
 
 class S2Cache(DecodeState):
@@ -437,13 +562,13 @@ class S2Cache(DecodeState):
     ``local_blocks`` blocks (dense heads: everything).
 
     Sparse heads hold about ``N / vert_stride + (local_blocks + 1) * block_size (+ extra)`` tokens. Heads keep
-    different blocks, so each key/value head is stored separately: ``keys[x]`` (B, L_x, D), ``values[x]``,
-    ``positions[x]`` (L_x,) absolute positions, ``masks[x]`` (B, L_x) or None. ``crop(length)`` drops tokens at
-    positions >= length and raises if local blocks the next query needs were evicted: build the cache with
-    ``extra = r`` to roll back up to r tokens.
+    different blocks, so each sparse key/value head is its own run of slots in one buffer for all sparse heads
+    (a step attends to all of them in one call, masking each head's empty and invisible slots), the dense heads
+    (the last ``num_dense_heads``) share another. Appends write in place; eviction moves a head's local window
+    down by a block once per block of tokens. ``crop(length)`` drops tokens at positions >= length and raises if
+    local blocks the next query needs were evicted: build the cache with ``extra = r`` to roll back up to r
+    tokens.
     """
-
-    _tensor_fields = ("keys", "values", "positions", "masks")
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *, block_size: int,
                  local_blocks: int, vert_stride: int, num_dense_heads: int = 0, head_sliding_step=None,
@@ -453,80 +578,68 @@ class S2Cache(DecodeState):
         self.extra = check_int("extra", extra, low=0)
         self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim,
                        value_dim=head_dim if value_dim is None else value_dim, dtype=dtype, device=device)
-        device = self.device
+        check_int("num_dense_heads", num_dense_heads, low=0, high=self.kv_heads)
         self.pattern = dict(block_size=block_size, local_blocks=local_blocks, vert_stride=vert_stride,
                             num_dense_heads=num_dense_heads, head_sliding_step=head_sliding_step,
                             head_sliding_offset=head_sliding_offset, homo_head=homo_head)
         self.shifts: list[int | None] | None = None  # per key/value head, fixed at the first step (needs Hq)
-        self.keys = [torch.empty(batch, 0, head_dim, dtype=dtype, device=device) for _ in range(kv_heads)]
-        self.values = [torch.empty(batch, 0, self.value_dim, dtype=dtype, device=device) for _ in range(kv_heads)]
-        self.positions = [torch.empty(0, dtype=torch.long, device=device) for _ in range(kv_heads)]
-        self.masks: list[torch.Tensor | None] = [None] * kv_heads
+        self.n_sparse = self.kv_heads - num_dense_heads
+        args = (self.batch, self.head_dim, self.value_dim, self.dtype, self.device)
+        self.sparse = _HeadStore(args[0], self.n_sparse, *args[1:]) if self.n_sparse else None
+        self.dense = _HeadStore(args[0], num_dense_heads, *args[1:]) if num_dense_heads else None
+        self._lo = [0] * self.n_sparse  # per sparse head: first slot at a position >= kept_from_block * block_size
         self.kept_from_block = 0  # every key in blocks >= this (below seq_len) is still stored
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for st in (self.sparse, self.dense) if st is not None for t in st.tensors()]
+
     def configure(self, shifts: list[int | None]) -> None:
-        """Fix each key/value head's stride shift c_x (None = dense head); S2-Attention's step computes them
-        from the number of query heads at the first call."""
+        """Fix each key/value head's stride shift c_x (None = dense head, the last ``num_dense_heads``);
+        S2-Attention's step computes them from the number of query heads at the first call."""
         if len(shifts) != self.kv_heads:
             raise ValueError(f"shifts: expected one per key/value head ({self.kv_heads}), got {len(shifts)}")
+        if [c is None for c in shifts] != [x >= self.n_sparse for x in range(self.kv_heads)]:
+            raise ValueError(f"shifts: expected None exactly for the last {self.kv_heads - self.n_sparse} (dense) "
+                             f"heads, got {list(shifts)}")
         self.shifts = list(shifts)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> None:
         """Append T tokens, k (B, Hk, T, D), v (B, Hk, T, Dv), mask (B, T) bool (True = attend)."""
         T = check_append(self, k, v, key_padding_mask)
         pos = torch.arange(self.seq_len, self.seq_len + T, device=k.device)
-        for x in range(self.kv_heads):
-            self.keys[x] = torch.cat([self.keys[x], k[:, x]], dim=1)
-            self.values[x] = torch.cat([self.values[x], v[:, x]], dim=1)
-            if key_padding_mask is not None or self.masks[x] is not None:
-                old = self.masks[x]
-                if old is None:
-                    old = torch.ones(self.batch, self.positions[x].numel(), dtype=torch.bool, device=k.device)
-                new = key_padding_mask if key_padding_mask is not None else torch.ones(
-                    self.batch, T, dtype=torch.bool, device=k.device)
-                self.masks[x] = torch.cat([old, new], dim=1)
-            self.positions[x] = torch.cat([self.positions[x], pos])
+        ns = self.n_sparse
+        if self.sparse is not None:
+            self.sparse.append(k[:, :ns], v[:, :ns], key_padding_mask, pos)
+        if self.dense is not None:
+            self.dense.append(k[:, ns:], v[:, ns:], key_padding_mask, pos)
         self.seq_len += T
 
-    def head_mask(self, x: int, query_positions: torch.Tensor) -> torch.Tensor:
-        """(T, L_x) bool: which stored keys of key/value head x each query position sees."""
-        p = self.pattern
-        b, L, V = p["block_size"], p["local_blocks"], p["vert_stride"]
-        pos = self.positions[x].view(1, -1)
-        qp = query_positions.view(-1, 1)
-        ok = pos <= qp
-        if self.shifts[x] is None:
-            return ok
-        qb, kb = torch.div(qp, b, rounding_mode="floor"), torch.div(pos, b, rounding_mode="floor")
-        return ok & ((qb - kb < L) | (torch.remainder(kb + self.shifts[x], V) == 0))
-
     def evict(self) -> None:
-        """Drop keys no later query (position >= seq_len - extra) can see."""
+        """Drop keys no later query (position >= seq_len - extra) can see: once per block of tokens, the
+        non-strided blocks that left every sparse head's local window."""
         p = self.pattern
         b, L, V = p["block_size"], p["local_blocks"], p["vert_stride"]
         boundary = max(0, (self.seq_len - self.extra) // b - L + 1)
-        self.kept_from_block = max(self.kept_from_block, boundary)
-        for x in range(self.kv_heads):
-            if self.shifts[x] is None:
-                continue
-            kb = torch.div(self.positions[x], b, rounding_mode="floor")
-            keep = (kb >= boundary) | (torch.remainder(kb + self.shifts[x], V) == 0)
-            if bool(keep.all()):
-                continue
-            idx = torch.nonzero(keep).flatten()
-            self.keys[x] = self.keys[x].index_select(1, idx)
-            self.values[x] = self.values[x].index_select(1, idx)
-            self.positions[x] = self.positions[x].index_select(0, idx)
-            if self.masks[x] is not None:
-                self.masks[x] = self.masks[x].index_select(1, idx)
+        if boundary <= self.kept_from_block:
+            return
+        for x in range(self.n_sparse):
+            st, lo = self.sparse, self._lo[x]
+            kb = torch.div(st.pos[x, lo: st.n[x]], b, rounding_mode="floor")
+            old = kb < boundary
+            keep = ~old | (torch.remainder(kb + self.shifts[x], V) == 0)
+            kept_old = int((old & keep).sum())
+            if not bool(keep.all()):
+                st.keep_only(x, lo, keep)
+            self._lo[x] = lo + kept_old
+        if self.sparse is not None:
+            self.sparse.shrink()
+        self.kept_from_block = boundary
 
     def reorder(self, index: torch.Tensor) -> None:
         index = self._check_index(index, self.batch)
-        for x in range(self.kv_heads):
-            self.keys[x] = self.keys[x].index_select(0, index.to(self.keys[x].device))
-            self.values[x] = self.values[x].index_select(0, index.to(self.values[x].device))
-            if self.masks[x] is not None:
-                self.masks[x] = self.masks[x].index_select(0, index.to(self.masks[x].device))
+        for st in (self.sparse, self.dense):
+            if st is not None:
+                st.reorder(index)
         self.batch = index.numel()
 
     def crop(self, length: int) -> None:
@@ -538,17 +651,15 @@ class S2Cache(DecodeState):
                 f"length: cannot crop this S2Cache to {length} tokens: the next query needs key blocks from {needed} "
                 f"on, but blocks before {self.kept_from_block} were evicted; build it with extra >= "
                 f"{self.seq_len - length} to allow rolling back {self.seq_len - length} tokens")
-        for x in range(self.kv_heads):
-            keep = self.positions[x] < length
-            n = int(keep.sum())
-            self.keys[x], self.values[x] = self.keys[x][:, :n], self.values[x][:, :n]
-            self.positions[x] = self.positions[x][:n]
-            if self.masks[x] is not None:
-                self.masks[x] = self.masks[x][:, :n]
+        for st in (self.sparse, self.dense):
+            if st is not None:
+                st.truncate(length)
+        if self.sparse is not None:
+            self._lo = [min(lo, n) for lo, n in zip(self._lo, self.sparse.n)]
         self.seq_len = length
 
     def stored_tokens(self) -> list[int]:
-        return [int(p.numel()) for p in self.positions]
+        return (self.sparse.n if self.sparse is not None else []) + (self.dense.n if self.dense is not None else [])
 
 
 S2_ATTENTION = register(Mechanism(

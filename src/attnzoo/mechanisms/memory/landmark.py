@@ -30,7 +30,13 @@ Choices where the paper is silent, checked against the official code:
 - :class:`LandmarkAttention` used alone, without positional encoding, gives every landmark the same key
   (they share one input embedding; the layer projects the embedding once, so the keys are bitwise equal);
   in the paper landmarks become block summaries through the layers below. With ``top_k`` every score
-  then ties and the earliest blocks are retrieved.
+  then ties and the earliest blocks are retrieved. A layer of this kind cannot tell blocks apart by their
+  landmark (the grouped softmax gives every earlier block the same outer weight), so a model that trains
+  landmark attention should do what the paper does: ``LandmarkAttention(..., interleaved=True)`` takes
+  the interleaved sequence, the model inserts a landmark token after every block (the official code
+  inserts its ``mem_id`` token every ``mem_freq`` tokens of the data) and carries it through every layer,
+  so that from the second layer on a landmark's key summarises its block (``interleave`` builds that
+  sequence; the bench's quality model does this).
 - The layer's decode state (:class:`LandmarkState`) counts input tokens; ``crop(n)`` keeps the first n
   tokens and the landmarks of the blocks they complete, which is the state a fresh decode of those n
   tokens builds (a block cut short loses its landmark).
@@ -44,7 +50,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import check_backend, check_int, check_same_device, check_sequence_call, check_state, check_step
+from ...errors import (
+    check_backend,
+    check_bool,
+    check_int,
+    check_same_device,
+    check_sequence_call,
+    check_state,
+    check_step,
+    check_tensor,
+)
+from ...kernels.gather import run_rows
 from ...kernels.select import selection_scores, top_k_indices
 from ...reference import acc_dtype, one_hot_values, repeat_kv
 from ...registry import Mechanism, Option, register
@@ -306,6 +322,12 @@ class LandmarkCache(KVCache):
         value_dim = None if value_dim is None else check_int("value_dim", value_dim)
         super().__init__(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
 
+    def _capacity(self, need: int) -> int:
+        """Whole blocks (block_size + 1 positions), so that a decoding query reads retrieved blocks as rows of
+        the storage."""
+        period = self.block_size + 1
+        return -(-super()._capacity(need) // period) * period
+
     @property
     def landmark_keys(self) -> torch.Tensor:
         """Keys of the landmarks of completed blocks, (B, Hk, n_blocks, D) (a strided view)."""
@@ -344,19 +366,24 @@ def _decode_one(q, state: LandmarkCache, scale, block_size, top_k):
         else:
             idx = torch.arange(bq, device=q.device).expand(B, Hk, G, bq)
         kk = idx.shape[-1]
-        gi = idx.view(B, Hk, G, kk, 1, 1)
-        ksel = kb.unsqueeze(2).expand(B, Hk, G, bq, period, D).gather(3, gi.expand(B, Hk, G, kk, period, D))
-        vsel = vb.unsqueeze(2).expand(B, Hk, G, bq, period, vb.shape[-1]).gather(
-            3, gi.expand(B, Hk, G, kk, period, vb.shape[-1]))  # (B, Hk, G, k, P, Dv)
-        s_in = torch.einsum("bhgd,bhgkpd->bhgkp", qs, ksel[..., :block_size, :])  # (B, Hk, G, k, l)
-        tok_ok = torch.ones_like(s_in, dtype=torch.bool)
+        # the retrieved blocks, one row of (block_size + 1) keys each, read from the cache's storage (no copy of it)
+        kf, k_stride = run_rows(keys[:, :, :nfull].to(acc), period)  # (rows, P*D)
+        vf, v_stride = run_rows(values[:, :, :nfull].to(acc), period)  # (rows, P*Dv)
+        bh = (torch.arange(B, device=q.device).view(B, 1) * Hk
+              + torch.arange(Hk, device=q.device).view(1, Hk)).view(B, Hk, 1, 1)
+        Dv = vb.shape[-1]
+        ksel = kf.index_select(0, (bh * k_stride + idx).view(-1)).view(B, Hk, G, kk * period, D)
+        vsel = vf.index_select(0, (bh * v_stride + idx).view(-1)).view(B, Hk, G, kk, period, Dv)
+        s_in = torch.matmul(qs.unsqueeze(-2), ksel.transpose(-1, -2)).view(B, Hk, G, kk, period)[..., :block_size]
+        tok_ok = torch.ones_like(s_in, dtype=torch.bool)  # (B, Hk, G, k, l)
         if vmask is not None:
-            tok_ok = vmask[..., :block_size].expand(B, Hk, G, bq, block_size).gather(
-                3, idx.view(B, Hk, G, kk, 1).expand(B, Hk, G, kk, block_size))
+            rows = (torch.arange(B, device=q.device).view(B, 1, 1, 1) * bq + idx).view(-1)
+            tok_ok = mask[:, :nfull].reshape(B * bq, period).index_select(0, rows).view(
+                B, Hk, G, kk, period)[..., :block_size]
         sel_ok = lm_ok.gather(-1, idx)  # (B, Hk, G, k)
         lse_in, _ = masked_lse(s_in, tok_ok)  # (B, Hk, G, k)
         p_in = torch.exp(s_in.masked_fill(~tok_ok, float("-inf")) - lse_in.unsqueeze(-1))  # (B, Hk, G, k, l)
-        o_blk = torch.einsum("bhgkp,bhgkpe->bhgke", p_in, vsel[..., :block_size, :])  # (B, Hk, G, k, Dv)
+        o_blk = torch.matmul(p_in.unsqueeze(-2), vsel[..., :block_size, :]).squeeze(-2)  # (B, Hk, G, k, Dv)
         parts_s.append(s_lm.gather(-1, idx).masked_fill(~sel_ok, float("-inf")))
         parts_v.append(o_blk)
     start = bq * period
@@ -399,15 +426,18 @@ class LandmarkState(DecodeState):
     ``crop(n)`` keeps the first n tokens and the landmarks of the blocks they complete (``n + n //
     block_size`` interleaved positions): the state a fresh decode of those n tokens builds, so a block
     cut short by the crop loses its landmark and gets it back when decoding completes the block again.
+    ``interleaved=True`` (the state of an ``interleaved`` layer): the inputs are the interleaved sequence
+    itself, so ``seq_len`` and ``crop`` count its positions, landmarks included.
     """
 
     _tensor_fields = ("_cache_tensors",)
 
-    def __init__(self, cache: LandmarkCache) -> None:
+    def __init__(self, cache: LandmarkCache, *, interleaved: bool = False) -> None:
         super().__init__()
         if not isinstance(cache, LandmarkCache):
             raise TypeError(f"cache: expected a LandmarkCache, got {type(cache).__name__}")
         self.cache = cache
+        self.interleaved = check_bool("interleaved", interleaved)
 
     @property
     def _cache_tensors(self) -> list[torch.Tensor]:
@@ -423,7 +453,7 @@ class LandmarkState(DecodeState):
 
     def interleaved_length(self, tokens: int) -> int:
         """Positions of the interleaved sequence that ``tokens`` input tokens occupy (landmarks included)."""
-        return tokens + tokens // self.block_size
+        return tokens if self.interleaved else tokens + tokens // self.block_size
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
@@ -446,10 +476,17 @@ class LandmarkAttention(nn.Module):
 
     Decoding: ``state = layer.init_state(batch)``; ``out, state = layer(x_new, state=state)``. The state
     is a :class:`LandmarkState`: its ``seq_len`` counts input tokens and ``crop`` takes a token count.
+
+    ``interleaved=True``: the paper's model. ``x`` is already the interleaved sequence (a landmark token
+    after every ``block_size`` tokens, built by the model, e.g. with :meth:`interleave`, and carried through
+    every layer, so a landmark's key in a later layer summarises its block); the layer has no landmark
+    embedding of its own, returns every position's output (landmarks too) and its state counts positions
+    of the interleaved sequence.
     """
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, causal: bool = True,
-                 block_size: int = 50, top_k: int | None = None, bias: bool = False, backend: str = "auto") -> None:
+                 block_size: int = 50, top_k: int | None = None, bias: bool = False, backend: str = "auto",
+                 interleaved: bool = False) -> None:
         super().__init__()
         if causal is not True:
             raise ValueError(f"causal: landmark attention is causal (causal_self, causal_cross), got {causal!r}")
@@ -463,7 +500,8 @@ class LandmarkAttention(nn.Module):
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, dim // heads
         self.causal, self.backend = True, check_backend(backend)
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.landmark = nn.Parameter(0.02 * torch.randn(dim))
+        self.interleaved = check_bool("interleaved", interleaved)
+        self.landmark = None if self.interleaved else nn.Parameter(0.02 * torch.randn(dim))
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
@@ -473,7 +511,7 @@ class LandmarkAttention(nn.Module):
         w = self.q_proj.weight
         cache = LandmarkCache(check_int("batch_size", batch_size), self.kv_heads, self.head_dim, self.head_dim,
                               block_size=self.block_size, dtype=dtype or w.dtype, device=device or w.device)
-        return LandmarkState(cache)
+        return LandmarkState(cache, interleaved=self.interleaved)
 
     def layout(self, start: int, n: int, device=None) -> tuple[torch.Tensor, int]:
         """Where tokens ``start .. start+n-1`` go in this chunk of the interleaved sequence: their positions
@@ -482,6 +520,20 @@ class LandmarkAttention(nn.Module):
         ext_pos = torch.arange(n, device=device) + r // self.block_size - start // self.block_size  # (n,)
         total = n + (start + n) // self.block_size - start // self.block_size
         return ext_pos, total
+
+    def interleave(self, x: torch.Tensor, landmark_row: torch.Tensor, start: int = 0) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+        """The interleaved sequence of tokens ``start .. start+N-1`` of ``x (B, N, C)``: ``landmark_row (C,)``
+        after every token that completes a block. Returns it (B, M, C) and the tokens' positions in it (N,)
+        (the model's inputs of an ``interleaved`` layer; ``out[:, positions]`` drops the landmark rows)."""
+        x = check_tensor("x", x, ndim=3)
+        landmark_row = check_tensor("landmark_row", landmark_row, ndim=1)
+        check_same_device(x=x, landmark_row=landmark_row)
+        if landmark_row.shape[0] != x.shape[2] or landmark_row.dtype != x.dtype:
+            raise ValueError(f"landmark_row: expected {x.shape[2]} features of x's dtype {x.dtype}, got "
+                             f"{landmark_row.shape[0]} of {landmark_row.dtype}")
+        ext_pos, total = self.layout(check_int("start", start, low=0), x.shape[1], x.device)
+        return self._insert(x, landmark_row, ext_pos, total), ext_pos
 
     @staticmethod
     def _insert(rows: torch.Tensor, landmark_row: torch.Tensor, ext_pos: torch.Tensor, total: int) -> torch.Tensor:
@@ -509,8 +561,22 @@ class LandmarkAttention(nn.Module):
         if state is not None:
             self._check_state(state, x)
             check_state(state.cache, batch=B, dtype=x.dtype, device=x.device)
-        ext_pos, M = self.layout(0 if state is None else state.seq_len, N, x.device)
         hd = self.head_dim
+        opts = {"block_size": self.block_size, "top_k": self.top_k}
+        if self.interleaved:  # x is the interleaved sequence: every position attends, none is dropped
+            q = self.q_proj(x).view(B, N, self.heads, hd).transpose(1, 2)  # (B, H, N, hd)
+            k = self.k_proj(x).view(B, N, self.kv_heads, hd).transpose(1, 2)  # (B, Hk, N, hd)
+            v = self.v_proj(x).view(B, N, self.kv_heads, hd).transpose(1, 2)
+            if state is not None:
+                out = landmark_step(q, k, v, state.cache, scale=self.scale, key_padding_mask=key_padding_mask,
+                                    **opts)
+                state.seq_len += N
+            else:
+                fn = landmark_reference if self.backend == "reference" else landmark_fast
+                out = fn(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=self.scale, **opts)
+            y = self.o_proj(out.transpose(1, 2).reshape(B, N, self.dim))  # (B, N, dim)
+            return (y, state) if state is not None else y
+        ext_pos, M = self.layout(0 if state is None else state.seq_len, N, x.device)
         lm = self.landmark
         q = self._insert(self.q_proj(x), self.q_proj(lm), ext_pos, M).view(B, M, self.heads, hd).transpose(1, 2)
         k = self._insert(self.k_proj(x), self.k_proj(lm), ext_pos, M).view(B, M, self.kv_heads, hd).transpose(1, 2)
@@ -519,7 +585,6 @@ class LandmarkAttention(nn.Module):
         if key_padding_mask is not None:
             mask = torch.ones(B, M, dtype=torch.bool, device=x.device)
             mask[:, ext_pos] = key_padding_mask
-        opts = {"block_size": self.block_size, "top_k": self.top_k}
         if state is not None:
             out = landmark_step(q, k, v, state.cache, scale=self.scale, key_padding_mask=mask, **opts)
             state.seq_len += N

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import check_int, check_step, check_tensor
+from ...kernels.gather import run_rows
+from ...kernels.sdpa import sdpa
 from ...kernels.select import top_k_indices
 from ...reference import repeat_kv, softmax_attention, softmax_weights
 from ...registry import Mechanism, Option, register
@@ -273,6 +275,8 @@ def longheads_step(q, k, v, state: LongHeadsState, *, scale, chunk_size, max_chu
     idx = select_chunks(q, c_k, valid, pos, w, max_chunks)  # (B, Hq, T, A)
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
         return _ChunkAttention.apply(q, keys, values, idx, w, scale, kmask)
+    if int(pos.max()) // w + 1 <= max_chunks:  # inside the first A chunks every query sees all: causal attention
+        return sdpa(q, keys, values, causal=True, key_padding_mask=kmask, scale=scale)
     if T <= 4:  # decoding: each head gathers only its own A chunks
         return _gather_per_head(q, keys, values, idx, w, scale, kmask)
     out, _ = _chunk_attention(q, keys, values, idx, w, scale, kmask)
@@ -280,49 +284,62 @@ def longheads_step(q, k, v, state: LongHeadsState, *, scale, chunk_size, max_chu
 
 
 def _gather_per_head(q, k, v, idx, w, scale, key_padding_mask):
-    """A few queries: per query head, gather its A selected chunks as whole blocks (A w keys) plus the
-    own, possibly partial, chunk as a slice, and attend; O(A w d) per query and head."""
+    """A few queries: per query head, gather its A selected chunks (A w keys, one ``index_select`` of key rows
+    from the cache's storage, no copy of the cache) plus the own, possibly partial, chunk as a slice, and attend
+    in one softmax; O(A w d) per query and head."""
     B, Hq, T, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    Cf = Nk // w  # complete chunks: a strided view (B, Hk, Cf, w, D), no copy
+    G = Hq // Hk
+    A = idx.shape[-1]
+    Cf = Nk // w  # complete chunks
     own = (Nk - T) // w  # the queries' own chunk (T <= 4 never spans more than the last two chunks)
     lo = min(own, Cf) * w
     acc = torch.promote_types(q.dtype, torch.float32)
-    bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
-    hi = (torch.arange(Hq, device=q.device) // (Hq // Hk)).view(1, Hq, 1, 1)
-    sel = (idx >= 0) & (idx * w < lo)  # selected complete chunks before the own chunk's start
-    ic = idx.clamp(min=0, max=max(Cf - 1, 0))
-    parts_s, parts_v, parts_ok = [], [], []
-    qa = q.to(acc)
-    if Cf > 0 and lo > 0:
-        kb, vb = k[:, :, : Cf * w].view(B, Hk, Cf, w, D), v[:, :, : Cf * w].view(B, Hk, Cf, w, Dv)
-        kg, vg = kb[bi, hi, ic].to(acc), vb[bi, hi, ic].to(acc)  # (B, Hq, T, A, w, D|Dv)
-        ok = sel.unsqueeze(-1).expand(*sel.shape, w)
-        if key_padding_mask is not None:
-            ok = ok & key_padding_mask[:, : Cf * w].view(B, Cf, w)[bi, ic]
-        parts_s.append(torch.einsum("bhtd,bhtawd->bhtaw", qa, kg).flatten(-2))
-        parts_v.append(vg.flatten(-3, -2))
-        parts_ok.append(ok.flatten(-2))
+    qa = q.to(acc).unsqueeze(3)  # (B, Hq, T, 1, D)
     kt, vt = k[:, :, lo:].to(acc), v[:, :, lo:].to(acc)  # the own chunk (and any later keys): a slice
+    s_own = torch.matmul(qa.view(B, Hk, G, T, D), kt.unsqueeze(2).transpose(-1, -2)).view(B, Hq, T, -1)
     qpos = (torch.arange(T, device=q.device) + Nk - T).view(T, 1)
-    ok = (torch.arange(lo, Nk, device=q.device).view(1, -1) <= qpos).view(1, 1, T, -1)
+    ok_own = (torch.arange(lo, Nk, device=q.device).view(1, -1) <= qpos).view(1, 1, T, -1)
     if key_padding_mask is not None:
-        ok = ok & key_padding_mask[:, lo:].view(B, 1, 1, -1)
-    G = Hq // Hk
-    parts_s.append(torch.matmul(qa.view(B, Hk, G, T, D), kt.unsqueeze(2).transpose(-1, -2)).view(B, Hq, T, -1))
-    parts_v.append(vt.unsqueeze(2).expand(B, Hk, G, Nk - lo, Dv).reshape(B, Hq, 1, Nk - lo, Dv)
-                   .expand(B, Hq, T, Nk - lo, Dv))
-    parts_ok.append(ok.expand(B, Hq, T, -1))
-    s = torch.cat(parts_s, -1) * scale
-    m = torch.cat(parts_ok, -1)
+        ok_own = ok_own & key_padding_mask[:, lo:].view(B, 1, 1, -1)
+    s, m = s_own, ok_own.expand(B, Hq, T, -1)
+    if lo > 0:
+        sel = (idx >= 0) & (idx * w < lo)  # selected complete chunks before the own chunk's start (B, Hq, T, A)
+        ic = idx.clamp(min=0, max=Cf - 1).view(B, Hq, T * A)
+        kf, k_stride = run_rows(k[:, :, : Cf * w].to(acc), w)  # one row per chunk (a view of a ChunkKVCache)
+        vf, v_stride = run_rows(v[:, :, : Cf * w].to(acc), w)
+        bh = (torch.arange(B, device=q.device).view(B, 1) * Hk
+              + torch.arange(Hq, device=q.device).view(1, Hq) // G).view(B, Hq, 1)  # (b, key head) row block
+        kg = kf.index_select(0, (bh * k_stride + ic).view(-1)).view(B, Hq, T, A * w, D)
+        vg = vf.index_select(0, (bh * v_stride + ic).view(-1)).view(B, Hq, T, A * w, Dv)
+        s_sel = torch.matmul(qa, kg.transpose(-1, -2)).squeeze(3)  # (B, Hq, T, A w)
+        ok = sel.unsqueeze(-1).expand(B, Hq, T, A, w).reshape(B, Hq, T, A * w)
+        if key_padding_mask is not None:
+            kpos = (ic.unsqueeze(-1) * w + torch.arange(w, device=q.device)).view(B, -1)  # key positions
+            ok = ok & key_padding_mask.gather(1, kpos).view(B, Hq, T, A * w)
+        s, m = torch.cat([s_sel, s_own], -1), torch.cat([ok, m], -1)
+    s = s * scale
     lse, _ = masked_lse(s, m)
-    p = torch.exp(s.masked_fill(~m, float("-inf")) - lse.unsqueeze(-1))
-    out, i = 0, 0
-    for vv in parts_v:
-        n = vv.shape[-2]
-        out = out + torch.einsum("bhtk,bhtke->bhte", p[..., i : i + n], vv)
-        i += n
+    p = torch.exp(s.masked_fill(~m, float("-inf")) - lse.unsqueeze(-1))  # (B, Hq, T, L)
+    n_own = kt.shape[2]
+    p_own = p[..., p.shape[-1] - n_own:]
+    out = torch.matmul(p_own.reshape(B, Hk, G * T, n_own), vt).view(B, Hq, T, Dv)
+    if lo > 0:
+        out = out + torch.matmul(p[..., : A * w].unsqueeze(3), vg).squeeze(3)
     return out.to(q.dtype)
+
+
+class ChunkKVCache(KVCache):
+    """A :class:`KVCache` whose storage holds whole chunks of ``chunk_size`` tokens, so that a decoding query
+    reads each selected chunk as one row of the storage (one ``index_select``, no copy of the cache)."""
+
+    def __init__(self, *args, chunk_size: int, **kwargs) -> None:
+        self.chunk_size = check_int("chunk_size", chunk_size)
+        super().__init__(*args, **kwargs)
+
+    def _capacity(self, need: int) -> int:
+        w = self.chunk_size
+        return -(-super()._capacity(need) // w) * w
 
 
 class LongHeadsState(DecodeState):
@@ -339,7 +356,8 @@ class LongHeadsState(DecodeState):
                  device: torch.device | str | None = None) -> None:
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.extra = check_int("extra", extra, low=0)
-        self.kv = KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+        self.kv = ChunkKVCache(batch, kv_heads, head_dim, value_dim, chunk_size=self.chunk_size, dtype=dtype,
+                               device=device)
         self.built_for(batch=batch, kv_heads=kv_heads, head_dim=head_dim, value_dim=self.kv.value_dim, dtype=dtype,
                        device=self.kv.device)
         self.summaries: KVCache | None = None

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...errors import check_step
+from ...errors import check_choice, check_int, check_step
 from ...kernels.gather import gather_attention
 from ...reference import softmax_attention, softmax_weights
 from ...registry import Mechanism, Option, register
@@ -118,8 +118,12 @@ def _representatives(k, key_padding_mask, bk, mode):
 
 
 def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size_k, sliding_window,
-               sinks, query_stride, representative="minmax") -> HipPlan:
-    """The tree search (shared by both forms). q (B, Hq, Nq, D), k (B, Hk, Nk, D)."""
+               sinks, query_stride, representative="minmax", summaries=None) -> HipPlan:
+    """The tree search (shared by both forms). q (B, Hq, Nq, D), k (B, Hk, Nk, D).
+
+    ``summaries``: ``(rep (B, Hk, cap, V, D), rep_ok (B, Hk, cap, V), n)``, the representatives of the first
+    ``n`` complete key blocks kept by a :class:`HipCache` (decoding); None computes them from ``k``. Only
+    complete blocks before the search end are ever scored, so both give the same selection."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     G = Hq // Hk
@@ -134,13 +138,18 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
     searching = (n_blk > kb).nonzero().flatten()  # (ns,)
     if searching.numel():
         acc = torch.promote_types(q.dtype, torch.float32)
-        rep, rep_ok = _representatives(k.detach().to(acc), key_padding_mask, bk, representative)
+        if summaries is None:
+            rep, rep_ok = _representatives(k.detach().to(acc), key_padding_mask, bk, representative)
+            n_rep = rep.shape[2]
+        else:
+            rep, rep_ok, n_rep = summaries
         V = rep.shape[3]
-        nkb = rep.shape[2]
+        nkb = rep.shape[2]  # row stride of one (batch, head) in the flattened representatives
         rep = rep.reshape(B * Hk * nkb, V * D)  # one row per key block
         rep_ok = rep_ok.reshape(B * Hk * nkb, V)
-        # scoring queries of every block: rows stride-1, 2*stride-1, ... (clamped to the last real row)
-        r_cnt = -(-bq // query_stride)
+        # scoring queries of every block: rows stride-1, 2*stride-1, ... (clamped to the last real row); rows past
+        # the fullest searching block only repeat its last row (decoding: one query, one scoring row)
+        r_cnt = -(-min(bq, int(rows[searching].max())) // query_stride)
         r_ids = torch.arange(r_cnt, device=dev) * query_stride + (query_stride - 1)  # (R',)
         r_ids = torch.minimum(r_ids.view(1, r_cnt), rows[searching].view(-1, 1) - 1)  # (ns, R')
         q_rows = searching.view(-1, 1) * bq + r_ids  # (ns, R') query indices
@@ -155,25 +164,36 @@ def hip_select(q, k, key_padding_mask, *, causal, topk, block_size_q, block_size
         size = size.expand(B, Hq, -1, kb).clone()
         iters = math.ceil(math.log2(int((-(-n_blk[searching] // kb)).max())))
         ns = searching.numel()
-        step = max(1, _SCORE_BUDGET // max(1, B * Hq * 2 * kb * V * (r_cnt + D)))
-        for _ in range(iters):
-            half = size // 2
-            c_start = torch.stack([start, start + half], dim=-1).flatten(-2)  # (B, Hq, ns, 2kb)
-            c_size = torch.stack([half, size - half], dim=-1).flatten(-2)
-            score = torch.empty(B, Hq, ns, 2 * kb, dtype=acc, device=dev)
+        step = max(1, _SCORE_BUDGET // max(1, B * Hq * kb * V * (r_cnt + D)))
+
+        def score_of(first):
+            """Score (B, Hq, ns, kb) of the groups starting at key blocks ``first`` (B, Hq, ns, kb): their first
+            block's representatives, max over the scoring queries and the representatives (padding: -inf)."""
+            out = torch.empty(B, Hq, ns, kb, dtype=acc, device=dev)
             for s in range(0, ns, step):
                 e = min(ns, s + step)
-                flat = (c_start[:, :, s:e].clamp(max=nkb - 1) + k_base).reshape(-1)  # representative blocks
-                reps = rep.index_select(0, flat).view(B, Hq, e - s, 2 * kb * V, D)
-                ok = rep_ok.index_select(0, flat).view(B, Hq, e - s, 1, 2 * kb, V)
-                sc = torch.matmul(qs[:, :, s:e], reps.transpose(-1, -2))  # (B, Hq, g, R', 2kb*V)
-                sc = sc.amax(dim=3).view(B, Hq, e - s, 2 * kb, V)  # max over the scoring queries first
-                score[:, :, s:e] = sc.masked_fill(~ok.squeeze(3), float("-inf")).amax(dim=-1)
+                flat = (first[:, :, s:e].clamp(max=n_rep - 1) + k_base).reshape(-1)  # representative blocks
+                reps = rep.index_select(0, flat).view(B, Hq, e - s, kb * V, D)
+                ok = rep_ok.index_select(0, flat).view(B, Hq, e - s, kb, V)
+                sc = torch.matmul(qs[:, :, s:e], reps.transpose(-1, -2))  # (B, Hq, g, R', kb*V)
+                sc = sc.amax(dim=3).view(B, Hq, e - s, kb, V)  # max over the scoring queries first
+                out[:, :, s:e] = sc.masked_fill(~ok, float("-inf")).amax(dim=-1)
+            return out
+
+        # A half's representative is its first block, so the first half of a group scores what the group
+        # scored: each level scores only the second halves.
+        score = score_of(start)
+        for _ in range(iters):
+            half = size // 2
+            second = start + half
+            c_start = torch.stack([start, second], dim=-1).flatten(-2)  # (B, Hq, ns, 2kb)
+            c_size = torch.stack([half, size - half], dim=-1).flatten(-2)
+            c_score = torch.stack([score, score_of(second)], dim=-1).flatten(-2)
             # empty halves are never kept; a half whose representative keys are all padding ranks last
-            score = torch.where(c_size < 1, torch.full_like(score, float("-inf")),
-                                torch.nan_to_num(score, neginf=torch.finfo(acc).min))
-            order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :kb]
-            start, size = c_start.gather(-1, order), c_size.gather(-1, order)
+            ranked = torch.where(c_size < 1, torch.full_like(c_score, float("-inf")),
+                                 torch.nan_to_num(c_score, neginf=torch.finfo(acc).min))
+            order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :kb]
+            start, size, score = c_start.gather(-1, order), c_size.gather(-1, order), c_score.gather(-1, order)
         blocks[:, :, searching] = torch.sort(start, dim=-1).values
         valid[:, :, searching] = True
     return HipPlan(blocks, valid, search_end, lo, hi, rows, bq, bk, sinks)
@@ -222,19 +242,28 @@ def hip_operator(q, k, v, *, causal, key_padding_mask, scale, **opts):
 def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     """Gathered sinks + selected key blocks + local window per query block, as runs of ``block_size_k``
     keys; O(T (k + w) d)."""
-    B, Hq, Nq, D = q.shape
-    Hk, Nk = k.shape[1], k.shape[2]
-    G = Hq // Hk
+    B, Nk = k.shape[0], k.shape[2]
     p = _plan(q, k, key_padding_mask, causal, opts)
-    nb, bq, bk, S = p.blocks.shape[2], p.bq, p.bk, min(p.sinks, Nk)
-    dev = q.device
-    nkb = -(-Nk // bk)
-    pad = nkb * bk - Nk
+    pad = -(-Nk // p.bk) * p.bk - Nk
     kpm = key_padding_mask
     if pad:  # whole key blocks: pad keys/values, the padding is masked
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-        kpm = torch.ones(B, Nk, dtype=torch.bool, device=dev) if kpm is None else kpm
+        kpm = torch.ones(B, Nk, dtype=torch.bool, device=k.device) if kpm is None else kpm
         kpm = F.pad(kpm, (0, pad), value=False)
+    return _attend(q, k, v, p, Nk, kpm, causal=causal, scale=scale)
+
+
+def _attend(q, k, v, p: HipPlan, Nk, kpm, *, causal, scale):
+    """The plan's attention. k (B, Hk, nkb*bk, D), v: the ``Nk`` keys padded to whole key blocks; ``kpm``
+    (B, nkb*bk) masks the padding (may be None when causal: every padded key lies after every query)."""
+    B, Hq, Nq, D = q.shape
+    Hk = k.shape[1]
+    G = Hq // Hk
+    nb, bq, bk, S = p.blocks.shape[2], p.bq, p.bk, min(p.sinks, Nk)
+    if nb == 1:  # one query block (decoding): no padding rows
+        bq = Nq
+    dev = q.device
+    nkb = k.shape[2] // bk
     tok = torch.arange(bk, device=dev)
     # sink blocks (keys < S)
     ns_blk = -(-S // bk)
@@ -269,15 +298,108 @@ def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     return out.reshape(B, Hq, nb * bq, -1)[:, :, :Nq].to(q.dtype)
 
 
-def init_kv_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, **_options):
-    return KVCache(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+def init_hip_cache(*, batch, kv_heads, head_dim, value_dim, dtype, device, block_size_k, representative,
+                   **_options):
+    return HipCache(batch, kv_heads, head_dim, value_dim, block_size_k=block_size_k, representative=representative,
+                    dtype=dtype, device=device)
+
+
+class HipCache(KVCache):
+    """HiP's decode state: every key and value (a :class:`KVCache`), plus the representatives of every complete
+    key block, computed once when the block completes (``minmax``: O(b d) per block) instead of re-reducing all
+    N keys at every token; a step then scores O(N / b) cached representatives per tree level.
+
+    Storage is whole key blocks, zero (or finite, after a crop) beyond the stored keys, so a step reads the
+    keys padded to whole blocks as a view instead of copying them. ``representative="exact"`` keeps no
+    summaries (its representatives are the keys themselves).
+    """
+
+    _tensor_fields = ("_k", "_v", "_mask", "_rep", "_rep_ok")
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
+                 block_size_k: int, representative: str = "minmax", dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(batch, kv_heads, head_dim, value_dim, dtype=dtype, device=device)
+        self.block_size_k = check_int("block_size_k", block_size_k, low=1)
+        self.representative = check_choice("representative", representative, ("minmax", "exact"))
+        acc = torch.promote_types(self.dtype, torch.float32)
+        V = 2 if self.representative == "minmax" else 0
+        self._rep = torch.zeros(batch, kv_heads, 0, V, head_dim, dtype=acc, device=self.device)  # (B, Hk, cap, V, D)
+        self._rep_ok = torch.zeros(batch, kv_heads, 0, V, dtype=torch.bool, device=self.device)  # (B, Hk, cap, V)
+        self.n_rep = 0  # complete key blocks summarised
+
+    def _capacity(self, need: int) -> int:
+        bk = self.block_size_k
+        return -(-super()._capacity(need) // bk) * bk
+
+    def _grow(self, capacity: int) -> None:
+        super()._grow(capacity)
+        self._k[:, :, self.length:].zero_()  # finite padding: the step reads whole blocks
+        self._v[:, :, self.length:].zero_()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        keys, values, mask = super().append(k, v, key_padding_mask)
+        bk, n = self.block_size_k, self.length // self.block_size_k
+        if self.representative == "minmax" and n > self.n_rep:
+            lo, hi = self.n_rep * bk, n * bk
+            rep, ok = _representatives(keys[:, :, lo:hi].detach().to(self._rep.dtype),
+                                       None if mask is None else mask[:, lo:hi], bk, "minmax")
+            if n > self._rep.shape[2]:
+                cap = max(n, self._rep.shape[2] * 2, 16)
+                grown = self._rep.new_zeros(self.batch, self.kv_heads, cap, *self._rep.shape[3:])
+                grown_ok = self._rep_ok.new_zeros(self.batch, self.kv_heads, cap, self._rep_ok.shape[3])
+                grown[:, :, : self.n_rep] = self._rep[:, :, : self.n_rep]
+                grown_ok[:, :, : self.n_rep] = self._rep_ok[:, :, : self.n_rep]
+                self._rep, self._rep_ok = grown, grown_ok
+            self._rep[:, :, self.n_rep: n] = rep
+            self._rep_ok[:, :, self.n_rep: n] = ok
+            self.n_rep = n
+        return keys, values, mask
+
+    def summaries(self):
+        """(rep (B, Hk, cap, 2, D), rep_ok (B, Hk, cap, 2), n) for :func:`hip_select`, or None (``exact``)."""
+        return None if self.representative != "minmax" else (self._rep, self._rep_ok, self.n_rep)
+
+    def whole_blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values padded to whole key blocks, as views of the storage; None if it is not that long."""
+        end = -(-self.length // self.block_size_k) * self.block_size_k
+        if self._off + end > self._k.shape[2]:
+            return None
+        return self._k[:, :, self._off: self._off + end], self._v[:, :, self._off: self._off + end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        self._rep = self._rep.index_select(0, index.to(self._rep.device))
+        self._rep_ok = self._rep_ok.index_select(0, index.to(self._rep_ok.device))
+
+    def crop(self, length: int) -> None:
+        super().crop(length)
+        self.n_rep = min(self.n_rep, self.length // self.block_size_k)
 
 
 def hip_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None, **opts):
-    """Append T tokens to the KV cache and run the same tree search for the new queries over the cache."""
+    """Append T tokens to the KV cache and run the same tree search for the new queries over the cache
+    (a :class:`HipCache` supplies its incrementally kept block representatives and whole-block views)."""
     check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=KVCache)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
-    return hip_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, **opts)
+    if not isinstance(state, HipCache) or state.block_size_k != opts["block_size_k"] \
+            or state.representative != opts["representative"]:
+        return hip_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, **opts)
+    p = hip_select(q, keys, mask, causal=True, topk=opts["topk"], block_size_q=opts["block_size_q"],
+                   block_size_k=opts["block_size_k"], sliding_window=opts["sliding_window"], sinks=opts["sinks"],
+                   query_stride=opts["query_stride"], representative=opts["representative"],
+                   summaries=state.summaries())
+    Nk = keys.shape[2]
+    whole = state.whole_blocks()
+    pad = -(-Nk // p.bk) * p.bk - Nk
+    if whole is None:
+        keys, values = F.pad(keys, (0, 0, 0, pad)), F.pad(values, (0, 0, 0, pad))
+    else:
+        keys, values = whole
+    # the padding lies after every query (causal): the mask needs no padding unless the cache holds one
+    kpm = None if mask is None else F.pad(mask, (0, pad), value=False)
+    return _attend(q, keys, values, p, Nk, kpm, causal=True, scale=scale)
 
 
 HIP = register(Mechanism(
@@ -297,7 +419,7 @@ HIP = register(Mechanism(
     reference=hip_reference,
     fast=hip_fast,
     step=hip_step,
-    init_state=init_kv_cache,
+    init_state=init_hip_cache,
     operator=hip_operator,
     options=(
         Option("topk", 512, int, low=1, doc="keys kept by the tree search (mask_k); rounded up to key blocks"),
