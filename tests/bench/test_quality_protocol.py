@@ -157,5 +157,10 @@ def test_merge_unites_shards_and_recomputes_the_ranking():
     assert [m["name"] for m in out["mechanisms"]] == ["softmax", "linear"] and len(out["records"]) == 4
     assert {q["mechanism"] for q in out["summary"]["quality"]} == {"softmax", "linear"}
     assert out["config"]["merged"][1]["command"] == "shard linear"
+    from attnzoo.bench.report.html import merged_html
+    from attnzoo.bench.report.markdown import merged_from
+
+    assert merged_from(out)[-2:] == ["- `shard softmax`", "- `shard linear`"]  # summary.md names every run
+    assert "<code>shard linear</code>" in merged_html(out)[0] and merged_from(parts[0]) == merged_html(parts[0]) == []
     with pytest.raises(ValueError, match="two or more"):
         merge(parts[:1], "x")

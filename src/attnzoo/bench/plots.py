@@ -274,7 +274,7 @@ def recall_vs_state(results: dict[str, Any], out_dir: str) -> list[dict[str, str
         qs = [q for q in summ if _study_of(q) == study]
         families = sorted({q.get("family") or "?" for q in qs})
         cmap = plt.get_cmap("tab10")
-        fig, ax = plt.subplots(figsize=(10.5, 6.2))
+        fig, ax = plt.subplots(figsize=(12.5, 6.2))
         for q in qs:
             fam = q.get("family") or "?"
             color = "black" if q["mechanism"] == "softmax" else cmap(families.index(fam) % 10)
@@ -306,7 +306,9 @@ def recall_vs_state(results: dict[str, Any], out_dir: str) -> list[dict[str, str
         ax.set_ylabel(f"{qs[0]['task']} {qs[0]['metric']} (mean over seeds; bar: range)")
         ax.set_title(f"Recall vs decode-state size — {study} ({qs[0]['config_id']})", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(handles=handles, fontsize=7, loc="lower right")
+        ax.margins(x=0.12)  # room for the labels of the outermost points
+        # beside the axes: most mechanisms sit low on MQAR, where a legend inside would hide them
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         name = "recall_vs_state.png" if k == 0 else f"recall_vs_state_{_slug(study)}.png"
         fig.savefig(os.path.join(out_dir, name), dpi=110)

@@ -13,11 +13,19 @@ from .markdown import (
     gate_rows,
     headline_table,
     hygiene,
+    merged_from,
     problem_rows,
     quality_intro,
     quality_rows,
 )
 from .real import real_html
+
+
+def merged_html(results: dict[str, Any]) -> list[str]:
+    """The commands of the runs a merged results document joins, as a meta paragraph (none otherwise)."""
+    cmds = [line[3:-1] for line in merged_from(results) if line.startswith("- `")]
+    return ['<p class="meta">Merged from the runs: ' + " · ".join(f"<code>{escape(c)}</code>" for c in cmds)
+            + "</p>"] if cmds else []
 
 # --------------------------------------------------------------------------------------------------------
 # HTML
@@ -64,6 +72,7 @@ def html_report(results: dict[str, Any], images: list[dict[str, str]], out_dir: 
         f'profile <b>{escape(results["profile"])}</b> · '
         f'{results["duration_s"]:.0f} s · {escape(env["date"])}'
         + (" · <b>interrupted</b>" if results["interrupted"] else "") + "</p>",
+        *merged_html(results),
         f'<p class="meta">{escape(env_line(results))}</p>',
         '<p class="note">Every ratio compares with dense attention measured in the same run, with the same sizes: '
         "SDPA for functional mechanisms, the softmax <code>Attention</code> module (projections included) for module "

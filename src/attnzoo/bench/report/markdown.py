@@ -134,6 +134,12 @@ def hygiene(results: dict[str, Any]) -> str:
     return text
 
 
+def merged_from(results: dict[str, Any]) -> list[str]:
+    """The commands of the runs a merged results document joins (``attnzoo bench merge``), one line each."""
+    parts = (results.get("config") or {}).get("merged") or []
+    return ["", "Merged from the runs:", "", *(f"- `{p['command']}`" for p in parts)] if parts else []
+
+
 def markdown_summary(results: dict[str, Any], images: list[dict[str, str]]) -> str:
     if not has_bench(results):
         return "\n".join([
@@ -150,6 +156,7 @@ def markdown_summary(results: dict[str, Any], images: list[dict[str, str]]) -> s
         "",
         f"`{results['command']}` — profile **{results['profile']}**, {results['duration_s']:.0f} s"
         + (" (**interrupted**)" if results["interrupted"] else ""),
+        *merged_from(results),
         "",
         f"Environment: {env_line(results)}.",
         "",
