@@ -239,7 +239,8 @@ def load_case(target: str, kwargs: dict[str, Any]) -> Callable[[], Any]:
     return getattr(importlib.import_module(module), name)(**kwargs)
 
 
-def _status_bytes(key: str) -> int | None:
+def status_bytes(key: str) -> int | None:
+    """A byte count from /proc/self/status (``VmRSS``, ``VmHWM``, ...), or None where it cannot be read."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -284,9 +285,9 @@ def measure_peak(run: Callable[..., Any], *, prepare: Callable[[], Any] | None =
         call() if prepare is None else call(prepare())
     arg = None if prepare is None else prepare()
     can_reset = reset_peak()
-    before = _status_bytes("VmRSS") if can_reset else _maxrss_bytes()
+    before = status_bytes("VmRSS") if can_reset else _maxrss_bytes()
     call() if prepare is None else call(arg)
-    after = _status_bytes("VmHWM") if can_reset else _maxrss_bytes()
+    after = status_bytes("VmHWM") if can_reset else _maxrss_bytes()
     if before is None or after is None:
         raise RuntimeError("measure_peak: cannot read /proc/self/status")
     return {"peak_bytes": max(0, after - before), "setup_bytes": before,

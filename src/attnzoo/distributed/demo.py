@@ -45,17 +45,6 @@ def _peak_reset() -> bool:
     return reset_peak()
 
 
-def _rss(key: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _minimum_bytes(model, layout_of, sharding, batch: int, elsize: int, world: int) -> list[int]:
     """Per rank: the attention bytes one forward + backward must move, from the dense global masks."""
     from .. import masks
@@ -107,6 +96,7 @@ def _minimum_bytes(model, layout_of, sharding, batch: int, elsize: int, world: i
 
 
 def run(rank: int, world: int, args: argparse.Namespace) -> dict | None:
+    from ..bench.measure import status_bytes
     from .checks import tiny_model
     from .comm import comm_stats, reset_comm_stats
     from .module import ContextParallel, auto_layout
@@ -144,7 +134,7 @@ def run(rank: int, world: int, args: argparse.Namespace) -> dict | None:
         last = step == args.steps
         if last:
             can_reset = _peak_reset()
-            before = _rss("VmRSS")
+            before = status_bytes("VmRSS") or 0
             reset_comm_stats()
         opt.zero_grad()
         out = cp(tokens)  # (B, n, vocab)
@@ -155,7 +145,7 @@ def run(rank: int, world: int, args: argparse.Namespace) -> dict | None:
         cp.all_reduce_gradients()
         opt.step()
         if last:
-            peak = (_rss("VmHWM") - before) if can_reset else None
+            peak = (status_bytes("VmHWM") or 0) - before if can_reset else None
             sent = (attn_bytes, comm_stats().data_bytes - attn_bytes)
         total = loss.detach().double().clone()
         dist.all_reduce(total)

@@ -12,6 +12,7 @@ from ...errors import UnsupportedPatternError, check_step
 from ...kernels.sdpa import sdpa
 from ...masks import Bound, Predicate, check_bounds, materialize
 from ...reference import softmax_attention
+from ...registry import Option
 from ...state import KVCache
 
 
@@ -117,3 +118,15 @@ def modality_step(mechanism: str, fast, regions: dict[str, tuple[str, str]], q, 
         guard_prefill(mechanism, region, bounds[a], bounds[b], pos0, pos1)
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
     return fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, **options)
+
+
+VISUAL_SPAN_OPTIONS = (
+    Option("visual_start", 0, (int, torch.Tensor), doc="first visual position (int, or (B,) per batch row)"),
+    Option("visual_end", 0, (int, torch.Tensor), doc="one past the last visual position (int or (B,))"),
+)
+"""The visual span every modality mask takes (Croc, EE-MLLM, AKI)."""
+
+
+def visual_span_case(*, n, side, heads, causal):
+    """The bench's case: a prompt with text before and after a visual span of a quarter of the sequence."""
+    return {"visual_start": n // 8, "visual_end": n // 8 + n // 4}

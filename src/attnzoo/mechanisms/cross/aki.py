@@ -30,6 +30,7 @@ from ... import masks
 from ...kernels.sdpa import sdpa
 from ...registry import Mechanism, Option, register
 from ._modality import (
+    VISUAL_SPAN_OPTIONS,
     causal_rows,
     init_kv_cache,
     keys_upto,
@@ -118,8 +119,7 @@ AKI = register(Mechanism(
     init_state=init_kv_cache,
     mask=aki_predicate,
     options=(
-        Option("visual_start", 0, (int, torch.Tensor), doc="first image position (int, or (B,) per batch row)"),
-        Option("visual_end", 0, (int, torch.Tensor), doc="one past the last image position (int or (B,))"),
+        *VISUAL_SPAN_OPTIONS,
         Option("prompt_end", 0, (int, torch.Tensor), doc="one past the last prompt position the image sees"),
     ),
     test_options={"visual_start": 1, "visual_end": 4, "prompt_end": 6},

@@ -27,8 +27,9 @@ import torch
 
 from ... import masks
 from ...kernels.sdpa import sdpa
-from ...registry import Mechanism, Option, register
+from ...registry import Mechanism, register
 from ._modality import (
+    VISUAL_SPAN_OPTIONS,
     causal_rows,
     init_kv_cache,
     keys_upto,
@@ -40,6 +41,7 @@ from ._modality import (
     require_causal,
     span_rows,
     spans,
+    visual_span_case,
 )
 
 
@@ -88,11 +90,6 @@ def croc_step(q, k, v, state, *, scale, key_padding_mask=None, visual_start, vis
                          visual_end=visual_end)
 
 
-def _case_options(*, n, side, heads, causal):
-    """A prompt with text before and after a visual span of a quarter of the sequence."""
-    return {"visual_start": n // 8, "visual_end": n // 8 + n // 4}
-
-
 CROC = register(Mechanism(
     name="croc",
     aliases=("croc_mixed_attention",),
@@ -111,13 +108,10 @@ CROC = register(Mechanism(
     step=croc_step,
     init_state=init_kv_cache,
     mask=croc_predicate,
-    options=(
-        Option("visual_start", 0, (int, torch.Tensor), doc="first visual position (int, or (B,) per batch row)"),
-        Option("visual_end", 0, (int, torch.Tensor), doc="one past the last visual position (int or (B,))"),
-    ),
+    options=VISUAL_SPAN_OPTIONS,
     test_options={"visual_start": 1, "visual_end": 4},
     test_sizes={"n": 13, "nq": 10, "nk": 13},
-    case_options=_case_options,
+    case_options=visual_span_case,
     decode_prefill=lambda *, visual_start, visual_end, **_: prefill_through(visual_start, visual_end),
     notes="the visual span must be prefilled in one decode step; visual_start=0 is prefix-LM (the official "
           "code's prefix = everything before the first supervised token); an empty span is causal attention.",

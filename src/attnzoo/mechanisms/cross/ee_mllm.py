@@ -28,8 +28,9 @@ import torch
 from ... import masks
 from ...kernels.sdpa import sdpa
 from ...reference import repeat_kv
-from ...registry import Mechanism, Option, register
+from ...registry import Mechanism, register
 from ._modality import (
+    VISUAL_SPAN_OPTIONS,
     causal_rows,
     init_kv_cache,
     masked_reference,
@@ -39,6 +40,7 @@ from ._modality import (
     rows_inside,
     span_rows,
     spans,
+    visual_span_case,
 )
 
 
@@ -94,11 +96,6 @@ def ee_mllm_step(q, k, v, state, *, scale, key_padding_mask=None, visual_start, 
                          key_padding_mask=key_padding_mask, visual_start=visual_start, visual_end=visual_end)
 
 
-def _case_options(*, n, side, heads, causal):
-    """A prompt with text before and after a visual span of a quarter of the sequence."""
-    return {"visual_start": n // 8, "visual_end": n // 8 + n // 4}
-
-
 EE_MLLM = register(Mechanism(
     name="ee_mllm",
     aliases=("composite_attention",),
@@ -117,13 +114,10 @@ EE_MLLM = register(Mechanism(
     step=ee_mllm_step,
     init_state=init_kv_cache,
     mask=ee_mllm_predicate,
-    options=(
-        Option("visual_start", 0, (int, torch.Tensor), doc="first visual position (int, or (B,) per batch row)"),
-        Option("visual_end", 0, (int, torch.Tensor), doc="one past the last visual position (int or (B,))"),
-    ),
+    options=VISUAL_SPAN_OPTIONS,
     test_options={"visual_start": 1, "visual_end": 4},
     test_sizes={"n": 13, "nq": 10, "nk": 13},
-    case_options=_case_options,
+    case_options=visual_span_case,
     notes="exact softmax under [[I, 0], [1, causal]]: a visual row returns its own value (zeros if its key is "
           "padded); training-free on a causal LLM it is the paper's EE-MLLM-F setting.",
 ))
