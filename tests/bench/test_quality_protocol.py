@@ -18,7 +18,7 @@ from attnzoo.bench.quality.protocol import (
     summarize,
 )
 from attnzoo.bench.results import quality_summary
-from attnzoo.bench.runner import Progress, quality_plan, run_quality
+from attnzoo.bench.runner import Progress, finished_quality, quality_plan, run_quality
 
 
 def _e(key, vals):
@@ -116,6 +116,26 @@ def test_run_quality_trains_the_other_seeds_at_the_learning_rate_the_sweep_chose
     assert summ["softmax"]["mean"] == pytest.approx(0.895) and summ["softmax"]["lr_sweep"] == {"0.001": 0.9,
                                                                                                 "0.003": 0.3}
     assert summ["softmax"]["rank"] == 1 and summ["linear"]["ties"] == ["softmax"]  # 0.88-0.9 vs 0.89-0.9
+
+
+class _InterruptedExecutor(_FakeExecutor):
+    """Ctrl-C arrives while the third case trains."""
+
+    def run(self, op, args, timeout):
+        if len(self.calls) == 2:
+            raise KeyboardInterrupt
+        return super().run(op, args, timeout)
+
+
+def test_an_interrupted_quality_run_keeps_the_cases_it_finished():
+    cfg = quality(studies=("mqar-separation",), seeds=(0, 1), quality_lrs=(1e-3, 3e-3), quality_steps=1)
+    cases = quality_plan(cfg, [registry.get("softmax"), registry.get("linear")])
+    done: dict = {}
+    with pytest.raises(KeyboardInterrupt):
+        run_quality(cfg, cases, deadline=None, gates={}, progress=Progress(False), executor=_InterruptedExecutor(),
+                    results=done)
+    kept = finished_quality(done)
+    assert [(r["mechanism"], r["lr"], r["seed"]) for r in kept] == [("softmax", 1e-3, 0), ("softmax", 3e-3, 0)]
 
 
 def test_long_lengths_only_for_sub_quadratic_sequence_families():

@@ -194,13 +194,17 @@ def _variant(case: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def run_quality(cfg: BenchConfig, cases: list[dict[str, Any]], *, deadline: float | None,
-                gates: dict[str, dict[str, Any]], progress: Progress, executor) -> list[dict[str, Any]]:
+                gates: dict[str, dict[str, Any]], progress: Progress, executor,
+                results: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Train every case (``cfg.quality_workers`` at a time, each in its own fork server); a case trained at
-    the sweep's chosen learning rate waits for its variant's sweep. Records come back in plan order."""
+    the sweep's chosen learning rate waits for its variant's sweep. Records come back in plan order.
+
+    ``results`` (plan index -> record) is filled as cases finish, so a caller interrupted in the middle of a
+    long run keeps the cases already trained (:func:`finished_quality`)."""
     from .quality import make_task
 
     tasks: dict[str, Any] = {}
-    results: dict[int, dict[str, Any]] = {}
+    results = {} if results is None else results
 
     def task_of(case):
         key = f"{case['task']}|{sorted(case['config'].items())}"
@@ -284,35 +288,41 @@ def run_quality(cfg: BenchConfig, cases: list[dict[str, Any]], *, deadline: floa
             e.start()
         free = list(exes)
         running: dict[cf.Future, tuple[int, Any]] = {}
+        pool = cf.ThreadPoolExecutor(workers)
         try:
-            with cf.ThreadPoolExecutor(workers) as pool:
-                while pending or running:
-                    launched = False
-                    for i in list(pending):
-                        if not free:
-                            break
-                        if not ready(i):
-                            continue
-                        pending.remove(i)
-                        rec, args = prepare(i, pending)
-                        if rec is not None:
-                            results[i] = rec
-                            progress.tick()
-                            continue
-                        exe = free.pop()
-                        exe.ready()
-                        running[pool.submit(train, exe, i, args)] = (i, exe)
-                        launched = True
-                    if running and not launched:
-                        done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
-                        for fut in done:
-                            i, exe = running.pop(fut)
-                            results[i] = fut.result()
-                            free.append(exe)
-                            progress.tick()
-        finally:
+            while pending or running:
+                launched = False
+                for i in list(pending):
+                    if not free:
+                        break
+                    if not ready(i):
+                        continue
+                    pending.remove(i)
+                    rec, args = prepare(i, pending)
+                    if rec is not None:
+                        results[i] = rec
+                        progress.tick()
+                        continue
+                    exe = free.pop()
+                    exe.ready()
+                    running[pool.submit(train, exe, i, args)] = (i, exe)
+                    launched = True
+                if running and not launched:
+                    done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+                    for fut in done:
+                        i, exe = running.pop(fut)
+                        results[i] = fut.result()
+                        free.append(exe)
+                        progress.tick()
+        finally:  # on an interrupt: stop the workers' cases now (the caller closes its own executor)
             for e in exes[1:]:
                 e.close()
+            pool.shutdown(wait=not running, cancel_futures=True)
+    return finished_quality(results)
+
+
+def finished_quality(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the finished quality cases, in plan order."""
     return [results[i] for i in sorted(results) if not results[i].get("drop")]
 
 
@@ -359,6 +369,7 @@ def run(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict[s
     notes: list[str] = []
     records: list[dict[str, Any]] = []
     gates: dict[str, dict[str, Any]] = {}
+    trained: dict[int, dict[str, Any]] | None = None  # quality cases finished so far (kept on an interrupt)
     interrupted = False
     try:
         # 1. correctness gate
@@ -395,7 +406,9 @@ def run(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict[s
         if cfg.quality:
             exe.ready()
             t0 = time.monotonic()
-            records.extend(run_quality(cfg, qcases, deadline=deadline, gates=gates, progress=progress, executor=exe))
+            trained = {}
+            run_quality(cfg, qcases, deadline=deadline, gates=gates, progress=progress, executor=exe,
+                        results=trained)
             stages["quality"] = time.monotonic() - t0
     except KeyboardInterrupt:
         interrupted = True
@@ -403,6 +416,8 @@ def run(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict[s
     finally:
         progress.close()
         exe.close()
+    if trained:
+        records.extend(finished_quality(trained))
     real_model = None
     if cfg.real and not interrupted:
         real_model, interrupted = run_real_stage(cfg, log)
