@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -269,6 +272,26 @@ def _bench_real(argv: list[str]) -> int:
     return 130 if results["interrupted"] else 0
 
 
+@contextlib.contextmanager
+def _stops_like_ctrl_c():
+    """SIGTERM (``kill``, a batch scheduler) and SIGINT -- also in a run started in the background by a shell,
+    which starts it with SIGINT ignored -- end the run like Ctrl-C: it writes what it measured so far."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGTERM, stop),
+                                                                  (signal.SIGINT, signal.default_int_handler))}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str]) -> int:
     """Run ``attnzoo bench`` with ``argv`` (the words after ``bench``); returns the exit status."""
     if argv and argv[0] in ("report", "compare", "readme", "merge"):
@@ -287,7 +310,8 @@ def main(argv: list[str]) -> int:
     from .runner import run, write_outputs
 
     print(f"attnzoo bench: {cfg.profile} profile -> {cfg.out}/", file=sys.stderr)
-    results = run(cfg)
+    with _stops_like_ctrl_c():
+        results = run(cfg)
     paths = write_outputs(results, cfg.out, plots=not args.no_plots)
     print(terminal_table(results))
     print(f"\nwrote {paths['results']}, {paths['summary']}, {paths['report']}"

@@ -163,8 +163,11 @@ class ForkServer:
     def start(self) -> None:
         """Start the server; it imports in the background until the first :meth:`measure`."""
         code = "from attnzoo.bench.forkserver import serve; serve()"
+        # its own process group: the cases it forks are killed with it (close), and a terminal's Ctrl-C reaches
+        # only the client, which then stops the server
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, env=child_env(self.threads), text=True, bufsize=1)
+                                     stderr=self._stderr, env=child_env(self.threads), text=True, bufsize=1,
+                                     start_new_session=True)
         self._ready = False
         self._send({"imports": self.imports, "threads": self.threads})
 
@@ -211,13 +214,20 @@ class ForkServer:
     def measure(self, spec: dict[str, Any], *, timeout: float = 600) -> dict[str, Any]:
         return self.run("memory", {"spec": spec}, timeout=timeout)
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
+        """Stop the server: ask it to quit (it finishes the case it runs, up to 10 s), or with ``now`` (an
+        interrupted run) kill it and the case it runs at once."""
         if self.proc is not None and self.proc.poll() is None:
             try:
+                if now:
+                    raise OSError("stop now")
                 self._send({"quit": True})
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired, ValueError):
-                self.proc.kill()
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # the server and the case it forked
+                except ProcessLookupError:
+                    pass
                 self.proc.wait()
         self.proc = None
 

@@ -61,7 +61,7 @@ class InProcess:
     def ready(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
         pass
 
     def __enter__(self) -> InProcess:

@@ -314,9 +314,9 @@ def run_quality(cfg: BenchConfig, cases: list[dict[str, Any]], *, deadline: floa
                         results[i] = fut.result()
                         free.append(exe)
                         progress.tick()
-        finally:  # on an interrupt: stop the workers' cases now (the caller closes its own executor)
+        finally:  # on an interrupt: kill the workers' running cases now (the caller closes its own executor)
             for e in exes[1:]:
-                e.close()
+                e.close(now=bool(running))
             pool.shutdown(wait=not running, cancel_futures=True)
     return finished_quality(results)
 
@@ -415,7 +415,7 @@ def run(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict[s
         print("\nattnzoo bench: interrupted; writing what was measured so far", file=sys.stderr)
     finally:
         progress.close()
-        exe.close()
+        exe.close(now=interrupted)
     if trained:
         records.extend(finished_quality(trained))
     real_model = None
