@@ -279,9 +279,20 @@ def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     return _attend(q, k, v, p, Nk, kpm, causal=causal, scale=scale)
 
 
-def _attend(q, k, v, p: HipPlan, Nk, kpm, *, causal, scale):
+def _selected_slots(p: HipPlan, Nk) -> torch.Tensor:
+    """(B, Hq, nb, kb*bk) bool: the keys of the plan's selected blocks that are attended as selected keys
+    (valid slots, not sinks, within the searched range, not in the local window: non-causal overlap)."""
+    nb, bk, S = p.blocks.shape[2], p.bk, min(p.sinks, Nk)
+    lo5, hi5 = p.local_lo.view(1, 1, nb, 1, 1), p.local_hi.view(1, 1, nb, 1, 1)
+    sel = p.blocks.unsqueeze(-1) * bk + torch.arange(bk, device=p.blocks.device)  # (B, Hq, nb, kb, bk)
+    sel_ok = p.valid.unsqueeze(-1) & (sel >= S) & (sel < p.search_end.view(1, 1, nb, 1, 1))
+    return (sel_ok & ~((sel >= lo5) & (sel < hi5))).flatten(-2)
+
+
+def _attend(q, k, v, p: HipPlan, Nk, kpm, *, causal, scale, sel_ok=None):
     """The plan's attention. k (B, Hk, nkb*bk, D), v: the ``Nk`` keys padded to whole key blocks; ``kpm``
-    (B, nkb*bk) masks the padding (may be None when causal: every padded key lies after every query)."""
+    (B, nkb*bk) masks the padding (may be None when causal: every padded key lies after every query).
+    ``sel_ok``: :func:`_selected_slots` of the plan, if already computed."""
     B, Hq, Nq, D = q.shape
     Hk = k.shape[1]
     G = Hq // Hk
@@ -295,11 +306,8 @@ def _attend(q, k, v, p: HipPlan, Nk, kpm, *, causal, scale):
     ns_blk = -(-S // bk)
     sink_blk = torch.arange(ns_blk, device=dev).expand(B, Hq, nb, ns_blk)
     sink_ok = ((sink_blk.unsqueeze(-1) * bk + tok) < S).flatten(-2)  # (B, Hq, nb, ns_blk*bk)
-    # selected blocks: not sinks, not the local window (non-causal overlap)
-    lo5, hi5 = p.local_lo.view(1, 1, nb, 1, 1), p.local_hi.view(1, 1, nb, 1, 1)
-    sel = p.blocks.unsqueeze(-1) * bk + tok  # (B, Hq, nb, kb, bk)
-    sel_ok = p.valid.unsqueeze(-1) & (sel >= S) & (sel < p.search_end.view(1, 1, nb, 1, 1))
-    sel_ok = (sel_ok & ~((sel >= lo5) & (sel < hi5))).flatten(-2)
+    if sel_ok is None:
+        sel_ok = _selected_slots(p, Nk)  # (B, Hq, nb, kb*bk)
     # local window blocks
     lo_blk, hi_blk = p.local_lo // bk, -(-p.local_hi // bk)  # (nb,)
     wl = int((hi_blk - lo_blk).max())
@@ -344,7 +352,7 @@ class HipCache(KVCache):
     kept). ``reorder`` permutes them with the batch; ``crop`` discards them, so the next step refreshes.
     """
 
-    _tensor_fields = ("_k", "_v", "_mask", "_rep", "_rep_ok", "_sel_blocks", "_sel_valid")
+    _tensor_fields = ("_k", "_v", "_mask", "_rep", "_rep_ok", "_sel_blocks", "_sel_valid", "_sel_slots")
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
                  block_size_k: int, representative: str = "minmax", dtype: torch.dtype = torch.float32,
@@ -359,6 +367,7 @@ class HipCache(KVCache):
         self.n_rep = 0  # complete key blocks summarised
         self._sel_blocks: torch.Tensor | None = None  # (B, Hq, kb) key blocks selected at the last refresh
         self._sel_valid: torch.Tensor | None = None  # (B, Hq, kb) bool, False for unused slots
+        self._sel_slots: torch.Tensor | None = None  # (B, Hq, 1, kb*bk) bool, attended keys of those blocks
         self.mask_age = 0  # one-token steps served by the kept selection, its refresh step included; 0: none kept
 
     def _capacity(self, need: int) -> int:
@@ -401,12 +410,16 @@ class HipCache(KVCache):
             return None
         return self._k[:, :, self._off: self._off + end], self._v[:, :, self._off: self._off + end]
 
-    def keep_selection(self, blocks: torch.Tensor, valid: torch.Tensor) -> None:
-        """Keep a refresh step's selection, blocks (B, Hq, kb) and valid (B, Hq, kb); it has served one step."""
-        self._sel_blocks, self._sel_valid, self.mask_age = blocks, valid, 1
+    def keep_selection(self, blocks: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keep a refresh step's selection, blocks (B, Hq, kb), valid (B, Hq, kb) and the attended keys of those
+        blocks, slots (B, Hq, 1, kb*bk) (``_selected_slots``); it has served one step."""
+        self._sel_blocks, self._sel_valid, self._sel_slots, self.mask_age = blocks, valid, slots, 1
 
     def drop_selection(self) -> None:
-        self._sel_blocks, self._sel_valid, self.mask_age = None, None, 0
+        self._sel_blocks, self._sel_valid, self._sel_slots, self.mask_age = None, None, None, 0
+
+    def selected_slots(self) -> torch.Tensor | None:
+        return self._sel_slots
 
     def selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(blocks (B, Hq, kb), valid (B, Hq, kb)) kept at the last refresh, or None."""
@@ -419,6 +432,7 @@ class HipCache(KVCache):
         if self._sel_blocks is not None:  # the kept selection follows its batch rows
             self._sel_blocks = self._sel_blocks.index_select(0, index.to(self._sel_blocks.device))
             self._sel_valid = self._sel_valid.index_select(0, index.to(self._sel_valid.device))
+            self._sel_slots = self._sel_slots.index_select(0, index.to(self._sel_slots.device))
 
     def crop(self, length: int) -> None:
         super().crop(length)
@@ -452,9 +466,10 @@ def hip_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None, **opts):
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
     if not own:
         return hip_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, **opts)
-    one = q.shape[2] == 1
+    one, sel_ok = q.shape[2] == 1, None
     if one and interval > 1 and 0 < state.mask_age < interval:  # between refreshes: the kept selection
         p = _reused_plan(*state.selection(), keys.shape[2], opts, q.device)
+        sel_ok = state.selected_slots()  # the refresh step's, equal to this step's (no kept key is local)
         state.mask_age += 1
     else:
         p = hip_select(q, keys, mask, causal=True, topk=opts["topk"], block_size_q=opts["block_size_q"],
@@ -462,7 +477,8 @@ def hip_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None, **opts):
                        sinks=opts["sinks"], query_stride=opts["query_stride"],
                        representative=opts["representative"], summaries=state.summaries())
         if one and interval > 1:  # a refresh
-            state.keep_selection(p.blocks[:, :, 0], p.valid[:, :, 0])
+            sel_ok = _selected_slots(p, keys.shape[2])  # (B, Hq, 1, kb*bk)
+            state.keep_selection(p.blocks[:, :, 0], p.valid[:, :, 0], sel_ok)
         else:
             state.drop_selection()
     Nk = keys.shape[2]
@@ -474,7 +490,7 @@ def hip_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None, **opts):
         keys, values = whole
     # the padding lies after every query (causal): the mask needs no padding unless the cache holds one
     kpm = None if mask is None else F.pad(mask, (0, pad), value=False)
-    return _attend(q, keys, values, p, Nk, kpm, causal=True, scale=scale)
+    return _attend(q, keys, values, p, Nk, kpm, causal=True, scale=scale, sel_ok=sel_ok)
 
 
 HIP = register(Mechanism(
