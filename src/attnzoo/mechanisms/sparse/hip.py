@@ -40,7 +40,7 @@ block (the max), as in the paper. With ``block_size_q = 1`` every query searches
 one token at a time (``step``, KV cache, the same tree search on the cache) equals the causal forward when
 ``refresh_interval = 1``.
 
-Mask re-use across decode steps (``refresh_interval`` = the paper's mask refresh interval; official: v1.0
+Mask re-use across decode steps (``refresh_interval`` = the official code's mask refresh interval: v1.0
 ``hip_attention(using_precomputed_mask=True, precomputed_indices, precomputed_ks)``, v1.1
 ``hip_attention(previous_metadata=...)`` with the refresh decided by ``decode_step % refresh_interval == 0``
 in ``v1_1/offload_runner``; v1.2 ``HiPMaskRefreshState``). What is re-used is the selection alone: the
@@ -48,8 +48,8 @@ selected key blocks (indices and count) of the one-query search made at a refres
 refreshes attends with the same exact softmax to the first ``sinks`` keys, those kept blocks, and its own
 local window, placed at its own position (the official sparse-attention kernel computes the sliding window
 and sinks from the current query position at every step, and drops selected keys that fall inside that
-window): the tokens decoded since the refresh are in the window, because the window (128) is wider than the
-interval. Keys that slid out of the window since the refresh and were not selected then are not attended
+window): the tokens decoded since the refresh are seen through the window (all of them while the interval is
+at most the window, 128 by default). Keys that slid out of the window since the refresh and were not selected then are not attended
 until the next refresh (in the official code too). Here the kept blocks all lie before the refresh step's
 search end, hence before every later step's local window, so nothing is counted twice. A refresh (the tree
 search over the cache, as with interval 1) runs at the first one-token step after a multi-token step (a
