@@ -49,12 +49,12 @@ refreshes attends with the same exact softmax to the first ``sinks`` keys, those
 local window, placed at its own position (the official sparse-attention kernel computes the sliding window
 and sinks from the current query position at every step, and drops selected keys that fall inside that
 window): the tokens decoded since the refresh are seen through the window (all of them while the interval is
-at most the window, 128 by default). Keys that slid out of the window since the refresh and were not selected then are not attended
-until the next refresh (in the official code too). Here the kept blocks all lie before the refresh step's
-search end, hence before every later step's local window, so nothing is counted twice. A refresh (the tree
-search over the cache, as with interval 1) runs at the first one-token step after a multi-token step (a
-prefill chunk: official decode index 0 always refreshes) and then every ``refresh_interval`` one-token steps;
-a multi-token step always searches and discards the kept selection. State: :class:`HipCache` keeps the
+at most the window, 128 by default). Keys that slid out of the window since the refresh and were not selected
+then are not attended until the next refresh (in the official code too). Here the kept blocks all lie before
+the refresh step's search end, hence before every later step's local window, so nothing is counted twice.
+A refresh (the tree search over the cache, as with interval 1) runs at the first one-token step after a
+multi-token step (a prefill chunk: official decode index 0 always refreshes) and then every
+``refresh_interval`` one-token steps; a multi-token step always searches and discards the kept selection. State: :class:`HipCache` keeps the
 selection and the steps served by it; ``reorder`` permutes it with the batch, ``crop`` discards it (the next
 step refreshes).
 Default ``refresh_interval = 8``: every decoding run of the official repository uses 8
