@@ -54,9 +54,9 @@ then are not attended until the next refresh (in the official code too). Here th
 the refresh step's search end, hence before every later step's local window, so nothing is counted twice.
 A refresh (the tree search over the cache, as with interval 1) runs at the first one-token step after a
 multi-token step (a prefill chunk: official decode index 0 always refreshes) and then every
-``refresh_interval`` one-token steps; a multi-token step always searches and discards the kept selection. State: :class:`HipCache` keeps the
-selection and the steps served by it; ``reorder`` permutes it with the batch, ``crop`` discards it (the next
-step refreshes).
+``refresh_interval`` one-token steps; a multi-token step always searches and discards the kept selection.
+State: :class:`HipCache` keeps the selection and the steps served by it; ``reorder`` permutes it with the
+batch, ``crop`` discards it (the next step refreshes).
 Default ``refresh_interval = 8``: every decoding run of the official repository uses 8
 (``HIP_REFRESH_INTERVAL=8`` throughout docs/REPRODUCE.md, ``--refresh_interval`` default 8 in the v1.0/v1.1
 decode benchmarks and latency scripts; v1.2's staged default ``[32, 16, 8]`` refreshes its last stage every
