@@ -47,6 +47,8 @@ OPTIONS: dict[str, dict] = {
     "sink_window": {},  # StreamingLLM: 4 sinks + 2000 recent tokens
     "moa": {},
     "hip": {},
+    "hip(refresh=1)": {"refresh_interval": 1},  # variant rows "name(...)": that mechanism with these options
+    "hip(refresh=8)": {"refresh_interval": 8},  # (not in the default -m list; results/decode_hip_refresh/)
     "s2_attention": {},
     "cca": {},
     "landmark": {"block_size": 50, "top_k": 4},  # the paper's inference setting
@@ -70,7 +72,7 @@ def prefilled(name: str, P: int):
     if name == "recycled":
         opts["start"] = P
     torch.manual_seed(0)
-    layer = attnzoo.build(name, DIM, H, causal=True, **opts).eval()
+    layer = attnzoo.build(name.split("(")[0], DIM, H, causal=True, **opts).eval()
     st = layer.init_state(1)
     with torch.no_grad():
         for i in range(0, P, CHUNK):
@@ -101,7 +103,7 @@ def decode_timer(layer, st, per_run: int, min_run_time: float, reset: int | None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefixes", default="4096,32768", help="comma-separated prefill lengths")
-    ap.add_argument("-m", "--mechanisms", default=",".join(k for k in OPTIONS if k != "softmax"))
+    ap.add_argument("-m", "--mechanisms", default=",".join(k for k in OPTIONS if k != "softmax" and "(" not in k))
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/decode_perf/decode_perf")

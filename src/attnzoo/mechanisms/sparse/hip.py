@@ -37,8 +37,34 @@ Choices where the official code is silent or a GPU shortcut (options or document
 - selection runs in float32 (float64 for float64 inputs) whatever the input dtype.
 Not prefix-invariant for ``block_size_q > 1``: a query's key set depends on the other queries of its
 block (the max), as in the paper. With ``block_size_q = 1`` every query searches for itself and decoding
-one token at a time (``step``, KV cache, the same tree search on the cache) equals the causal forward; the
-paper's decode (block of 1 query, periodic mask refresh) is that computation without the refresh.
+one token at a time (``step``, KV cache, the same tree search on the cache) equals the causal forward when
+``refresh_interval = 1``.
+
+Mask re-use across decode steps (``refresh_interval`` = the official code's mask refresh interval: v1.0
+``hip_attention(using_precomputed_mask=True, precomputed_indices, precomputed_ks)``, v1.1
+``hip_attention(previous_metadata=...)`` with the refresh decided by ``decode_step % refresh_interval == 0``
+in ``v1_1/offload_runner``; v1.2 ``HiPMaskRefreshState``). What is re-used is the selection alone: the
+selected key blocks (indices and count) of the one-query search made at a refresh step. A decode step between
+refreshes attends with the same exact softmax to the first ``sinks`` keys, those kept blocks, and its own
+local window, placed at its own position (the official sparse-attention kernel computes the sliding window
+and sinks from the current query position at every step, and drops selected keys that fall inside that
+window): the tokens decoded since the refresh are seen through the window (all of them while the interval is
+at most the window, 128 by default). Keys that slid out of the window since the refresh and were not selected
+then are not attended until the next refresh (in the official code too). Here the kept blocks all lie before
+the refresh step's search end, hence before every later step's local window, so nothing is counted twice.
+A refresh (the tree search over the cache, as with interval 1) runs at the first one-token step after a
+multi-token step (a prefill chunk: official decode index 0 always refreshes) and then every
+``refresh_interval`` one-token steps; a multi-token step always searches and discards the kept selection.
+State: :class:`HipCache` keeps the selection and the steps served by it; ``reorder`` permutes it with the
+batch, ``crop`` discards it (the next step refreshes).
+Default ``refresh_interval = 8``: every decoding run of the official repository uses 8
+(``HIP_REFRESH_INTERVAL=8`` throughout docs/REPRODUCE.md, ``--refresh_interval`` default 8 in the v1.0/v1.1
+decode benchmarks and latency scripts; v1.2's staged default ``[32, 16, 8]`` refreshes its last stage every
+8). It changes only decoding: the forward (prefill) is unchanged, and ``refresh_interval = 1`` is exactly the
+search-every-token decode (== the forward of each query).
+Not done: the official v1.1 offload runner's refresh step searches with a query block made of the current
+query and the ``refresh_interval - 1`` queries decoded since the last refresh (its ``prefix_query``); here a
+refresh searches with the current query alone (the v1.0 behaviour and the one-query decode above).
 
 Forms: ``reference`` materializes the selected mask densely and runs exact softmax attention over it;
 ``fast`` gathers sinks + selected blocks + local window per query block as runs of ``block_size_k`` keys
@@ -253,9 +279,20 @@ def hip_fast(q, k, v, *, causal, key_padding_mask, scale, **opts):
     return _attend(q, k, v, p, Nk, kpm, causal=causal, scale=scale)
 
 
-def _attend(q, k, v, p: HipPlan, Nk, kpm, *, causal, scale):
+def _selected_slots(p: HipPlan, Nk) -> torch.Tensor:
+    """(B, Hq, nb, kb*bk) bool: the keys of the plan's selected blocks that are attended as selected keys
+    (valid slots, not sinks, within the searched range, not in the local window: non-causal overlap)."""
+    nb, bk, S = p.blocks.shape[2], p.bk, min(p.sinks, Nk)
+    lo5, hi5 = p.local_lo.view(1, 1, nb, 1, 1), p.local_hi.view(1, 1, nb, 1, 1)
+    sel = p.blocks.unsqueeze(-1) * bk + torch.arange(bk, device=p.blocks.device)  # (B, Hq, nb, kb, bk)
+    sel_ok = p.valid.unsqueeze(-1) & (sel >= S) & (sel < p.search_end.view(1, 1, nb, 1, 1))
+    return (sel_ok & ~((sel >= lo5) & (sel < hi5))).flatten(-2)
+
+
+def _attend(q, k, v, p: HipPlan, Nk, kpm, *, causal, scale, sel_ok=None):
     """The plan's attention. k (B, Hk, nkb*bk, D), v: the ``Nk`` keys padded to whole key blocks; ``kpm``
-    (B, nkb*bk) masks the padding (may be None when causal: every padded key lies after every query)."""
+    (B, nkb*bk) masks the padding (may be None when causal: every padded key lies after every query).
+    ``sel_ok``: :func:`_selected_slots` of the plan, if already computed."""
     B, Hq, Nq, D = q.shape
     Hk = k.shape[1]
     G = Hq // Hk
@@ -269,11 +306,8 @@ def _attend(q, k, v, p: HipPlan, Nk, kpm, *, causal, scale):
     ns_blk = -(-S // bk)
     sink_blk = torch.arange(ns_blk, device=dev).expand(B, Hq, nb, ns_blk)
     sink_ok = ((sink_blk.unsqueeze(-1) * bk + tok) < S).flatten(-2)  # (B, Hq, nb, ns_blk*bk)
-    # selected blocks: not sinks, not the local window (non-causal overlap)
-    lo5, hi5 = p.local_lo.view(1, 1, nb, 1, 1), p.local_hi.view(1, 1, nb, 1, 1)
-    sel = p.blocks.unsqueeze(-1) * bk + tok  # (B, Hq, nb, kb, bk)
-    sel_ok = p.valid.unsqueeze(-1) & (sel >= S) & (sel < p.search_end.view(1, 1, nb, 1, 1))
-    sel_ok = (sel_ok & ~((sel >= lo5) & (sel < hi5))).flatten(-2)
+    if sel_ok is None:
+        sel_ok = _selected_slots(p, Nk)  # (B, Hq, nb, kb*bk)
     # local window blocks
     lo_blk, hi_blk = p.local_lo // bk, -(-p.local_hi // bk)  # (nb,)
     wl = int((hi_blk - lo_blk).max())
@@ -312,9 +346,13 @@ class HipCache(KVCache):
     Storage is whole key blocks, zero (or finite, after a crop) beyond the stored keys, so a step reads the
     keys padded to whole blocks as a view instead of copying them. ``representative="exact"`` keeps no
     summaries (its representatives are the keys themselves).
+
+    Mask re-use (``refresh_interval > 1``): the key blocks selected by the last refresh step's search, per batch
+    row and query head, and ``mask_age``, the one-token steps served by them counting the refresh step (0: none
+    kept). ``reorder`` permutes them with the batch; ``crop`` discards them, so the next step refreshes.
     """
 
-    _tensor_fields = ("_k", "_v", "_mask", "_rep", "_rep_ok")
+    _tensor_fields = ("_k", "_v", "_mask", "_rep", "_rep_ok", "_sel_blocks", "_sel_valid", "_sel_slots")
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None, *,
                  block_size_k: int, representative: str = "minmax", dtype: torch.dtype = torch.float32,
@@ -327,6 +365,10 @@ class HipCache(KVCache):
         self._rep = torch.zeros(batch, kv_heads, 0, V, head_dim, dtype=acc, device=self.device)  # (B, Hk, cap, V, D)
         self._rep_ok = torch.zeros(batch, kv_heads, 0, V, dtype=torch.bool, device=self.device)  # (B, Hk, cap, V)
         self.n_rep = 0  # complete key blocks summarised
+        self._sel_blocks: torch.Tensor | None = None  # (B, Hq, kb) key blocks selected at the last refresh
+        self._sel_valid: torch.Tensor | None = None  # (B, Hq, kb) bool, False for unused slots
+        self._sel_slots: torch.Tensor | None = None  # (B, Hq, 1, kb*bk) bool, attended keys of those blocks
+        self.mask_age = 0  # one-token steps served by the kept selection, its refresh step included; 0: none kept
 
     def _capacity(self, need: int) -> int:
         bk = self.block_size_k
@@ -368,28 +410,77 @@ class HipCache(KVCache):
             return None
         return self._k[:, :, self._off: self._off + end], self._v[:, :, self._off: self._off + end]
 
+    def keep_selection(self, blocks: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keep a refresh step's selection, blocks (B, Hq, kb), valid (B, Hq, kb) and the attended keys of those
+        blocks, slots (B, Hq, 1, kb*bk) (``_selected_slots``); it has served one step."""
+        self._sel_blocks, self._sel_valid, self._sel_slots, self.mask_age = blocks, valid, slots, 1
+
+    def drop_selection(self) -> None:
+        self._sel_blocks, self._sel_valid, self._sel_slots, self.mask_age = None, None, None, 0
+
+    def selected_slots(self) -> torch.Tensor | None:
+        return self._sel_slots
+
+    def selection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(blocks (B, Hq, kb), valid (B, Hq, kb)) kept at the last refresh, or None."""
+        return None if self._sel_blocks is None else (self._sel_blocks, self._sel_valid)
+
     def reorder(self, index: torch.Tensor) -> None:
         super().reorder(index)
         self._rep = self._rep.index_select(0, index.to(self._rep.device))
         self._rep_ok = self._rep_ok.index_select(0, index.to(self._rep_ok.device))
+        if self._sel_blocks is not None:  # the kept selection follows its batch rows
+            self._sel_blocks = self._sel_blocks.index_select(0, index.to(self._sel_blocks.device))
+            self._sel_valid = self._sel_valid.index_select(0, index.to(self._sel_valid.device))
+            self._sel_slots = self._sel_slots.index_select(0, index.to(self._sel_slots.device))
 
     def crop(self, length: int) -> None:
         super().crop(length)
         self.n_rep = min(self.n_rep, self.length // self.block_size_k)
+        self.drop_selection()  # selected for a query that may be gone: the next step refreshes
+
+
+def _reused_plan(blocks, valid, nk, opts, device) -> HipPlan:
+    """Plan of one new query (key position ``nk - 1``) re-using the blocks (B, Hq, kb) kept at the last refresh,
+    with this step's own local window. The kept blocks lie before the refresh step's search end, which is at most
+    this step's: no kept key is in the window."""
+    bq, bk = opts["block_size_q"], opts["block_size_k"]
+    _, rows, search_end, lo, hi = _geometry(1, nk, True, bq, bk, opts["sliding_window"], device)
+    return HipPlan(blocks.unsqueeze(2), valid.unsqueeze(2), search_end, lo, hi, rows, bq, bk, opts["sinks"])
 
 
 def hip_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None, **opts):
     """Append T tokens to the KV cache and run the same tree search for the new queries over the cache
-    (a :class:`HipCache` supplies its incrementally kept block representatives and whole-block views)."""
+    (a :class:`HipCache` supplies its incrementally kept block representatives and whole-block views).
+    ``refresh_interval > 1``: a one-token step between refreshes re-uses the blocks the last refresh selected."""
     check_step(q, k, v, state, key_padding_mask, scale=scale, state_type=KVCache)
+    interval = check_int("refresh_interval", opts["refresh_interval"], low=1)
+    own = isinstance(state, HipCache) and state.block_size_k == opts["block_size_k"] \
+        and state.representative == opts["representative"]
+    if interval > 1 and not own:
+        got = type(state).__name__ if not isinstance(state, HipCache) else (
+            f"a HipCache with block_size_k={state.block_size_k}, representative={state.representative!r}")
+        raise ValueError(f"refresh_interval: re-using the selection across decode steps (refresh_interval="
+                         f"{interval}) needs the state of init_state, a HipCache with block_size_k="
+                         f"{opts['block_size_k']} and representative={opts['representative']!r}; got state {got}")
     keys, values, mask = state.append(k, v, key_padding_mask)  # (B, Hk, L, D), (B, Hk, L, Dv), (B, L)
-    if not isinstance(state, HipCache) or state.block_size_k != opts["block_size_k"] \
-            or state.representative != opts["representative"]:
+    if not own:
         return hip_fast(q, keys, values, causal=True, key_padding_mask=mask, scale=scale, **opts)
-    p = hip_select(q, keys, mask, causal=True, topk=opts["topk"], block_size_q=opts["block_size_q"],
-                   block_size_k=opts["block_size_k"], sliding_window=opts["sliding_window"], sinks=opts["sinks"],
-                   query_stride=opts["query_stride"], representative=opts["representative"],
-                   summaries=state.summaries())
+    one, sel_ok = q.shape[2] == 1, None
+    if one and interval > 1 and 0 < state.mask_age < interval:  # between refreshes: the kept selection
+        p = _reused_plan(*state.selection(), keys.shape[2], opts, q.device)
+        sel_ok = state.selected_slots()  # the refresh step's, equal to this step's (no kept key is local)
+        state.mask_age += 1
+    else:
+        p = hip_select(q, keys, mask, causal=True, topk=opts["topk"], block_size_q=opts["block_size_q"],
+                       block_size_k=opts["block_size_k"], sliding_window=opts["sliding_window"],
+                       sinks=opts["sinks"], query_stride=opts["query_stride"],
+                       representative=opts["representative"], summaries=state.summaries())
+        if one and interval > 1:  # a refresh
+            sel_ok = _selected_slots(p, keys.shape[2])  # (B, Hq, 1, kb*bk)
+            state.keep_selection(p.blocks[:, :, 0], p.valid[:, :, 0], sel_ok)
+        else:
+            state.drop_selection()
     Nk = keys.shape[2]
     whole = state.whole_blocks()
     pad = -(-Nk // p.bk) * p.bk - Nk
@@ -399,7 +490,7 @@ def hip_step(q, k, v, state: KVCache, *, scale, key_padding_mask=None, **opts):
         keys, values = whole
     # the padding lies after every query (causal): the mask needs no padding unless the cache holds one
     kpm = None if mask is None else F.pad(mask, (0, pad), value=False)
-    return _attend(q, keys, values, p, Nk, kpm, causal=True, scale=scale)
+    return _attend(q, keys, values, p, Nk, kpm, causal=True, scale=scale, sel_ok=sel_ok)
 
 
 HIP = register(Mechanism(
@@ -430,12 +521,17 @@ HIP = register(Mechanism(
         Option("query_stride", 2, int, low=1, doc="score halves with every query_stride-th query of the block"),
         Option("representative", "minmax", str, choices=("minmax", "exact"),
                doc="score of a key block: q . (element-wise min / max of its keys) as official, or exact max"),
+        Option("refresh_interval", 8, int, low=1,
+               doc="decoding: search every refresh_interval one-token steps, re-use the selected blocks "
+                   "in between (official 8); 1 = search every token (step == forward)"),
     ),
     prefix_invariant=False,  # with the default block_size_q=32; block_size_q=1 is (tests/mechanisms/sparse/test_hip.py)
     test_options={"topk": 4, "block_size_q": 1, "block_size_k": 2, "sliding_window": 1, "sinks": 1,
-                  "query_stride": 1},
+                  "query_stride": 1, "refresh_interval": 1},
     test_sizes={"n": 13, "nq": 5, "nk": 15},
     notes="topk >= the searchable keys is exact softmax attention; block_size_q = 1 makes it prefix-invariant "
           "and decodable (step == forward); larger query blocks share one selection (the paper's prefill), so "
-          "a query's keys then depend on the later queries of its block: prefix_invariant=False.",
+          "a query's keys then depend on the later queries of its block: prefix_invariant=False. Decoding re-uses "
+          "the selected blocks for refresh_interval (default 8, official) one-token steps; 1 searches every "
+          "token.",
 ))
