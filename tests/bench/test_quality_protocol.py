@@ -1,6 +1,8 @@
 """The quality protocol: studies and variants, the learning-rate sweep, ranks with ties, the Pareto frontier,
 the parallel scheduler, and the long lengths of the efficiency plan."""
 
+from dataclasses import replace
+
 import pytest
 
 from attnzoo import registry
@@ -83,6 +85,10 @@ def test_plan_sweeps_learning_rates_on_the_first_seed_then_trains_the_others_at_
     assert soft == [(1e-3, 0), (3e-3, 0), (None, 1), (None, 2)]
     sw = {c["variant"] for c in cases if c["mechanism"] == "sliding_window"}
     assert {"window=16", "window=4", "window=64"} <= sw  # the study's setting and its sweep
+
+    alone = quality_plan(replace(cfg, quality_sweep=False), mechs)
+    assert {c["variant"] for c in alone if c["mechanism"] == "sliding_window"} == {"window=16"}
+    assert len(alone) == 8  # 2 learning rates on seed 0, 2 more seeds, for each of the two mechanisms
 
 
 class _FakeExecutor:

@@ -101,6 +101,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, help="tokens decoded per measured decode call")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--no-quality", action="store_true", help="skip the quality stage")
+    p.add_argument("--no-sweep", action="store_true", help="quality: train each mechanism at its study's "
+                   "setting only, without the study's option sweep (the extra recall-vs-state points)")
     p.add_argument("--no-efficiency", action="store_true", help="skip the efficiency stage")
     real = p.add_mutually_exclusive_group()
     real.add_argument("--real", action="store_true", help="add the real pretrained-model stage (`bench real`; "
@@ -150,6 +152,7 @@ def bench_config(args: argparse.Namespace, argv: Sequence[str]):
         o["quality_lrs"] = tuple(_floats("--lrs", args.lrs))
     o["memory"] = not args.no_memory
     o["quality"] = not args.no_quality
+    o["quality_sweep"] = not args.no_sweep
     o["efficiency"] = not args.no_efficiency and not args.quality
     if args.real or args.no_real:
         o["real"] = bool(args.real)

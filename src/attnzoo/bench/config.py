@@ -66,6 +66,7 @@ class BenchConfig:
     quality_steps: int | None = None  # training steps per quality case; None = each study's own
     quality_budget: float | None = None  # seconds of training per quality case (upper bound); None = the study's
     quality_lrs: tuple[float, ...] | None = None  # learning rates swept; None = each study's own
+    quality_sweep: bool = True  # each study's option sweep (recall-vs-state points); False: its own setting only
     seeds: tuple[int, ...] = (0,)
     quality_workers: int = 1  # quality cases trained at once (each in its own fork server, `threads` each)
     real: bool = False  # the real pretrained-model stage (attnzoo.bench.real); full: on when its packages exist

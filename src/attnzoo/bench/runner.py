@@ -164,7 +164,8 @@ def quality_plan(cfg: BenchConfig, mechs: list[registry.Mechanism]) -> list[dict
         for name in order:
             if isinstance(applicability(task, name), str):
                 continue
-            for label, opts in study.variants(name, cfg.options.get(name)):
+            variants = study.variants(name, cfg.options.get(name))
+            for label, opts in variants if cfg.quality_sweep else variants[:1]:
                 one = {**base, "mechanism": name, "variant": label, "options": opts}
                 seeds = list(cfg.seeds)
                 if len(lrs) == 1:
