@@ -130,7 +130,11 @@ class CompiledDecode:
         if self._shadow is None:
             self._shadow = copy.deepcopy(state)  # before the eager call advances the real state
         shadow = self._shadow
-        out = self.module(x, state=state, key_padding_mask=key_padding_mask)  # a caller's error raises here
+        try:
+            out = self.module(x, state=state, key_padding_mask=key_padding_mask)  # a caller's error raises here
+        except Exception:
+            self.calls -= 1  # not a checked call
+            raise
         try:
             if self._fn is None:
                 self._fn = torch.compile(self.module, mode=self.mode, dynamic=self.dynamic,
