@@ -221,3 +221,19 @@ def test_bad_module():
     with pytest.raises(TypeError, match="module: .*init_state"):
         compile_decode(torch.nn.Linear(2, 2))
     assert isinstance(compile_decode(_layer_and_state()[0]), CompiledDecode)
+
+
+class _UncopyableState(_CountingState):
+    def __deepcopy__(self, memo):
+        raise RuntimeError("no copies")
+
+
+def test_uncopyable_state_falls_back():
+    layer = _SpecialisingLayer()
+    xs = _tokens(3)
+    ref = _decode(layer, layer.init_state(1), xs)[0]
+    dec = compile_decode(layer)
+    with pytest.warns(RuntimeWarning, match="deep-copied"):
+        out, st = _decode(dec, _UncopyableState(), xs)
+    assert not dec.compiled and dec.calls == 3 and st.seq_len == 3
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)

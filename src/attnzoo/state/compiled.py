@@ -35,7 +35,10 @@ Decode states mutate in place: buffers are written by index, and ``seq_len``/``l
 Python ints. Dynamo specialises on the first value of such an int and, when it changes at the next token,
 recompiles once with it symbolic (automatic dynamic shapes), so a bounded cache (sliding window, sinks)
 and a recurrent state compile to two or three graphs and then stay compiled; branches on those ints
-(the ring buffer moving back to the front once per slack, eviction) become guards.
+(the ring buffer moving back to the front once per slack, eviction) become guards. The caches write new
+tokens with ``index_copy_``: inductor compiled the equivalent slice assignments (the append, the sinks'
+move in :class:`~attnzoo.state.SinkWindowCache`) into a rewrite of the whole preallocated buffer every
+token.
 """
 
 from __future__ import annotations
@@ -128,7 +131,13 @@ class CompiledDecode:
     def _checked(self, x, state, key_padding_mask):
         """Eager on the caller's state (returned), compiled on the shadow copy; compare."""
         if self._shadow is None:
-            self._shadow = copy.deepcopy(state)  # before the eager call advances the real state
+            try:
+                self._shadow = copy.deepcopy(state)  # before the eager call advances the real state
+            except Exception as e:  # noqa: BLE001 - a state that cannot be copied cannot be checked
+                self._fallback(f"the state ({type(state).__name__}) cannot be deep-copied to check the compiled call "
+                               f"against eager: {type(e).__name__}: {str(e)[:200]}")
+                self.calls -= 1
+                return self(x, state=state, key_padding_mask=key_padding_mask)
         shadow = self._shadow
         try:
             out = self.module(x, state=state, key_padding_mask=key_padding_mask)  # a caller's error raises here
