@@ -255,7 +255,9 @@ def markdown_compile(results: dict, prefixes: list[int], names: list[str]) -> st
              f"{results['inductor_caches']}. ×dense = dense time / time per token (> 1: faster than dense); "
              "compiled/eager = eager time / compiled time (> 1: compile helps); eager and compiled are timed "
              "between the same two dense timings (dense spread = their difference: the noise of the shared "
-             "machine); compile = wall time of the calls that compiled; load = 1-min load average after the row.",
+             "machine); compile = wall time of the calls that compiled; load = 1-min load average after the row. "
+             "A row that fell back (before or during its timing) shows no compiled time: the JSON keeps the raw "
+             "timing, which mixes recompiles and eager calls.",
              "", "| mechanism | prefix | eager ms/token (×dense) | compiled ms/token (×dense) | compiled/eager | "
              "compile s (graphs) | status | dense spread | load |", "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
@@ -266,10 +268,15 @@ def markdown_compile(results: dict, prefixes: list[int], names: list[str]) -> st
             if "error" in r:
                 lines.append(f"| `{name}` | {p} | error: {r['error'][:100]} | — | — | — | — | — | — |")
                 continue
-            status = "compiled" if r["compiled"] else f"eager fallback: {r['fallback_reason'][:160]}"
-            lines.append(f"| `{name}` | {p} | {r['time_s'] * 1e3:.3g} ({r['speedup']:.2f}×) | "
-                         f"{r['time_compiled_s'] * 1e3:.3g} ({r['speedup_compiled']:.2f}×) | "
-                         f"**{r['compiled_vs_eager']:.2f}×** | {r['compile_time_s']:.1f} ({r['graphs']}) | {status} | "
+            if r["compiled"]:
+                status = "compiled"
+                comp = (f"{r['time_compiled_s'] * 1e3:.3g} ({r['speedup_compiled']:.2f}×) | "
+                        f"**{r['compiled_vs_eager']:.2f}×**")
+            else:  # its timing mixes recompiles and eager calls: not a compiled time
+                status = f"eager fallback: {r['fallback_reason'][:160]}"
+                comp = "— | —"
+            lines.append(f"| `{name}` | {p} | {r['time_s'] * 1e3:.3g} ({r['speedup']:.2f}×) | {comp} | "
+                         f"{r['compile_time_s']:.1f} ({r['graphs']}) | {status} | "
                          f"{r['dense_spread']:.0%} | {r['load_after'][0]:.1f} |")
     lines += ["", "Rows measured at: " + ", ".join(sorted({r["date"] for r in results["rows"]}))]
     return "\n".join(lines) + "\n"
