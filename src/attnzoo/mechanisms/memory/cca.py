@@ -139,10 +139,7 @@ def cca_step(q, k, v, state: CCAState, *, scale, group_size, window, key_padding
     start = state.raw.start
     first = state.seq_len - T  # position of the first new token
     g = group_size
-    if T == 1:  # decoding: one test of seq_len mod g, so torch.compile guards on it instead of on seq_len itself
-        ends = [first] if state.seq_len % g == 0 else []
-    else:
-        ends = [p for p in range(first, state.seq_len) if (p + 1) % g == 0]  # groups completed by the new tokens
+    ends = [p for p in range(first, state.seq_len) if (p + 1) % g == 0]  # groups completed by the new tokens
     if ends:
         idx = torch.tensor([[p - start - g + 1 + i for i in range(g)] for p in ends], device=q.device)  # (c, g)
         kg = repeat_kv(keys, Hq // Hk)[:, :, idx]  # (B, Hq, c, g, D)
