@@ -198,8 +198,8 @@ class CompiledDecode:
             self.recompiles += misses
             if self.recompiles > self.max_recompiles:
                 self._fallback(f"dynamo recompiled {self.recompiles} times after the first {self.check_calls} "
-                               f"calls (max_recompiles={self.max_recompiles}): something in the call or the state "
-                               "changes every token")
+                               f"calls (max_recompiles={self.max_recompiles}): a Python int, branch or tensor shape "
+                               "dynamo specialises on keeps changing (TORCH_LOGS=recompiles names it)")
         return out
 
 
