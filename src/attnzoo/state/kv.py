@@ -75,8 +75,11 @@ class KVCache(DecodeState):
             if self._off + L + T > self._k.shape[2]:  # amortised O(1) copies per token
                 self._grow(self._capacity(L + T))
             e = self._off + L
-            self._k[:, :, e: e + T] = k
-            self._v[:, :, e: e + T] = v
+            # index_copy_ rather than a slice assignment: torch.compile (compile_decode) keeps it an in-place
+            # write of T slots, where slice assignments here and in the sink move became a whole-buffer rewrite
+            idx = torch.arange(e, e + T, device=self._k.device)
+            self._k.index_copy_(2, idx, k)
+            self._v.index_copy_(2, idx, v)
             if self._mask is not None:
                 self._mask[:, e: e + T] = True if key_padding_mask is None else key_padding_mask
         self.length = L + T
@@ -161,8 +164,8 @@ class SlidingWindowCache(KVCache):
                 if t is None:
                     continue
                 lead = (slice(None), slice(None)) if t.dim() == 4 else (slice(None),)
-                head = t[(*lead, slice(o, o + sinks))].clone()
-                t[(*lead, slice(o + drop, o + drop + sinks))] = head
+                idx = torch.arange(o + drop, o + drop + sinks, device=t.device)  # index_copy_: see append
+                t.index_copy_(len(lead), idx, t[(*lead, slice(o, o + sinks))].clone())
         self._off = o + drop
         self.length -= drop
         if self._k.shape[2] > 2 * self._capacity(self.length) and not self._k.requires_grad:
