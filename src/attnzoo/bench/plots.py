@@ -259,6 +259,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def _study_setting(q: dict[str, Any]) -> bool:
+    """Whether a quality summary row is its mechanism at the study's own options (not a point of its sweep)."""
+    from .quality.protocol import STUDIES, variant_label
+
+    study = next((s for p in STUDIES.values() for s in p if s.name == q.get("study")), None)
+    return q.get("variant", "default") == variant_label(study.options.get(q["mechanism"], {}) if study else {})
+
+
 def recall_vs_state(results: dict[str, Any], out_dir: str) -> list[dict[str, str]]:
     """recall_vs_state[_<study>].png: BASED's Figure 1 on CPU -- per MQAR study (or another accuracy task),
     x = decode-state bytes of one sequence at the task's length (all attention layers), y = accuracy; one
@@ -279,8 +287,8 @@ def recall_vs_state(results: dict[str, Any], out_dir: str) -> list[dict[str, str
             fam = q.get("family") or "?"
             color = "black" if q["mechanism"] == "softmax" else cmap(families.index(fam) % 10)
             lo, hi = q["mean"] - q.get("min", q["mean"]), q.get("max", q["mean"]) - q["mean"]
-            ax.errorbar([q["state_bytes"]], [q["mean"]], yerr=[[lo], [hi]], fmt="o" if q.get("variant", "default")
-                        == "default" else "s", color=color, capsize=2, markersize=5, alpha=0.9)
+            ax.errorbar([q["state_bytes"]], [q["mean"]], yerr=[[lo], [hi]], fmt="o" if _study_setting(q) else "s",
+                        color=color, capsize=2, markersize=5, alpha=0.9)
             ax.annotate(_name(q), (q["state_bytes"], q["mean"]), textcoords="offset points", xytext=(4, 3),
                         fontsize=6.5, color=color)
         front = pareto_front([(q["state_bytes"], q["mean"]) for q in qs])
