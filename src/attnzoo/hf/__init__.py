@@ -32,7 +32,8 @@ Mechanisms with their own parameters or recurrent state do not fit the function 
 swapped in as modules with :func:`swap_attention`.
 
 Modules of this package: :mod:`.adapter` (``register``, the mask function and mask verification), :mod:`.swap`
-(``swap_attention``: attnzoo decode states inside ``generate``), :mod:`.decoder_cross` (``swap_cross_attention``:
+(``swap_attention``: attnzoo decode states inside ``generate``, optionally with the one-token step compiled,
+``compile_report``), :mod:`.decoder_cross` (``swap_cross_attention``:
 encoder-decoder cross-attention over a ContextCache).
 """
 
@@ -47,8 +48,8 @@ from .adapter import (
     register_all,
 )
 from .decoder_cross import ENCODER_SOURCE, SwappedCrossAttention, swap_cross_attention
-from .swap import CACHE_ARGUMENTS, SwappedAttention, cache_argument, swap_attention
+from .swap import CACHE_ARGUMENTS, SwappedAttention, cache_argument, compile_report, swap_attention
 
 __all__ = ["CACHE_ARGUMENTS", "ENCODER_SOURCE", "PREFIX", "DenseMask", "HFIntegrationError", "HFMask",
-           "SwappedAttention", "SwappedCrossAttention", "attnzoo_mask_function", "cache_argument",
+           "SwappedAttention", "SwappedCrossAttention", "attnzoo_mask_function", "cache_argument", "compile_report",
            "implementation_name", "register", "register_all", "swap_attention", "swap_cross_attention"]

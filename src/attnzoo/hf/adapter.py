@@ -276,10 +276,13 @@ def _make_attention_function(mechanism: str, options: dict[str, Any]):
         if decode is not None:  # inside SwappedAttention: q/k/v are the new tokens; the state holds the past
             if plan is None or plan[0] != mech.name:  # the model's mask is not the one the state will apply
                 raise _mask_error(mech.name, module, causal, window)
-            state, new_kpm = decode
+            state, new_kpm, decoder = decode
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = mech.step(query, key, value, state, scale=scale, key_padding_mask=new_kpm,
-                            **mech.resolve_options(options))
+            if decoder is not None and query.shape[2] == 1:  # swap_attention(compile=True): one token, compiled
+                out, _ = decoder(query, key, value, state=state, scale=scale, key_padding_mask=new_kpm)
+            else:  # the prompt (several tokens) and eager decoding
+                out = mech.step(query, key, value, state, scale=scale, key_padding_mask=new_kpm,
+                                **mech.resolve_options(options))
         elif plan is None:  # exact softmax under a structured mask: the model's dense mask as given
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             out = sdpa(query, key, value, attn_mask=attention_mask.dense(), scale=scale)

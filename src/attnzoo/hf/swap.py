@@ -4,11 +4,14 @@ own decode states (bounded caches, recurrent states) inside transformers' cache 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
 
 from .. import registry
+from ..errors import check_bool
+from ..state import StepModule, compile_decode
 from .adapter import HFIntegrationError, HFMask, register, require_transformers
 
 # ----------------------------------------------------------------------------------------------------------
@@ -22,8 +25,6 @@ CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 def cache_argument(model) -> str:
     """The name under which ``model.forward`` (a transformers model or module) takes its key/value cache in the
     installed transformers: ``"cache"`` (5.24 on) or ``"past_key_values"`` (older)."""
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return next((name for name in CACHE_ARGUMENTS if name in params), "past_key_values")
 
@@ -136,13 +137,20 @@ def _new_token_padding(mask, t: int) -> torch.Tensor | None:
 class SwappedAttention(torch.nn.Module):
     """Wraps a model's attention module so that decoding runs the attnzoo mechanism's own decode state
     (bounded or recurrent) instead of the model's full key/value cache. Training and prefill-free calls
-    go through the model's projections, positional encoding and the attnzoo attention function."""
+    go through the model's projections, positional encoding and the attnzoo attention function.
 
-    def __init__(self, original: torch.nn.Module, mechanism: str, options: dict[str, Any]) -> None:
+    ``step``: a :class:`~attnzoo.state.StepModule` shared by the model's layers to compile the one-token
+    decode calls (``swap_attention(..., compile=True)``); ``decoder`` is then this layer's
+    :class:`~attnzoo.state.CompiledDecode` (its compile time, graphs, fallback), else None."""
+
+    def __init__(self, original: torch.nn.Module, mechanism: str, options: dict[str, Any],
+                 step: StepModule | None = None, compile_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.original = original
         self.mech = registry.get(mechanism)
         self.options = self.mech.resolve_options(options)
+        # not a submodule: the shared step would otherwise appear once per layer in the model's modules()
+        self.__dict__["decoder"] = compile_decode(step, **(compile_options or {})) if step is not None else None
         self.layer_idx = getattr(original, "layer_idx", None)
         cfg = original.config
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -166,7 +174,8 @@ class SwappedAttention(torch.nn.Module):
                                          value_dim=self.head_dim, dtype=hidden_states.dtype, device=p.device,
                                          **self.options)
             layer = layers[self.layer_idx] = layer_cls(state)
-        self.original._attnzoo_decode = (layer.state, _new_token_padding(attention_mask, hidden_states.shape[1]))
+        self.original._attnzoo_decode = (layer.state, _new_token_padding(attention_mask, hidden_states.shape[1]),
+                                         self.decoder)
         try:
             return self.original(hidden_states, *args, attention_mask=attention_mask, **kwargs)
         finally:
@@ -184,7 +193,7 @@ def _attention_modules(model) -> list[tuple[torch.nn.Module, str, torch.nn.Modul
     return found
 
 
-def swap_attention(model, mechanism: str, **options: Any):
+def swap_attention(model, mechanism: str, *, compile: bool | dict[str, Any] = False, **options: Any):
     """Run ``mechanism`` in every self-attention layer of a transformers decoder, with its own decode state.
 
     Functional mechanisms with a decode step (``sliding_window``, ``sink_window``, linear attention, ...)
@@ -192,9 +201,25 @@ def swap_attention(model, mechanism: str, **options: Any):
     bounded window cache, a recurrent state) replaces the model's full KV cache: each layer of the model's
     cache object becomes an ``AttnzooCacheLayer`` holding the state, which answers lengths and mask sizes
     and takes beam reorders and crops. Mechanisms without a causal decode form raise.
+
+    ``compile=True`` (or a dict of :func:`attnzoo.state.compile_decode`'s keyword arguments: ``mode``,
+    ``backend``, ``max_recompiles``, ...): each one-token decode call of the mechanism's step runs through
+    ``torch.compile`` (checked against eager on each layer's first two tokens, eager fallback with a
+    RuntimeWarning when it fails or keeps recompiling); the prompt's prefill stays eager. One
+    step module serves every layer, so the layers share the compiled graphs. :func:`compile_report` says what
+    compiled. Only the attention step is compiled, not the model's projections and MLPs.
     Returns the implementation name set on the model.
     """
     require_transformers()
+    if isinstance(compile, dict):
+        compile_options = dict(compile)
+        known = set(inspect.signature(compile_decode).parameters) - {"module"}
+        bad = sorted(set(compile_options) - known)
+        if bad:
+            raise TypeError(f"compile: unknown compile_decode options {bad}; expected some of {sorted(known)}")
+    else:
+        check_bool("compile", compile)
+        compile_options = {} if compile else None
     mech = registry.get(mechanism)
     if not getattr(model.config, "is_decoder", True) and not getattr(model.config, "is_causal", True):
         raise HFIntegrationError("model: swap_attention targets causal decoders")
@@ -211,7 +236,30 @@ def swap_attention(model, mechanism: str, **options: Any):
         raise HFIntegrationError(
             f"model: found no attention modules with q_proj and layer_idx in {type(model).__name__}")
     name = register(mech.name, **options)
+    step = StepModule(mech.step, mech.resolve_options(options)) if compile_options is not None else None
+    if step is not None:
+        compile_decode(step, **compile_options)  # validate the options now, not at the first decoded token
     for parent, attr, module in layers:
-        setattr(parent, attr, SwappedAttention(module, mech.name, options))
+        setattr(parent, attr, SwappedAttention(module, mech.name, options, step, compile_options))
     model.set_attn_implementation(name)
     return name
+
+
+def compile_report(model) -> dict[str, Any]:
+    """What ``swap_attention(model, ..., compile=True)`` compiled, once ``generate`` (or a forward with a cache) ran:
+    ``layers`` (swapped layers), ``compiled`` (layers decoding through the compiled step), ``compile_time_s``
+    (summed over the layers; dynamo compiles at the first layers' first tokens and the rest reuse the graphs),
+    ``graphs``, ``recompiles``, ``max_rel_err`` (compiled vs eager in the checked calls) and ``fallbacks``
+    ({layer index: reason} of the layers that fell back to eager)."""
+    swapped = [m for m in model.modules() if isinstance(m, SwappedAttention)]
+    if not swapped:
+        raise HFIntegrationError(f"model: no swapped attention layers in {type(model).__name__}; call "
+                                 "swap_attention(model, mechanism, compile=True) first")
+    decs = [(m.layer_idx, m.decoder) for m in swapped if m.decoder is not None]
+    if not decs:
+        raise HFIntegrationError("model: its attention was swapped without compile=True; nothing was compiled")
+    return {"layers": len(swapped), "compiled": sum(d.compiled for _, d in decs),
+            "compile_time_s": sum(d.compile_time_s for _, d in decs), "graphs": sum(d.graphs for _, d in decs),
+            "recompiles": sum(d.recompiles for _, d in decs),
+            "max_rel_err": max(d.max_rel_err for _, d in decs),
+            "fallbacks": {i: d.fallback_reason for i, d in decs if not d.compiled}}

@@ -13,9 +13,9 @@ shares it.
 """
 
 from .base import DecodeState
-from .compiled import CompiledDecode, compile_decode
+from .compiled import CompiledDecode, StepModule, compile_decode
 from .kv import KVCache, SinkWindowCache, SlidingWindowCache
 from .recurrent import RecurrentState
 
 __all__ = ["CompiledDecode", "DecodeState", "KVCache", "RecurrentState", "SinkWindowCache", "SlidingWindowCache",
-           "compile_decode"]
+           "StepModule", "compile_decode"]

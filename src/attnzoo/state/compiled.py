@@ -5,6 +5,9 @@
     out, state = dec(x_token, state=state)         # exactly like ``layer(x_token, state=state)``
     dec.compiled, dec.compile_time_s, dec.fallback_reason
 
+    step = StepModule(mech.step, mech.resolve_options({}))   # a functional mechanism's step on projected q, k, v
+    out, state = compile_decode(step)(q, k, v, state=state, scale=d ** -0.5)   # what swap_attention(compile=True) runs
+
 What the wrapper does
     - The first ``check_calls`` calls are *checked*: the module runs eagerly on the caller's state (that is
       what they return) and the compiled module runs on a private deep copy of the state taken at the first
@@ -54,7 +57,7 @@ from ..errors import check_bool, check_choice, check_float, check_int
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # else (bf16/fp16): 2e-2 (the project's tolerances)
 
-__all__ = ["CompiledDecode", "compile_decode"]
+__all__ = ["CompiledDecode", "StepModule", "compile_decode"]
 
 
 def _compiles() -> tuple[int, int]:
@@ -62,6 +65,28 @@ def _compiles() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"], counters["frames"]["total"]
+
+
+class StepModule(torch.nn.Module):
+    """A functional mechanism's decode step as a module, so it can be compiled: ``forward(q, k, v, *, state, scale,
+    key_padding_mask=None) -> (out, state)`` runs ``step(q, k, v, state, scale=..., key_padding_mask=..., **options)``
+    (q (B, Hq, T, D), k/v (B, Hk, T, D/Dv) of the new tokens; out (B, Hq, T, Dv); the state advances in place).
+    It holds no parameters: one instance serves every layer of a model (dynamo then compiles one graph for all)."""
+
+    def __init__(self, step, options: dict | None = None) -> None:
+        super().__init__()
+        if not callable(step):
+            raise TypeError(f"step: expected a mechanism's decode step (registry.get(name).step), got {step!r}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options: expected a dict of the mechanism's options, got {type(options).__name__}")
+        self.step = step
+        self.options = dict(options or {})
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state, scale: float,
+                key_padding_mask: torch.Tensor | None = None):
+        out = self.step(q, k, v, state, scale=scale, key_padding_mask=key_padding_mask,
+                        **self.options)  # (B, Hq, T, Dv)
+        return out, state
 
 
 class CompiledDecode:
@@ -76,9 +101,9 @@ class CompiledDecode:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module: expected a torch.nn.Module (e.g. attnzoo.build(...)), got "
                             f"{type(module).__name__}")
-        if not callable(getattr(module, "init_state", None)):
-            raise TypeError(f"module: expected a module with a decode state (an init_state method), got "
-                            f"{type(module).__name__} without one")
+        if not callable(getattr(module, "init_state", None)) and not isinstance(module, StepModule):
+            raise TypeError(f"module: expected a module with a decode state (an init_state method) or a StepModule, "
+                            f"got {type(module).__name__}")
         check_choice("mode", mode, MODES)
         if dynamic is not None:
             check_bool("dynamic", dynamic)
@@ -116,11 +141,11 @@ class CompiledDecode:
         warnings.warn(f"compile_decode({type(self.module).__name__}): falling back to eager decoding: {reason}",
                       RuntimeWarning, stacklevel=3)
 
-    def _timed(self, fn, x, state, key_padding_mask):
+    def _timed(self, fn, args, state, kwargs):
         """Run the compiled call; count graphs/cache misses and add the time of a compiling call."""
         g0, f0 = _compiles()
         t0 = time.perf_counter()
-        out = fn(x, state=state, key_padding_mask=key_padding_mask)
+        out = fn(*args, state=state, **kwargs)
         dt = time.perf_counter() - t0
         g1, f1 = _compiles()
         if f1 != f0 or g1 != g0:
@@ -128,7 +153,7 @@ class CompiledDecode:
             self.graphs += g1 - g0
         return out, f1 - f0
 
-    def _checked(self, x, state, key_padding_mask):
+    def _checked(self, args, state, kwargs):
         """Eager on the caller's state (returned), compiled on the shadow copy; compare."""
         if self._shadow is None:
             try:
@@ -137,10 +162,10 @@ class CompiledDecode:
                 self._fallback(f"the state ({type(state).__name__}) cannot be deep-copied to check the compiled call "
                                f"against eager: {type(e).__name__}: {str(e)[:200]}")
                 self.calls -= 1
-                return self(x, state=state, key_padding_mask=key_padding_mask)
+                return self(*args, state=state, **kwargs)
         shadow = self._shadow
         try:
-            out = self.module(x, state=state, key_padding_mask=key_padding_mask)  # a caller's error raises here
+            out = self.module(*args, state=state, **kwargs)  # a caller's error raises here
         except Exception:
             self.calls -= 1  # not a checked call
             raise
@@ -148,7 +173,7 @@ class CompiledDecode:
             if self._fn is None:
                 self._fn = torch.compile(self.module, mode=self.mode, dynamic=self.dynamic,
                                          fullgraph=self.fullgraph, backend=self.backend)
-            got, _ = self._timed(self._fn, x, shadow, key_padding_mask)
+            got, _ = self._timed(self._fn, args, shadow, kwargs)
         except Exception as e:  # noqa: BLE001 - any failure of dynamo/inductor means: decode eagerly
             self._fallback(f"torch.compile failed on call {self.calls}: {type(e).__name__}: {str(e)[:300]}")
             return out
@@ -172,28 +197,30 @@ class CompiledDecode:
         return out
 
     # -- the call ------------------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, *, state, key_padding_mask: torch.Tensor | None = None):
-        """``out, state = dec(x, state=state)``: the module's decode call (compiled when it can be)."""
+    def __call__(self, *args, state, **kwargs):
+        """``out, state = dec(x, state=state)`` (a layer; ``key_padding_mask=`` as the layer takes it) or
+        ``dec(q, k, v, state=state, scale=...)`` (a :class:`StepModule`): the module's decode call, compiled when
+        it can be."""
         if state is None:
             raise ValueError("state: compile_decode wraps the decode call; expected a decode state "
                              "(module.init_state(batch)), got None")
         self.calls += 1
         if not self.compiled:
-            return self.module(x, state=state, key_padding_mask=key_padding_mask)
+            return self.module(*args, state=state, **kwargs)
         if self.calls <= self.check_calls:
-            out = self._checked(x, state, key_padding_mask)
+            out = self._checked(args, state, kwargs)
             if self.calls == self.check_calls:
                 self._shadow = None
             return out
         seq_len = getattr(state, "seq_len", None)
         try:
-            out, misses = self._timed(self._fn, x, state, key_padding_mask)
+            out, misses = self._timed(self._fn, args, state, kwargs)
         except Exception as e:  # noqa: BLE001
             self._fallback(f"the compiled call raised on call {self.calls}: {type(e).__name__}: {str(e)[:300]}")
             if getattr(state, "seq_len", None) != seq_len:
                 raise RuntimeError("compile_decode: the compiled call failed after advancing the state; the state "
                                    "may be partly updated, rebuild it (the wrapper now decodes eagerly)") from e
-            return self.module(x, state=state, key_padding_mask=key_padding_mask)
+            return self.module(*args, state=state, **kwargs)
         if misses:
             self.recompiles += misses
             if self.recompiles > self.max_recompiles:
@@ -209,7 +236,9 @@ def compile_decode(module: torch.nn.Module, *, mode: str | None = None, dynamic:
     """Wrap ``module``'s one-token decode call (``out, state = module(x, state=state)``) in ``torch.compile``.
 
     Args:
-        module: a layer with a decode state (``attnzoo.build(name, dim, heads, causal=True, ...)``).
+        module: a layer with a decode state (``attnzoo.build(name, dim, heads, causal=True, ...)``), or a
+            :class:`StepModule` (a functional mechanism's step on projected q, k, v: what ``swap_attention``
+            compiles inside a transformers model).
         mode, dynamic, fullgraph, backend: passed to ``torch.compile``.
         max_recompiles: dynamo cache misses tolerated after the checked calls before falling back to eager.
         check_calls: how many first calls run eagerly beside the compiled call on a copy of the state and are
