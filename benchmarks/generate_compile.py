@@ -110,7 +110,7 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | |")
             continue
         c = r["compile"]
-        fb = "" if not c["fallbacks"] else " (fallback: " + next(iter(c["fallbacks"].values()))[:120] + ")"
+        fb = "" if c["fallback_reason"] is None else f" (eager fallback: {c['fallback_reason'][:110]})"
         lines.append(f"| {r['label']} | {r['eager_tokens_per_s']:.3g} ({r['eager_tokens_per_s'] / base:.2f}x) | "
                      f"{r['compiled_tokens_per_s']:.3g} ({r['compiled_tokens_per_s'] / base:.2f}x) | "
                      f"{r['compiled_over_eager']:.2f}x | {c['compiled']}/{c['layers']}{fb} | "

@@ -238,3 +238,36 @@ def test_uncopyable_state_falls_back():
         out, st = _decode(dec, _UncopyableState(), xs)
     assert not dec.compiled and dec.calls == 3 and st.seq_len == 3
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_shared_wrappers_count_recompiles_together_and_fall_back_together():
+    """Wrappers of one module with share_with (the layers of one model, each with its own state): the cache misses
+    of all of them count against one max_recompiles, and a fallback (decided by whichever wrapper's call crosses
+    it) switches every wrapper to eager. Each still returns exactly what eager returns for its own state."""
+    torch._dynamo.reset()
+    layer = _SpecialisingLayer()
+    xs = _tokens(10)
+    refs = [_decode(layer, layer.init_state(1), xs * (i + 1))[0] for i in range(3)]
+    first = compile_decode(layer, backend="eager", max_recompiles=3)
+    decs = [first] + [compile_decode(layer, backend="eager", max_recompiles=3, share_with=first) for _ in range(2)]
+    states = [layer.init_state(1) for _ in decs]
+    outs = [[] for _ in decs]
+    with pytest.warns(RuntimeWarning, match="recompiled 4 times"):
+        with torch.no_grad():
+            for t in range(xs.shape[1]):  # token by token, layer by layer, as a model decodes
+                for i, dec in enumerate(decs):
+                    y, states[i] = dec(xs[:, t: t + 1] * (i + 1), state=states[i])
+                    outs[i].append(y)
+    assert all(not d.compiled and d.fallback_reason == first.fallback_reason for d in decs)
+    assert all(d.recompiles == first.recompiles > 3 for d in decs)  # one shared count
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(torch.cat(out, 1), ref, atol=0, rtol=0)
+
+
+def test_share_with_errors():
+    layer, _ = _layer_and_state()
+    with pytest.raises(TypeError, match="share_with: expected a CompiledDecode"):
+        compile_decode(layer, share_with=layer)
+    other = compile_decode(_layer_and_state()[0])
+    with pytest.raises(ValueError, match="share_with: expected a CompiledDecode of this very module"):
+        compile_decode(layer, share_with=other)

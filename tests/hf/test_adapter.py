@@ -291,7 +291,7 @@ def test_swap_attention_compiled_decode_matches_eager(name, opts):
     assert torch.equal(a.sequences, b.sequences)
     assert max((sa - sb).abs().max().item() for sa, sb in zip(a.scores, b.scores)) < 1e-10
     rep = azhf.compile_report(comp)
-    assert rep["layers"] == 2 and rep["compiled"] == 2 and rep["fallbacks"] == {}
+    assert rep["layers"] == 2 and rep["compiled"] == 2 and rep["fallback_reason"] is None
     assert rep["graphs"] >= 1  # something was compiled: the one-token calls did go through the wrapper
     decs = [m.decoder for m in comp.modules() if isinstance(m, azhf.SwappedAttention)]
     assert [d.calls for d in decs] == [6, 6]  # the 6 one-token steps after the prompt, not the prompt itself
@@ -311,8 +311,7 @@ def test_swap_attention_compile_falls_back_to_eager_and_says_why(monkeypatch):
         out = comp.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(out, eager.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=0))
     rep = azhf.compile_report(comp)
-    assert rep["compiled"] == 0 and set(rep["fallbacks"]) == {0, 1}
-    assert all("inductor is broken here" in r for r in rep["fallbacks"].values())
+    assert rep["compiled"] == 0 and "inductor is broken here" in rep["fallback_reason"]
 
 
 def test_swap_attention_compile_argument_errors():

@@ -11,7 +11,7 @@ import torch
 
 from .. import registry
 from ..errors import check_bool
-from ..state import StepModule, compile_decode
+from ..state import CompiledDecode, StepModule, compile_decode
 from .adapter import HFIntegrationError, HFMask, register, require_transformers
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,18 +139,18 @@ class SwappedAttention(torch.nn.Module):
     (bounded or recurrent) instead of the model's full key/value cache. Training and prefill-free calls
     go through the model's projections, positional encoding and the attnzoo attention function.
 
-    ``step``: a :class:`~attnzoo.state.StepModule` shared by the model's layers to compile the one-token
-    decode calls (``swap_attention(..., compile=True)``); ``decoder`` is then this layer's
-    :class:`~attnzoo.state.CompiledDecode` (its compile time, graphs, fallback), else None."""
+    ``decoder``: this layer's :class:`~attnzoo.state.CompiledDecode` of the one-token step
+    (``swap_attention(..., compile=True)``; the layers' wrappers share one step module, its graphs and its
+    fallback), else None."""
 
     def __init__(self, original: torch.nn.Module, mechanism: str, options: dict[str, Any],
-                 step: StepModule | None = None, compile_options: dict[str, Any] | None = None) -> None:
+                 decoder: CompiledDecode | None = None) -> None:
         super().__init__()
         self.original = original
         self.mech = registry.get(mechanism)
         self.options = self.mech.resolve_options(options)
         # not a submodule: the shared step would otherwise appear once per layer in the model's modules()
-        self.__dict__["decoder"] = compile_decode(step, **(compile_options or {})) if step is not None else None
+        self.__dict__["decoder"] = decoder
         self.layer_idx = getattr(original, "layer_idx", None)
         cfg = original.config
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -236,11 +236,13 @@ def swap_attention(model, mechanism: str, *, compile: bool | dict[str, Any] = Fa
         raise HFIntegrationError(
             f"model: found no attention modules with q_proj and layer_idx in {type(model).__name__}")
     name = register(mech.name, **options)
-    step = StepModule(mech.step, mech.resolve_options(options)) if compile_options is not None else None
-    if step is not None:
-        compile_decode(step, **compile_options)  # validate the options now, not at the first decoded token
-    for parent, attr, module in layers:
-        setattr(parent, attr, SwappedAttention(module, mech.name, options, step, compile_options))
+    first = None
+    if compile_options is not None:  # built (and its options validated) now, not at the first decoded token
+        first = compile_decode(StepModule(mech.step, mech.resolve_options(options)), **compile_options)
+    for i, (parent, attr, module) in enumerate(layers):
+        decoder = first if i == 0 or first is None else compile_decode(first.module, share_with=first,
+                                                                       **compile_options)
+        setattr(parent, attr, SwappedAttention(module, mech.name, options, decoder))
     model.set_attn_implementation(name)
     return name
 
@@ -249,17 +251,17 @@ def compile_report(model) -> dict[str, Any]:
     """What ``swap_attention(model, ..., compile=True)`` compiled, once ``generate`` (or a forward with a cache) ran:
     ``layers`` (swapped layers), ``compiled`` (layers decoding through the compiled step), ``compile_time_s``
     (summed over the layers; dynamo compiles at the first layers' first tokens and the rest reuse the graphs),
-    ``graphs``, ``recompiles``, ``max_rel_err`` (compiled vs eager in the checked calls) and ``fallbacks``
-    ({layer index: reason} of the layers that fell back to eager)."""
+    ``graphs``, ``recompiles`` (after the checked calls), ``max_rel_err`` (compiled vs eager in the checked calls)
+    and ``fallback_reason`` (None while compiled; the layers share their graphs and fall back together)."""
     swapped = [m for m in model.modules() if isinstance(m, SwappedAttention)]
     if not swapped:
         raise HFIntegrationError(f"model: no swapped attention layers in {type(model).__name__}; call "
                                  "swap_attention(model, mechanism, compile=True) first")
-    decs = [(m.layer_idx, m.decoder) for m in swapped if m.decoder is not None]
+    decs = [(m.layer_idx, m.decoder) for m in swapped if m.decoder is not None]  # one shared group
     if not decs:
         raise HFIntegrationError("model: its attention was swapped without compile=True; nothing was compiled")
     return {"layers": len(swapped), "compiled": sum(d.compiled for _, d in decs),
             "compile_time_s": sum(d.compile_time_s for _, d in decs), "graphs": sum(d.graphs for _, d in decs),
-            "recompiles": sum(d.recompiles for _, d in decs),
+            "recompiles": decs[0][1].recompiles,  # shared by the layers' wrappers
             "max_rel_err": max(d.max_rel_err for _, d in decs),
-            "fallbacks": {i: d.fallback_reason for i, d in decs if not d.compiled}}
+            "fallback_reason": decs[0][1].fallback_reason}

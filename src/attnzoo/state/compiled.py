@@ -89,15 +89,31 @@ class StepModule(torch.nn.Module):
         return out, state
 
 
+class _Group:
+    """What the wrappers of one module share (``share_with``): one compiled function, so one set of graphs, one
+    count of recompiles, one fallback."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.fallback_reason: str | None = None
+        self.recompiles = 0
+
+
 class CompiledDecode:
     """A decode call ``out, state = dec(x, state=state)`` compiled with ``torch.compile``; see the module
     docstring. Attributes: ``module``, ``compiled`` (bool: the compiled path is in use or still pending),
     ``compile_time_s``, ``graphs`` (graphs dynamo compiled during this wrapper's calls), ``recompiles``
-    (cache misses after the checked calls), ``fallback_reason`` (None while compiled), ``calls``."""
+    (cache misses after the checked calls, over the wrappers sharing its graphs), ``fallback_reason`` (None
+    while compiled), ``calls``, ``max_rel_err``.
+
+    ``share_with``: another wrapper of the same module (the layers of one model, each with its own state):
+    they share the compiled function, the recompile count and the fallback -- a graph that keeps recompiling
+    or differs from eager for one layer is given up for all of them -- while each checks its own first calls."""
 
     def __init__(self, module: torch.nn.Module, *, mode: str | None = None, dynamic: bool | None = None,
                  fullgraph: bool = False, max_recompiles: int = 4, check_calls: int = 2,
-                 rtol: float | None = None, backend: str = "inductor") -> None:
+                 rtol: float | None = None, backend: str = "inductor",
+                 share_with: CompiledDecode | None = None) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module: expected a torch.nn.Module (e.g. attnzoo.build(...)), got "
                             f"{type(module).__name__}")
@@ -115,18 +131,37 @@ class CompiledDecode:
         if not isinstance(backend, str) or not backend:
             raise TypeError(f"backend: expected the name of a torch.compile backend (e.g. 'inductor'), got "
                             f"{backend!r}")
+        if share_with is not None:
+            if not isinstance(share_with, CompiledDecode):
+                raise TypeError(f"share_with: expected a CompiledDecode of the same module, got "
+                                f"{type(share_with).__name__}")
+            if share_with.module is not module:
+                raise ValueError(f"share_with: expected a CompiledDecode of this very module (they share its compiled "
+                                 f"graphs), got one of another {type(share_with.module).__name__}")
         self.module = module
         self.mode, self.dynamic, self.fullgraph, self.backend = mode, dynamic, fullgraph, backend
         self.max_recompiles, self.check_calls, self.rtol = max_recompiles, check_calls, rtol
-        self.compiled = True
-        self.fallback_reason: str | None = None
+        # what wrappers sharing one module share: the compiled function, the recompile count and the fallback
+        self._group = share_with._group if share_with is not None else _Group()
         self.compile_time_s = 0.0
         self.graphs = 0
-        self.recompiles = 0
         self.calls = 0
         self.max_rel_err = 0.0  # largest relative difference seen in the checked calls
-        self._fn = None
         self._shadow = None  # the compiled path's copy of the state during the checked calls
+
+    @property
+    def compiled(self) -> bool:
+        """The compiled path is in use (or still pending); False after a fallback (of any wrapper sharing it)."""
+        return self._group.fallback_reason is None
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self._group.fallback_reason
+
+    @property
+    def recompiles(self) -> int:
+        """Dynamo cache misses after the checked calls, counted over every wrapper sharing this one's graphs."""
+        return self._group.recompiles
 
     def __repr__(self) -> str:
         status = "compiled" if self.compiled else f"eager fallback ({self.fallback_reason})"
@@ -135,9 +170,8 @@ class CompiledDecode:
 
     # -- internals ---------------------------------------------------------------------------------------
     def _fallback(self, reason: str) -> None:
-        self.compiled = False
-        self.fallback_reason = reason
-        self._fn = self._shadow = None
+        self._group.fallback_reason = reason
+        self._group.fn = self._shadow = None
         warnings.warn(f"compile_decode({type(self.module).__name__}): falling back to eager decoding: {reason}",
                       RuntimeWarning, stacklevel=3)
 
@@ -170,10 +204,10 @@ class CompiledDecode:
             self.calls -= 1  # not a checked call
             raise
         try:
-            if self._fn is None:
-                self._fn = torch.compile(self.module, mode=self.mode, dynamic=self.dynamic,
-                                         fullgraph=self.fullgraph, backend=self.backend)
-            got, _ = self._timed(self._fn, args, shadow, kwargs)
+            if self._group.fn is None:
+                self._group.fn = torch.compile(self.module, mode=self.mode, dynamic=self.dynamic,
+                                               fullgraph=self.fullgraph, backend=self.backend)
+            got, _ = self._timed(self._group.fn, args, shadow, kwargs)
         except Exception as e:  # noqa: BLE001 - any failure of dynamo/inductor means: decode eagerly
             self._fallback(f"torch.compile failed on call {self.calls}: {type(e).__name__}: {str(e)[:300]}")
             return out
@@ -214,7 +248,7 @@ class CompiledDecode:
             return out
         seq_len = getattr(state, "seq_len", None)
         try:
-            out, misses = self._timed(self._fn, args, state, kwargs)
+            out, misses = self._timed(self._group.fn, args, state, kwargs)
         except Exception as e:  # noqa: BLE001
             self._fallback(f"the compiled call raised on call {self.calls}: {type(e).__name__}: {str(e)[:300]}")
             if getattr(state, "seq_len", None) != seq_len:
@@ -222,7 +256,7 @@ class CompiledDecode:
                                    "may be partly updated, rebuild it (the wrapper now decodes eagerly)") from e
             return self.module(*args, state=state, **kwargs)
         if misses:
-            self.recompiles += misses
+            self._group.recompiles += misses
             if self.recompiles > self.max_recompiles:
                 self._fallback(f"dynamo recompiled {self.recompiles} times after the first {self.check_calls} "
                                f"calls (max_recompiles={self.max_recompiles}): a Python int, branch or tensor shape "
@@ -232,7 +266,8 @@ class CompiledDecode:
 
 def compile_decode(module: torch.nn.Module, *, mode: str | None = None, dynamic: bool | None = None,
                    fullgraph: bool = False, max_recompiles: int = 4, check_calls: int = 2,
-                   rtol: float | None = None, backend: str = "inductor") -> CompiledDecode:
+                   rtol: float | None = None, backend: str = "inductor",
+                   share_with: CompiledDecode | None = None) -> CompiledDecode:
     """Wrap ``module``'s one-token decode call (``out, state = module(x, state=state)``) in ``torch.compile``.
 
     Args:
@@ -245,8 +280,10 @@ def compile_decode(module: torch.nn.Module, *, mode: str | None = None, dynamic:
             compared (>= 1).
         rtol: largest relative output difference (to the largest |output|) accepted in the checked calls;
             default 1e-10 (float64), 1e-5 (float32), 2e-2 (16-bit).
+        share_with: a wrapper of the same module to share the compiled function, the recompile count and the
+            fallback with (one per layer of a model, each decoding its own state).
 
     Returns a :class:`CompiledDecode`; see this module's docstring for when and how it falls back.
     """
     return CompiledDecode(module, mode=mode, dynamic=dynamic, fullgraph=fullgraph, max_recompiles=max_recompiles,
-                          check_calls=check_calls, rtol=rtol, backend=backend)
+                          check_calls=check_calls, rtol=rtol, backend=backend, share_with=share_with)
