@@ -34,46 +34,20 @@ import time
 
 import torch
 
+from attnzoo.bench.real.stages import prefill, timed_decode
+
 WARMUP = 3  # untimed decode steps: the compiled wrapper's 2 checked calls per layer, and one more
 
 
-def _decode(model, cache, first, new_tokens: int) -> tuple[float, list[int]]:
-    """Greedy decoding from ``cache`` starting with token ``first`` (1, 1): (tokens/s of the timed steps, ids)."""
-    from attnzoo.hf import cache_argument
-
-    arg = cache_argument(model)
-    steps, ids, nxt = [], [], first
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for i in range(WARMUP + new_tokens):
-                ids.append(int(nxt))
-                t0 = time.perf_counter()
-                out = model(nxt, **{arg: cache}, use_cache=True)
-                nxt = out.logits[:, -1:].argmax(-1)  # (1, 1)
-                if i >= WARMUP:
-                    steps.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
+def _tokens_per_s(model, cache, first, new_tokens: int) -> tuple[float, list[int]]:
+    """Greedy decoding from ``cache`` (``timed_decode`` of ``attnzoo bench real``): (1 / median step time, ids)."""
+    steps, ids = timed_decode(model, cache, first, new_tokens, warmup=WARMUP, threads=1)
     return 1.0 / statistics.median(steps), ids
 
 
-def _prefill(model, ids):
-    from transformers import DynamicCache
-
-    from attnzoo.hf import cache_argument
-
-    cache = DynamicCache()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model(ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
-    return cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
-
-
 def sdpa_row(model, ids, new_tokens: int) -> dict:
-    cache, first, prefill_s = _prefill(model, ids)
-    tps, toks = _decode(model, cache, first, new_tokens)
+    cache, first, prefill_s = prefill(model, ids)
+    tps, toks = _tokens_per_s(model, cache, first, new_tokens)
     return {"tokens_per_s": tps, "prefill_s": prefill_s, "ids": toks, "load": os.getloadavg()[0]}
 
 
@@ -83,11 +57,11 @@ def mechanism_row(model, name: str, options: dict, ids, new_tokens: int) -> dict
     eager, comp = copy.deepcopy(model), copy.deepcopy(model)
     azhf.swap_attention(eager, name, **options)
     azhf.swap_attention(comp, name, compile=True, **options)
-    cache, first, prefill_s = _prefill(eager, ids)
+    cache, first, prefill_s = prefill(eager, ids)
     cache2 = copy.deepcopy(cache)
     torch._dynamo.reset()  # each mechanism compiles from scratch (dynamo's recompile budget is per function)
-    eager_tps, eager_ids = _decode(eager, cache, first, new_tokens)
-    comp_tps, comp_ids = _decode(comp, cache2, first, new_tokens)
+    eager_tps, eager_ids = _tokens_per_s(eager, cache, first, new_tokens)
+    comp_tps, comp_ids = _tokens_per_s(comp, cache2, first, new_tokens)
     report = azhf.compile_report(comp)
     return {"eager_tokens_per_s": eager_tps, "compiled_tokens_per_s": comp_tps,
             "compiled_over_eager": comp_tps / eager_tps, "prefill_s": prefill_s,

@@ -114,41 +114,57 @@ def cache_bytes(cache) -> int:
 DECODE_WARMUP = 2
 
 
-def decode_speed(model, ids: torch.Tensor, new_tokens: int, warmup: int = DECODE_WARMUP,
-                 threads: int | None = 1) -> dict[str, Any]:
-    """Greedy decoding after a prefill of ``ids``: ``warmup`` untimed steps, then ``new_tokens`` timed ones,
-    each timed on its own. tokens/s = 1 / the median step time (robust to bursts of other processes on a
-    shared machine); ``threads`` torch threads while decoding (1 by default: one-token steps are too small
-    to gain from threads, and on a busy machine threads waiting for each other dominate). Returns tokens/s,
-    the mean-based tokens/s, prefill seconds, the greedy token ids and the cache bytes at the end."""
+def prefill(model, ids: torch.Tensor):
+    """The prompt ``ids`` (1, P) through ``model`` into a new transformers cache: (cache, the greedy next token (1, 1),
+    seconds), with all threads."""
     from transformers import DynamicCache
 
     from ...hf import cache_argument
 
-    before = torch.get_num_threads()
     cache = DynamicCache()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model(ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
+    return cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
+
+
+def timed_decode(model, cache, first: torch.Tensor, new_tokens: int, warmup: int = DECODE_WARMUP,
+                 threads: int | None = 1) -> tuple[list[float], list[int]]:
+    """Greedy decoding from ``cache``, starting with token ``first`` (1, 1): ``warmup`` untimed steps (one-off costs:
+    lazy initialisation, the allocator, compiling), then ``new_tokens`` steps each timed on its own with ``threads``
+    torch threads (1 by default: one-token steps are too small to gain from threads, and on a busy machine threads
+    waiting for each other dominate). Returns (step seconds, the ids fed, the last greedy token included)."""
+    from ...hf import cache_argument
+
     arg = cache_argument(model)  # "cache" (transformers >= 5.24) or "past_key_values"
-    steps, tokens = [], []
+    before = torch.get_num_threads()
+    steps, tokens, nxt = [], [], first
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         with torch.no_grad():
-            t0 = time.perf_counter()
-            out = model(ids, **{arg: cache}, use_cache=True, logits_to_keep=1)  # all threads
-            prefill = time.perf_counter() - t0
-            nxt = out.logits[:, -1:].argmax(-1)  # (1, 1)
-            if threads is not None:
-                torch.set_num_threads(threads)
-            for i in range(warmup + new_tokens):  # first steps pay one-off costs (lazy initialisation, allocator)
+            for i in range(warmup + new_tokens):
                 tokens.append(int(nxt))
                 t0 = time.perf_counter()
                 out = model(nxt, **{arg: cache}, use_cache=True)
-                nxt = out.logits[:, -1:].argmax(-1)
+                nxt = out.logits[:, -1:].argmax(-1)  # (1, 1)
                 if i >= warmup:
                     steps.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
+    return steps, tokens + [int(nxt)]
+
+
+def decode_speed(model, ids: torch.Tensor, new_tokens: int, warmup: int = DECODE_WARMUP,
+                 threads: int | None = 1) -> dict[str, Any]:
+    """Greedy decoding after a prefill of ``ids`` (:func:`prefill`, then :func:`timed_decode`). tokens/s = 1 / the
+    median step time (robust to bursts of other processes on a shared machine). Returns tokens/s, the mean-based
+    tokens/s, prefill seconds, the greedy token ids and the cache bytes at the end."""
+    cache, first, prefill_s = prefill(model, ids)
+    steps, tokens = timed_decode(model, cache, first, new_tokens, warmup, threads)
     return {"decode_tokens_per_s": 1.0 / statistics.median(steps), "decode_tokens_per_s_mean": len(steps) / sum(steps),
-            "decode_threads": before if threads is None else threads, "prefill_s": prefill,
-            "decoded_ids": tokens + [int(nxt)], "cache_bytes": cache_bytes(cache)}
+            "decode_threads": torch.get_num_threads() if threads is None else threads, "prefill_s": prefill_s,
+            "decoded_ids": tokens, "cache_bytes": cache_bytes(cache)}
 
 
 def minilm_sentences(text: str, count: int) -> list[str]:
